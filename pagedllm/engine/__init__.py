@@ -1,0 +1,1 @@
+"""Request intake and output delivery around the scheduler and the model runner."""

@@ -1,0 +1,152 @@
+"""LLMEngine: one step = schedule -> run the model -> update requests -> deliver outputs."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm.attention import get_attention_backend
+from pagedllm.config import CacheConfig, EngineArgs, SchedulerConfig
+from pagedllm.core.block_pool import BlockPool
+from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.core.request import RequestStatus
+from pagedllm.core.scheduler import Scheduler
+from pagedllm.engine.output import OutputProcessor
+from pagedllm.engine.processor import Processor
+from pagedllm.inputs import PromptType
+from pagedllm.logger import init_logger
+from pagedllm.model.loader import load_model, load_model_config
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import SamplingParams
+from pagedllm.tokenizer import load_tokenizer
+from pagedllm.worker.kv_cache import (
+    KVCacheShape,
+    allocate_kv_caches,
+    describe_plan,
+    kv_cache_budget,
+)
+from pagedllm.worker.model_runner import ModelRunner
+
+logger = init_logger(__name__)
+
+
+@dataclass(slots=True)
+class StepRecord:
+    """What one step did; kept so that tests and benchmarks can see batching happen."""
+
+    step: int
+    scheduled: dict[str, int]  # request id -> tokens computed this step
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    preempted: list[str]
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    duration_s: float
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs) -> None:
+        started = time.perf_counter()
+        self.args = args
+        self.device = _resolve_device(args.device)
+        self.model_config = load_model_config(args.model, args.dtype, args.max_model_len,
+                                              args.revision, self.device)
+        self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(
+            self.model_config.source, args.tokenizer, args.revision)
+        model = load_model(self.model_config, get_attention_backend(self.device), self.device)
+        self.cache_config = self._plan_kv_cache()
+        kv_caches = allocate_kv_caches(self.kv_shape, self.cache_config.num_blocks, self.device)
+        self.runner = ModelRunner(model, kv_caches, args.block_size, self.device, args.seed)
+        self.block_pool = BlockPool(self.cache_config.num_blocks)
+        self.kv_cache_manager = KVCacheManager(self.block_pool, args.block_size)
+        max_len = self.model_config.max_model_len
+        self.scheduler = Scheduler(
+            SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_len),
+            self.kv_cache_manager)
+        self.processor = Processor(self.tokenizer, self.model_config.vocab_size, max_len,
+                                   self.cache_config.num_blocks * args.block_size,
+                                   self.model_config.eos_token_ids)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.step_records: deque[StepRecord] = deque(maxlen=100_000)
+        self.num_steps = 0
+        self.startup_seconds = time.perf_counter() - started
+        logger.info("engine ready in %.1f s: %s (%s, %s)", self.startup_seconds,
+                    self.model_config.source.path.name, self.model_config.dtype, self.device)
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
+        return cls(args)
+
+    def _plan_kv_cache(self) -> CacheConfig:
+        self.kv_shape = KVCacheShape.from_config(self.model_config.hf_config,
+                                                 self.args.block_size, self.model_config.dtype)
+        budget = kv_cache_budget(self.device, self.args.kv_cache_memory_bytes,
+                                 self.args.gpu_memory_utilization)
+        num_blocks = budget // self.kv_shape.bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(f"KV-cache memory of {budget} bytes holds no block; one block needs "
+                             f"{self.kv_shape.bytes_per_block} bytes")
+        logger.info(describe_plan(self.kv_shape, num_blocks, self.model_config.max_model_len))
+        return CacheConfig(self.args.block_size, num_blocks, self.kv_shape.bytes_per_block)
+
+    # ---- requests -----------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: PromptType,
+                    params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        """Validate and queue a request; raises ValueError with the reason if it is bad."""
+        request, text = self.processor.process(request_id, prompt, params, arrival_time)
+        self.scheduler.add_request(request)
+        self.output_processor.add_request(request_id, text, request.prompt_token_ids,
+                                          request.sampling_params, request.arrival_time)
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+        self.output_processor.abort(ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.scheduler.requests)
+
+    # ---- the step -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self.runner.execute(scheduler_output)
+        core_outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        outputs, stopped = self.output_processor.process(core_outputs)
+        self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        self._record(scheduler_output, time.perf_counter() - started)
+        return outputs
+
+    def _record(self, scheduler_output, duration: float) -> None:
+        if not scheduler_output.scheduled:
+            return
+        self.num_steps += 1
+        self.step_records.append(StepRecord(
+            step=self.num_steps,
+            scheduled={s.request_id: len(s.token_ids) for s in scheduler_output.scheduled},
+            num_prefill_tokens=scheduler_output.num_prefill_tokens,
+            num_decode_tokens=scheduler_output.num_decode_tokens,
+            preempted=list(scheduler_output.preempted_request_ids),
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            num_free_blocks=self.block_pool.num_free_blocks,
+            duration_s=duration,
+        ))
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but no CUDA GPU is available")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
+    return device

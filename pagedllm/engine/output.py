@@ -1,0 +1,171 @@
+"""Engine-core outputs -> RequestOutputs: detokenize incrementally, apply stop strings, and
+shape each update as the request asked (cumulative, delta for streaming, or final only)."""
+
+from __future__ import annotations
+
+import time
+
+from pagedllm.core.outputs import EngineCoreOutput, TokenLogprobs
+from pagedllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+
+
+class IncrementalDetokenizer:
+    """Text for each new token in O(1): tokenizers' DecodeStream holds back split UTF-8 bytes.
+
+    The stream is primed with the prompt's last tokens so that the first generated token is
+    decoded in context (e.g. a leading space is kept exactly as a full decode would give it).
+    """
+
+    PROMPT_CONTEXT = 4
+
+    def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool) -> None:
+        from tokenizers.decoders import DecodeStream
+
+        self.backend = tokenizer.backend_tokenizer
+        context = prompt_token_ids[-self.PROMPT_CONTEXT :]
+        self.stream = DecodeStream(context, skip_special_tokens)
+
+    def add(self, token_id: int) -> str:
+        return self.stream.step(self.backend, token_id) or ""
+
+
+def find_stop_string(text: str, stops: list[str], search_from: int) -> tuple[int, str] | None:
+    """Earliest stop string that occurs in text at or after search_from."""
+    best = None
+    for stop in stops:
+        index = text.find(stop, max(0, search_from))
+        if index != -1 and (best is None or index < best[0]):
+            best = (index, stop)
+    return best
+
+
+class RequestState:
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                 params: SamplingParams, tokenizer, arrival_time: float) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.tokenizer = tokenizer
+        self.detokenizer = (IncrementalDetokenizer(tokenizer, prompt_token_ids,
+                                                   params.skip_special_tokens)
+                            if params.detokenize and tokenizer is not None else None)
+        self.text = ""
+        self.token_ids: list[int] = []
+        self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
+        self.cumulative_logprob = 0.0 if params.logprobs is not None else None
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.sent_text = 0  # characters / tokens already given out (DELTA)
+        self.sent_tokens = 0
+        self.metrics = RequestMetrics(arrival_time=arrival_time)
+        # While streaming, hold back text that might turn out to begin a stop string.
+        longest = max((len(s) for s in params.stop), default=0)
+        self.holdback = 0 if params.include_stop_str_in_output else max(0, longest - 1)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def update(self, output: EngineCoreOutput) -> bool:
+        """Take the new tokens; returns True if a stop string ended the request here."""
+        now = time.monotonic()
+        self.metrics.first_token_time = self.metrics.first_token_time or now
+        self.metrics.last_token_time = now
+        self.token_ids.extend(output.new_token_ids)
+        self._add_logprobs(output.new_logprobs)
+        stopped_by_string = False
+        if self.detokenizer is not None:
+            new_text = "".join(self.detokenizer.add(t) for t in output.new_token_ids)
+            self.text += new_text
+            stopped_by_string = self._check_stop_strings(len(new_text))
+        if output.finish_reason is not None and not stopped_by_string:
+            self.finish_reason, self.stop_reason = output.finish_reason, output.stop_reason
+        if self.finished:
+            self.metrics.finished_time = now
+        return stopped_by_string
+
+    def _check_stop_strings(self, new_chars: int) -> bool:
+        stops = self.params.stop
+        if not stops or len(self.token_ids) < self.params.min_tokens:
+            return False
+        longest = max(len(s) for s in stops)
+        hit = find_stop_string(self.text, stops, len(self.text) - new_chars - longest + 1)
+        if hit is None:
+            return False
+        index, stop = hit
+        end = index + len(stop) if self.params.include_stop_str_in_output else index
+        self.text = self.text[:end]
+        self.finish_reason, self.stop_reason = "stop", stop
+        return True
+
+    def _add_logprobs(self, new: list[TokenLogprobs | None]) -> None:
+        if self.logprobs is None:
+            return
+        for entry in new:
+            if entry is None:
+                continue
+            self.cumulative_logprob += entry.logprobs[0]
+            self.logprobs.append(self._logprob_dict(entry))
+
+    def _logprob_dict(self, entry: TokenLogprobs) -> dict[int, Logprob]:
+        result = {}
+        for position, (token_id, value) in enumerate(zip(entry.token_ids, entry.logprobs)):
+            rank = entry.sampled_rank if position == 0 else position
+            if token_id in result:
+                continue
+            text = self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
+            result[token_id] = Logprob(value, rank, text)
+        return result
+
+    def make_output(self) -> RequestOutput | None:
+        kind = self.params.output_kind
+        if kind == RequestOutputKind.FINAL_ONLY and not self.finished:
+            return None
+        visible = len(self.text) if self.finished else max(0, len(self.text) - self.holdback)
+        if kind == RequestOutputKind.DELTA:
+            visible = max(visible, self.sent_text)
+            text = self.text[self.sent_text : visible]
+            token_ids = self.token_ids[self.sent_tokens :]
+            logprobs = self.logprobs[self.sent_tokens :] if self.logprobs is not None else None
+            self.sent_text, self.sent_tokens = visible, len(self.token_ids)
+        else:
+            text, token_ids, logprobs = self.text[:visible], list(self.token_ids), self.logprobs
+        completion = CompletionOutput(
+            index=0, text=text, token_ids=token_ids, cumulative_logprob=self.cumulative_logprob,
+            logprobs=logprobs, finish_reason=self.finish_reason, stop_reason=self.stop_reason,
+        )
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, [completion],
+                             finished=self.finished, metrics=self.metrics)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.states: dict[str, RequestState] = {}
+
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                    params: SamplingParams, arrival_time: float) -> None:
+        self.states[request_id] = RequestState(request_id, prompt, prompt_token_ids, params,
+                                               self.tokenizer, arrival_time)
+
+    def abort(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.states.pop(request_id, None)
+
+    def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
+        """Returns the outputs to deliver and the requests that stop strings ended."""
+        results, stopped = [], []
+        for output in outputs:
+            state = self.states.get(output.request_id)
+            if state is None:
+                continue
+            if state.update(output):
+                stopped.append(output.request_id)
+            result = state.make_output()
+            if result is not None:
+                results.append(result)
+            if state.finished:
+                del self.states[output.request_id]
+        return results, stopped

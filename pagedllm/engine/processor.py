@@ -1,0 +1,79 @@
+"""Prompt -> validated engine Request: tokenize, check every length and id, resolve defaults."""
+
+from __future__ import annotations
+
+from pagedllm.core.request import Request
+from pagedllm.inputs import PromptType
+from pagedllm.sampling_params import SamplingParams
+
+
+class Processor:
+    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, cache_tokens: int,
+                 eos_token_ids: list[int]) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.cache_tokens = cache_tokens  # the whole KV cache, in tokens
+        self.eos_token_id = eos_token_ids[0] if eos_token_ids else None
+        self.extra_stop_ids = set(eos_token_ids[1:])  # e.g. Llama 3's end-of-turn ids
+
+    def process(self, request_id: str, prompt: PromptType, params: SamplingParams | None,
+                arrival_time: float | None = None) -> tuple[Request, str | None]:
+        """Returns the engine request and the prompt text (None for a token-id prompt)."""
+        text, token_ids = self.tokenize(prompt)
+        self._check_token_ids(token_ids)
+        params = (params or SamplingParams()).clone()
+        max_tokens = self._resolve_max_tokens(len(token_ids), params.max_tokens)
+        params.eos_token_id = self.eos_token_id
+        if not params.ignore_eos:
+            params.all_stop_token_ids |= self.extra_stop_ids
+        if params.detokenize and self.tokenizer is None:
+            raise ValueError("detokenize=True needs a tokenizer; this engine was started with "
+                             "skip_tokenizer_init=True, so pass SamplingParams(detokenize=False)")
+        request = Request(request_id, token_ids, params, max_tokens)
+        if arrival_time is not None:
+            request.arrival_time = arrival_time
+        return request, text
+
+    def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" not in prompt:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+            prompt = prompt["prompt"]
+        if not isinstance(prompt, str):
+            raise ValueError(f"a prompt must be a string or a dict, got {type(prompt).__name__}")
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if self.tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer; with skip_tokenizer_init=True "
+                             "pass {'prompt_token_ids': [...]} instead")
+        return prompt, self.tokenizer.encode(prompt)
+
+    def _check_token_ids(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size}); "
+                             f"got {bad[:5]}")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt is {len(token_ids)} tokens long, but max_model_len is "
+                             f"{self.max_model_len} (the prompt must leave room for one token)")
+
+    def _resolve_max_tokens(self, prompt_len: int, max_tokens: int | None) -> int:
+        if max_tokens is None:
+            max_tokens = min(self.max_model_len, self.cache_tokens) - prompt_len
+            if max_tokens < 1:
+                raise ValueError(f"the prompt ({prompt_len} tokens) leaves no room to generate: "
+                                 f"the KV cache holds {self.cache_tokens} tokens")
+        total = prompt_len + max_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) "
+                             f"is {total} tokens, more than max_model_len ({self.max_model_len})")
+        if total > self.cache_tokens:
+            raise ValueError(f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) "
+                             f"is {total} tokens, more than the whole KV cache holds "
+                             f"({self.cache_tokens} tokens)")
+        return max_tokens

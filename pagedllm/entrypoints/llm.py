@@ -1,0 +1,111 @@
+"""The offline API: `LLM(model).generate(prompts, SamplingParams(...))`, as in vLLM."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from pagedllm.config import EngineArgs
+from pagedllm.engine.engine import LLMEngine
+from pagedllm.inputs import PromptType
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+
+ChatMessage = dict[str, Any]
+
+
+class LLM:
+    """An engine for offline batches. Keyword arguments are EngineArgs (dtype, max_model_len,
+    kv_cache_memory_bytes, max_num_seqs, max_num_batched_tokens, block_size, seed, ...)."""
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        self.llm_engine = LLMEngine(EngineArgs(model=model, **kwargs))
+        self._counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in the order of the prompts."""
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        params = self._params_per_prompt(sampling_params, len(prompts))
+        request_ids = self._add_requests(prompts, params)
+        return self._run(request_ids, use_tqdm)
+
+    def chat(self, messages: list[ChatMessage] | list[list[ChatMessage]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, chat_template: str | None = None,
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             ) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation, then generate."""
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [self._chat_prompt(c, chat_template, add_generation_prompt,
+                                     continue_final_message) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _chat_prompt(self, conversation: list[ChatMessage], chat_template: str | None,
+                     add_generation_prompt: bool, continue_final_message: bool) -> PromptType:
+        tokenizer = self.get_tokenizer()
+        if tokenizer is None:
+            raise ValueError("chat needs a tokenizer (the engine has skip_tokenizer_init=True)")
+        text = tokenizer.apply_chat_template(
+            conversation, chat_template=chat_template, tokenize=False,
+            add_generation_prompt=add_generation_prompt and not continue_final_message,
+            continue_final_message=continue_final_message)
+        # The template already wrote any BOS it wants, so encode without special tokens.
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        return {"prompt": text, "prompt_token_ids": ids}
+
+    @staticmethod
+    def _params_per_prompt(params, count: int) -> list[SamplingParams]:
+        if params is None:
+            params = SamplingParams()
+        if isinstance(params, SamplingParams):
+            return [params] * count
+        params = list(params)
+        if len(params) != count:
+            raise ValueError(f"got {len(params)} SamplingParams for {count} prompts")
+        return params
+
+    def _add_requests(self, prompts: list[PromptType], params: list[SamplingParams]) -> list[str]:
+        engine = self.llm_engine
+        added: list[str] = []
+        try:
+            for prompt, p in zip(prompts, params):
+                p = p.clone()
+                p.output_kind = RequestOutputKind.FINAL_ONLY
+                request_id = str(next(self._counter))
+                engine.add_request(request_id, prompt, p)
+                added.append(request_id)
+        except Exception:
+            engine.abort_request(added)  # a bad prompt must not leave the good ones queued
+            raise
+        return added
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm,
+                   dynamic_ncols=True)
+        started, output_tokens = time.perf_counter(), 0
+        try:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        output_tokens += len(output.outputs[0].token_ids)
+                        bar.update(1)
+                        rate = output_tokens / max(time.perf_counter() - started, 1e-9)
+                        bar.set_postfix_str(f"output {rate:.1f} tok/s", refresh=False)
+        except BaseException:
+            engine.abort_request([r for r in request_ids if r not in finished])
+            raise
+        finally:
+            bar.close()
+        return [finished[r] for r in request_ids]

@@ -1,0 +1,1 @@
+"""The network: model families built from shared layers, and the weight loaders."""

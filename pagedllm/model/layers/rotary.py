@@ -1,0 +1,76 @@
+"""Rotary position embeddings, with every rope_scaling variant transformers knows.
+
+The inverse frequencies come from transformers' own rope functions (linear, dynamic, yarn,
+longrope, llama3, ...), so a config means exactly what it means there; cos/sin are then cached
+for every position up to max_model_len and looked up by position ids.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+
+def rope_parameters(config: PretrainedConfig) -> dict:
+    params = getattr(config, "rope_parameters", None) or {}
+    if "rope_theta" not in params:  # older configs keep theta beside rope_scaling
+        params = {**(getattr(config, "rope_scaling", None) or {}),
+                  "rope_theta": getattr(config, "rope_theta", 10000.0)}
+    return params
+
+
+def inverse_frequencies(config: PretrainedConfig, rotary_dim: int,
+                        max_model_len: int) -> tuple[torch.Tensor, float]:
+    params = rope_parameters(config)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim
+        return 1.0 / (params["rope_theta"] ** exponents), 1.0
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"unsupported rope type {rope_type!r}; known: {sorted(ROPE_INIT_FUNCTIONS)}")
+    if rope_type == "dynamic":
+        # Dynamic NTK with its base fixed for the longest sequence served (as vLLM does).
+        return ROPE_INIT_FUNCTIONS[rope_type](config, None, seq_len=max_model_len)
+    return ROPE_INIT_FUNCTIONS[rope_type](config, None)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style rotation (the halves of each head are rotated together), as in HF Llama."""
+
+    def __init__(self, config: PretrainedConfig, head_dim: int, max_model_len: int) -> None:
+        super().__init__()
+        self.config, self.max_model_len = config, max_model_len
+        self.rotary_dim = int(head_dim * getattr(config, "partial_rotary_factor", 1.0))
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.build_cache()
+
+    def build_cache(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute cos/sin in float32; called again after the model moves off 'meta'."""
+        inv_freq, scaling = inverse_frequencies(self.config, self.rotary_dim, self.max_model_len)
+        positions = torch.arange(self.max_model_len, dtype=torch.float)
+        freqs = torch.outer(positions, inv_freq)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        device = device or self.cos.device
+        self.cos = (angles.cos() * scaling).to(device)
+        self.sin = (angles.sin() * scaling).to(device)
+
+    def forward(self, positions: torch.Tensor, query: torch.Tensor,
+                key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """query/key: [tokens, heads, head_dim]."""
+        cos = self.cos[positions].unsqueeze(1).to(query.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(query.dtype)
+        return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.rotary_dim == x.shape[-1]:
+            return x * cos + rotate_half(x) * sin
+        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)

@@ -1,0 +1,106 @@
+"""Batched sampling: every row of the logits has its own temperature, top-k, top-p and seed.
+
+Sampling draws q ~ Exponential(1) per vocabulary entry and takes argmax(p / q), which picks
+token i with probability p_i (the "exponential race"). Rows with a seed draw their noise from
+their own generator, so a seeded request gets the same tokens whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm.core.outputs import TokenLogprobs
+
+
+@dataclass
+class SamplingBatch:
+    temperature: torch.Tensor  # [rows], 0 where greedy
+    top_k: torch.Tensor  # [rows] int, 0 = off
+    top_p: torch.Tensor  # [rows]
+    min_p: torch.Tensor  # [rows]
+    generators: list[torch.Generator | None]  # per row: its own, or None for the shared one
+    banned: list[list[int]]  # per row: tokens forbidden this step (stop ids before min_tokens)
+    num_logprobs: list[int | None]
+    all_greedy: bool
+    needs_top_k_or_p: bool
+    needs_min_p: bool
+
+
+class Sampler:
+    def __init__(self, seed: int, device: torch.device | str = "cpu") -> None:
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch):
+        logits = logits.float()
+        self._ban(logits, batch.banned)
+        logprob_rows = [i for i, k in enumerate(batch.num_logprobs) if k is not None]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if logprob_rows else None
+        sampled = self._sample(logits, batch)
+        logprobs = None
+        if raw_logprobs is not None:
+            logprobs = self._gather_logprobs(raw_logprobs, sampled, batch.num_logprobs)
+        return sampled.tolist(), logprobs
+
+    @staticmethod
+    def _ban(logits: torch.Tensor, banned: list[list[int]]) -> None:
+        for row, token_ids in enumerate(banned):
+            if token_ids:
+                logits[row, token_ids] = float("-inf")
+
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        greedy = logits.argmax(dim=-1)
+        if batch.all_greedy:
+            return greedy
+        is_greedy = batch.temperature == 0
+        logits = logits / torch.where(is_greedy, 1.0, batch.temperature).unsqueeze(1)
+        if batch.needs_top_k_or_p:
+            logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
+        probs = torch.softmax(logits, dim=-1)
+        if batch.needs_min_p:
+            threshold = probs.amax(dim=-1, keepdim=True) * batch.min_p.unsqueeze(1)
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        noise = self._exponential_noise(probs, batch.generators)
+        sampled = (probs / noise).argmax(dim=-1)
+        return torch.where(is_greedy, greedy, sampled)
+
+    def _exponential_noise(self, probs: torch.Tensor, generators) -> torch.Tensor:
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for row, generator in enumerate(generators):
+            if generator is not None:
+                noise[row].exponential_(generator=generator)
+        return noise
+
+    @staticmethod
+    def _gather_logprobs(logprobs: torch.Tensor, sampled: torch.Tensor,
+                         num_logprobs: list[int | None]) -> list[TokenLogprobs | None]:
+        k_max = max(k for k in num_logprobs if k is not None)
+        chosen = logprobs.gather(1, sampled.unsqueeze(1)).squeeze(1)
+        ranks = (logprobs > chosen.unsqueeze(1)).sum(dim=-1) + 1
+        top_values, top_ids = logprobs.topk(k_max, dim=-1) if k_max else (None, None)
+        result: list[TokenLogprobs | None] = []
+        for row, k in enumerate(num_logprobs):
+            if k is None:
+                result.append(None)
+                continue
+            ids = [int(sampled[row])] + (top_ids[row, :k].tolist() if k else [])
+            values = [float(chosen[row])] + (top_values[row, :k].tolist() if k else [])
+            result.append(TokenLogprobs(ids, values, int(ranks[row])))
+        return result
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor,
+                      top_p: torch.Tensor) -> torch.Tensor:
+    """Mask everything outside each row's top-k and top-p nucleus with -inf."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[-1], device=logits.device).unsqueeze(0)
+    outside_k = (top_k.unsqueeze(1) > 0) & (ranks >= top_k.unsqueeze(1))
+    sorted_logits = sorted_logits.masked_fill(outside_k, float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of all better tokens
+    # The top token always has mass_before 0; rows with top_p 1 keep everything (rounding).
+    outside_p = (mass_before >= top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(outside_p, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)

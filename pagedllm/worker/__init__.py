@@ -1,0 +1,1 @@
+"""Tensors live here: the KV pools, the batch the model runs on, and sampling."""

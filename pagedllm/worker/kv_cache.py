@@ -1,0 +1,62 @@
+"""The paged KV pools, sized from a memory budget.
+
+All layers share one allocation, [layers, 2 (K, V), num_blocks, block_size, kv_heads, head_dim];
+each layer gets a (key_cache, value_cache) pair of views into it. The pools start zeroed:
+attention masks padding slots, and a zero (never NaN) keeps masked products at exactly zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PretrainedConfig
+
+from pagedllm.config import CPU_DEFAULT_KV_CACHE_BYTES
+from pagedllm.model.llama import head_dim_of
+
+
+@dataclass(slots=True)
+class KVCacheShape:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig, block_size: int,
+                    dtype: torch.dtype) -> KVCacheShape:
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        return cls(config.num_hidden_layers, kv_heads, head_dim_of(config), block_size, dtype)
+
+    @property
+    def bytes_per_block(self) -> int:
+        element = torch.empty(0, dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * element
+
+
+def kv_cache_budget(device: str, memory_bytes: int | None, gpu_memory_utilization: float) -> int:
+    if memory_bytes is not None:
+        return memory_bytes
+    if device.startswith("cuda"):
+        free, total = torch.cuda.mem_get_info()
+        used = total - free
+        return max(0, int(total * gpu_memory_utilization) - used)
+    return CPU_DEFAULT_KV_CACHE_BYTES
+
+
+def allocate_kv_caches(shape: KVCacheShape, num_blocks: int,
+                       device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    pools = torch.zeros(shape.num_layers, 2, num_blocks, shape.block_size, shape.num_kv_heads,
+                        shape.head_dim, dtype=shape.dtype, device=device)
+    return [(layer[0], layer[1]) for layer in pools]
+
+
+def describe_plan(shape: KVCacheShape, num_blocks: int, max_model_len: int) -> str:
+    tokens = num_blocks * shape.block_size
+    gib = num_blocks * shape.bytes_per_block / 2**30
+    fits = tokens / max_model_len
+    return (f"KV cache: {num_blocks} blocks x {shape.block_size} tokens = {tokens} tokens "
+            f"({gib:.2f} GiB, {shape.dtype}); {fits:.1f} sequences of max_model_len "
+            f"{max_model_len} fit at once")

@@ -1,0 +1,122 @@
+"""Turns a SchedulerOutput into one flat batch, runs the model on it, and samples.
+
+The batch has no padding: every scheduled token is one row. Decodes go first (one row each),
+then each prefill chunk as a run of rows; see attention/backend.py for the layout. Logits are
+computed only for the last row of each request whose chunk reaches its end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm.attention import AttentionMetadata, PrefillChunk
+from pagedllm.core.kv_cache_manager import cdiv
+from pagedllm.core.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from pagedllm.model.layers.sampler import Sampler, SamplingBatch
+
+
+@dataclass
+class ModelInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    metadata: AttentionMetadata
+    logits_indices: torch.Tensor
+    sampling: list[ScheduledRequest]  # the requests that sample, in logits row order
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, kv_caches, block_size: int, device: str,
+                 seed: int) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = torch.device(device)
+        self.sampler = Sampler(seed, self.device)
+        self.generators: dict[str, torch.Generator] = {}  # per seeded request, across steps
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        for request_id in scheduler_output.finished_request_ids:
+            self.generators.pop(request_id, None)
+        if not scheduler_output.scheduled:
+            return ModelRunnerOutput([], [])
+        inputs = self.prepare_inputs(scheduler_output.scheduled)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
+        if not inputs.sampling:
+            return ModelRunnerOutput([], [])
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        token_ids, logprobs = self.sampler(logits, self.sampling_batch(inputs.sampling))
+        return ModelRunnerOutput([s.request_id for s in inputs.sampling], token_ids, logprobs)
+
+    def prepare_inputs(self, scheduled: list[ScheduledRequest]) -> ModelInputs:
+        decodes = [s for s in scheduled if len(s.token_ids) == 1]
+        prefills = [s for s in scheduled if len(s.token_ids) > 1]
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_indices: list[int] = []
+        chunks: list[PrefillChunk] = []
+        bs = self.block_size
+        for s in decodes + prefills:
+            start, count = s.start_position, len(s.token_ids)
+            if count > 1:
+                table = s.block_ids[: cdiv(start + count, bs)]
+                chunks.append(PrefillChunk(len(input_ids), count, start + count,
+                                           self._tensor(table)))
+            input_ids.extend(s.token_ids)
+            span = range(start, start + count)
+            positions.extend(span)
+            slots.extend(s.block_ids[p // bs] * bs + p % bs for p in span)
+            if s.sample:
+                logits_indices.append(len(input_ids) - 1)
+        metadata = AttentionMetadata(
+            slot_mapping=self._tensor(slots),
+            num_decodes=len(decodes),
+            decode_block_tables=self._decode_block_tables(decodes),
+            decode_seq_lens=self._tensor([s.start_position + 1 for s in decodes]),
+            prefills=chunks,
+            block_size=bs,
+        )
+        sampling = [s for s in decodes + prefills if s.sample]
+        return ModelInputs(self._tensor(input_ids), self._tensor(positions), metadata,
+                           self._tensor(logits_indices), sampling)
+
+    def _decode_block_tables(self, decodes: list[ScheduledRequest]) -> torch.Tensor:
+        lengths = [cdiv(s.start_position + 1, self.block_size) for s in decodes]
+        width = max(lengths, default=0)
+        rows = [s.block_ids[:n] + [0] * (width - n) for s, n in zip(decodes, lengths)]
+        return self._tensor(rows).view(len(decodes), width)
+
+    def _tensor(self, values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def sampling_batch(self, rows: list[ScheduledRequest]) -> SamplingBatch:
+        params = [s.sampling_params for s in rows]
+        floats = lambda values: torch.tensor(values, dtype=torch.float32, device=self.device)  # noqa: E731
+        return SamplingBatch(
+            temperature=floats([0.0 if p.greedy else p.temperature for p in params]),
+            top_k=self._tensor([p.top_k for p in params]),
+            top_p=floats([p.top_p for p in params]),
+            min_p=floats([p.min_p for p in params]),
+            generators=[self._generator(s) for s in rows],
+            banned=[s.sampling_params.tokens_banned_before_min()
+                    if len(s.output_token_ids) < s.sampling_params.min_tokens else []
+                    for s in rows],
+            num_logprobs=[p.logprobs for p in params],
+            all_greedy=all(p.greedy for p in params),
+            needs_top_k_or_p=any(p.top_k > 0 or p.top_p < 1 for p in params),
+            needs_min_p=any(p.min_p > 0 for p in params),
+        )
+
+    def _generator(self, s: ScheduledRequest) -> torch.Generator | None:
+        seed = s.sampling_params.seed
+        if seed is None or s.sampling_params.greedy:
+            return None
+        generator = self.generators.get(s.request_id)
+        if generator is None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(seed)
+            self.generators[s.request_id] = generator
+        return generator
