@@ -6,6 +6,7 @@ source fills the same modules and no transformers model class is ever built.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -106,7 +107,7 @@ def load_model_config(model: str | None, dtype: str = "auto", max_model_len: int
 def resolve_dtype(requested: str, hf_config: PretrainedConfig, device: str) -> torch.dtype:
     if requested != "auto":
         return getattr(torch, requested)
-    stored = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    stored = getattr(hf_config, "dtype", None)
     if isinstance(stored, str):
         stored = getattr(torch, stored, None)
     if stored is None or stored == torch.float32:
@@ -207,6 +208,18 @@ def unpermute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return per_head.transpose(1, 2).reshape(weight.shape)
 
 
+@functools.lru_cache(maxsize=1)
+def _open_gguf(path: Path, mtime_ns: int):
+    """GGUFReader parses every metadata array up front (seconds for a 49k vocabulary), and
+    start-up reads the file twice (config, then weights): keep the last one open."""
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as exc:
+        raise ValueError(f"cannot read GGUF file {path}: {exc}") from exc
+
+
 class GGUFFile:
     """One open GGUF file: its metadata as an HF config, and its tensors dequantized."""
 
@@ -214,10 +227,7 @@ class GGUFFile:
         import gguf
 
         self._gguf = gguf
-        try:
-            self.reader = gguf.GGUFReader(path)
-        except Exception as exc:
-            raise ValueError(f"cannot read GGUF file {path}: {exc}") from exc
+        self.reader = _open_gguf(path, path.stat().st_mtime_ns)
         self.arch = self.field("general.architecture")
 
     def __enter__(self) -> GGUFFile:

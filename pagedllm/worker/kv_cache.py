@@ -1,8 +1,13 @@
 """The paged KV pools, sized from a memory budget.
 
 All layers share one allocation, [layers, 2 (K, V), num_blocks, block_size, kv_heads, head_dim];
-each layer gets a (key_cache, value_cache) pair of views into it. The pools start zeroed:
-attention masks padding slots, and a zero (never NaN) keeps masked products at exactly zero.
+each layer gets a (key_cache, value_cache) pair of views into it.
+
+Slots that hold no token yet are masked by attention, but a masked slot still meets a zero
+weight in probs @ V, so it must never hold NaN/Inf. The pools therefore start as zeros. On the
+CPU a pool this large comes straight from mmap, whose pages the kernel hands out zero-filled on
+first touch, so `torch.empty` already gives zeros without paying seconds to write gigabytes at
+start-up; on CUDA we clear explicitly.
 """
 
 from __future__ import annotations
@@ -14,6 +19,10 @@ from transformers import PretrainedConfig
 
 from pagedllm.config import CPU_DEFAULT_KV_CACHE_BYTES
 from pagedllm.model.llama import head_dim_of
+
+
+# glibc serves allocations above its mmap threshold (at most 32 MiB) with fresh mmap pages.
+LAZY_ZERO_MIN_BYTES = 64 << 20
 
 
 @dataclass(slots=True)
@@ -48,8 +57,11 @@ def kv_cache_budget(device: str, memory_bytes: int | None, gpu_memory_utilizatio
 
 def allocate_kv_caches(shape: KVCacheShape, num_blocks: int,
                        device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    pools = torch.zeros(shape.num_layers, 2, num_blocks, shape.block_size, shape.num_kv_heads,
-                        shape.head_dim, dtype=shape.dtype, device=device)
+    size = (shape.num_layers, 2, num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim)
+    if device == "cpu" and num_blocks * shape.bytes_per_block >= LAZY_ZERO_MIN_BYTES:
+        pools = torch.empty(size, dtype=shape.dtype, device=device)
+    else:
+        pools = torch.zeros(size, dtype=shape.dtype, device=device)
     return [(layer[0], layer[1]) for layer in pools]
 
 

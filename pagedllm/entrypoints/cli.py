@@ -1,0 +1,76 @@
+"""The `pagedllm` command: generate, serve, bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pagedllm.config import EngineArgs
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    group.add_argument("--top-p", type=float, default=1.0)
+    group.add_argument("--top-k", type=int, default=0)
+    group.add_argument("--min-p", type=float, default=0.0)
+    group.add_argument("--max-tokens", type=int, default=64)
+    group.add_argument("--min-tokens", type=int, default=0)
+    group.add_argument("--sampling-seed", type=int, default=None, help="per-request seed")
+    group.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    group.add_argument("--ignore-eos", action="store_true")
+
+
+def sampling_params_from_args(args: argparse.Namespace):
+    from pagedllm.sampling_params import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        max_tokens=args.max_tokens, min_tokens=args.min_tokens, seed=args.sampling_seed,
+        stop=args.stop, ignore_eos=args.ignore_eos,
+    )
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from pagedllm.entrypoints.llm import LLM
+
+    llm = LLM(**vars(EngineArgs.from_cli_args(args)))
+    params = sampling_params_from_args(args)
+    if args.chat:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompts], params,
+                           use_tqdm=False)
+    else:
+        outputs = llm.generate(args.prompts, params, use_tqdm=False)
+    for prompt, output in zip(args.prompts, outputs):
+        completion = output.outputs[0]
+        print(f"=== {prompt!r} ({len(completion.token_ids)} tokens, "
+              f"finish: {completion.finish_reason})")
+        print(completion.text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagedllm", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="complete prompts and print the results")
+    generate.add_argument("prompts", nargs="+", help="prompt text (one or more)")
+    generate.add_argument("--chat", action="store_true",
+                          help="wrap each prompt as a user message in the chat template")
+    EngineArgs.add_cli_args(generate)
+    add_sampling_args(generate)
+    generate.set_defaults(handler=run_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
