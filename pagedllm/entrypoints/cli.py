@@ -49,6 +49,26 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    from pagedllm.entrypoints.openai.api_server import run_server
+
+    try:
+        return run_server(args)
+    except KeyboardInterrupt:  # Ctrl+C while the model was still loading
+        return 130
+
+
+def add_serve_parser(commands) -> None:
+    from pagedllm.entrypoints.openai.cli_args import add_server_args
+
+    serve = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    serve.add_argument("model", nargs="?", default=None,
+                       help="HF folder, .gguf file or hub id (default: bundled SmolLM2-135M)")
+    add_server_args(serve)
+    EngineArgs.add_cli_args(serve, skip=("model",))
+    serve.set_defaults(handler=run_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedllm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     EngineArgs.add_cli_args(generate)
     add_sampling_args(generate)
     generate.set_defaults(handler=run_generate)
+    add_serve_parser(commands)
     return parser
 
 

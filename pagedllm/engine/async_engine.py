@@ -1,0 +1,455 @@
+"""AsyncLLM: the engine for asyncio servers.
+
+LLMEngine is not thread-safe and its step blocks for as long as the model runs, so it lives on one
+background thread that owns it outright. The event loop never touches the engine; it talks to
+that thread through a command list guarded by a condition variable:
+
+    event loop                              engine thread
+    ----------                              -------------
+    add_requests() --command--> [commands] --> engine.add_request()   (reply: ok or ValueError)
+    abort()        --command--> [commands] --> engine.abort_request()
+                                               engine.step() ... outputs
+    OutputStream  <--call_soon_threadsafe--    one batch of outputs per loop and step
+
+Commands run between steps, so a step never sees a half-added request. With no command and no
+unfinished request the thread sleeps on the condition instead of spinning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pagedllm.config import EngineArgs
+from pagedllm.engine.engine import LLMEngine, StepRecord
+from pagedllm.inputs import PromptType
+from pagedllm.logger import init_logger
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+
+logger = init_logger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread has stopped (shut down, or its state could not be recovered)."""
+
+
+class EngineStepError(RuntimeError):
+    """A step failed; the requests that were in flight are aborted and get this error."""
+
+
+@dataclass(slots=True)
+class NewRequest:
+    request_id: str
+    prompt: PromptType
+    params: SamplingParams
+
+
+@dataclass(slots=True, frozen=True)
+class EngineStats:
+    """A snapshot the engine thread publishes after every loop turn; safe to read anywhere."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_free_blocks: int = 0
+    num_blocks: int = 0
+    num_steps: int = 0
+    num_preemptions: int = 0
+    max_batch_size: int = 0  # most requests scheduled together in one step so far
+    num_loop_turns: int = 0  # times the thread woke up; stays put while idle
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks if self.num_blocks else 0.0
+
+
+@dataclass(slots=True)
+class RequestStats:
+    """One finished (or aborted) request, for metrics. Times are time.monotonic()."""
+
+    request_id: str
+    finish_reason: str
+    num_prompt_tokens: int
+    num_generation_tokens: int
+    arrival_time: float
+    first_scheduled_time: float | None
+    first_token_time: float | None
+    finished_time: float
+
+
+class OutputStream:
+    """The outputs of one or more requests added together, in the order the engine made them.
+
+    Iterate with `async for`; iteration ends when every request has finished. `abort()` ends
+    whatever is still running (it is what a disconnected client's handler calls on its way out).
+    """
+
+    def __init__(self, engine: AsyncLLM, loop: asyncio.AbstractEventLoop) -> None:
+        self._engine = engine
+        self.loop = loop
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.unfinished: set[str] = set()
+
+    @property
+    def finished(self) -> bool:
+        return not self.unfinished
+
+    def __aiter__(self) -> OutputStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self.unfinished.clear()
+            raise item
+        if item.finished:
+            self.unfinished.discard(item.request_id)
+        return item
+
+    def abort(self) -> None:
+        if self.unfinished:
+            self._engine.abort(list(self.unfinished))
+            self.unfinished.clear()
+
+    # Called on the event loop (scheduled there by the engine thread).
+    def _put(self, item: RequestOutput | BaseException) -> None:
+        self._queue.put_nowait(item)
+
+
+@dataclass(slots=True, eq=False)
+class _Tracked:
+    """Engine-thread bookkeeping for one request: where its outputs go, and its timings."""
+
+    stream: OutputStream
+    kind: RequestOutputKind
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    num_output_tokens: int = 0
+
+    def observe(self, output: RequestOutput) -> None:
+        count = len(output.outputs[0].token_ids)
+        delta = self.kind == RequestOutputKind.DELTA
+        self.num_output_tokens = self.num_output_tokens + count if delta else count
+
+
+@dataclass(slots=True)
+class _Command:
+    run: Callable[[], Any]
+    loop: asyncio.AbstractEventLoop | None = None
+    future: asyncio.Future | None = None
+
+    def reply(self, result: Any = None, error: BaseException | None = None) -> None:
+        if self.future is not None:
+            _call_soon(self.loop, _resolve, self.future, result, error)
+
+
+@dataclass(slots=True)
+class _Inbox:
+    commands: list[_Command] = field(default_factory=list)
+    stopping: bool = False
+
+
+class AsyncLLM:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_config = engine.model_config
+        self.stats = EngineStats()
+        self._inbox = _Inbox()
+        self._wakeup = threading.Condition()
+        self._tracked: dict[str, _Tracked] = {}  # owned by the engine thread
+        self._observers: list[Callable[[RequestStats], None]] = []
+        self._dead: BaseException | None = None
+        self._max_batch_size = 0  # most requests scheduled together in one step
+        self._turns = 0  # engine-thread loop turns: stays put while the thread sleeps
+        self._thread = threading.Thread(target=self._run, name="pagedllm-engine", daemon=True)
+        self._publish_stats()
+        self._thread.start()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> AsyncLLM:
+        return cls(LLMEngine.from_engine_args(args))
+
+    # ---- the event-loop side ------------------------------------------------------------------
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and self._dead is None
+
+    def add_observer(self, observer: Callable[[RequestStats], None]) -> None:
+        """`observer(stats)` runs on the engine thread whenever a request ends."""
+        self._observers.append(observer)
+
+    async def add_requests(self, requests: list[NewRequest]) -> OutputStream:
+        """Queue all requests or none; raises the engine's ValueError if one of them is bad."""
+        loop = asyncio.get_running_loop()
+        stream = OutputStream(self, loop)
+        stream.unfinished.update(r.request_id for r in requests)
+        arrival = time.monotonic()
+        try:
+            await self._ask(lambda: self._add(requests, stream, arrival))
+        except asyncio.CancelledError:
+            stream.abort()  # the requests may have been added meanwhile
+            raise
+        except BaseException:
+            stream.unfinished.clear()
+            raise
+        return stream
+
+    async def add_request(self, request_id: str, prompt: PromptType,
+                          params: SamplingParams) -> OutputStream:
+        return await self.add_requests([NewRequest(request_id, prompt, params)])
+
+    async def generate(self, prompt: PromptType, params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request; closing the generator early aborts the request."""
+        stream = await self.add_request(request_id, prompt, params)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            stream.abort()
+
+    def abort(self, request_ids: Iterable[str]) -> None:
+        """Thread-safe and non-blocking: the engine thread aborts them before its next step."""
+        ids = list(request_ids)
+        if ids:
+            self._submit(_Command(lambda: self._abort(ids)))
+
+    def abort_all(self) -> None:
+        """End every request now; each stream gets a final output with finish_reason 'abort'."""
+        self._submit(_Command(lambda: self._abort(list(self._tracked))))
+
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Run `fn(engine)` on the engine thread between steps and return its result."""
+        return await self._ask(lambda: fn(self.engine))
+
+    async def step_records(self, since_step: int = 0) -> list[dict[str, Any]]:
+        """The engine's step records after `since_step`, as plain dicts (newest last)."""
+        def collect(engine: LLMEngine) -> list[dict[str, Any]]:
+            return [asdict(r) for r in engine.step_records if r.step > since_step]
+        return await self.call(collect)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Abort what is left, stop the thread and wait for it. Safe to call twice."""
+        with self._wakeup:
+            self._inbox.stopping = True
+            self._wakeup.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    async def _ask(self, run: Callable[[], Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._submit(_Command(run, loop, future))
+        return await future
+
+    def _submit(self, command: _Command) -> None:
+        with self._wakeup:
+            if self._dead is not None or self._inbox.stopping:
+                command.reply(error=EngineDeadError("the engine is shutting down or has stopped"))
+                return
+            self._inbox.commands.append(command)
+            self._wakeup.notify()
+
+    # ---- the engine thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while (commands := self._next_commands()) is not None:
+                self._turns += 1
+                for command in commands:
+                    self._execute(command)
+                if self.engine.has_unfinished_requests():
+                    self._step()
+        except BaseException as exc:  # a bug in the loop itself: stop taking requests
+            logger.exception("the engine thread stopped")
+            self._dead = exc
+        finally:
+            self._stop()
+
+    def _next_commands(self) -> list[_Command] | None:
+        """Wait until there is something to do; None means shut down."""
+        with self._wakeup:
+            while not (self._inbox.commands or self._inbox.stopping
+                       or self.engine.has_unfinished_requests()):
+                self._wakeup.wait()
+            if self._inbox.stopping:
+                return None
+            commands, self._inbox.commands = self._inbox.commands, []
+            return commands
+
+    def _execute(self, command: _Command) -> None:
+        try:
+            result = command.run()
+        except Exception as exc:
+            self._publish_stats()
+            command.reply(error=exc)
+            return
+        self._publish_stats()  # before the reply, so the caller never sees an older snapshot
+        command.reply(result)
+
+    def _add(self, requests: list[NewRequest], stream: OutputStream, arrival: float) -> None:
+        added: list[str] = []
+        try:
+            for r in requests:
+                self.engine.add_request(r.request_id, r.prompt, r.params, arrival)
+                added.append(r.request_id)
+        except Exception:
+            self.engine.abort_request(added)  # all or none, like LLM.generate
+            raise
+        for r in requests:
+            self._tracked[r.request_id] = _Tracked(stream, r.params.output_kind, arrival)
+
+    def _abort(self, request_ids: list[str]) -> None:
+        finals = [f for f in map(self._final_output_on_abort, request_ids) if f is not None]
+        self.engine.abort_request(request_ids)
+        self._publish_stats()
+        self._deliver(finals)
+        for request_id in request_ids:  # requests with no output state left (already ended)
+            self._tracked.pop(request_id, None)
+
+    def _final_output_on_abort(self, request_id: str) -> RequestOutput | None:
+        """What the request made so far, marked finished with reason 'abort'.
+
+        The output processor drops a request's state on abort without an output, so the last
+        output is made from that state first: a DELTA stream gets the text it has not seen yet
+        (held-back text included) and a FINAL_ONLY request gets everything it generated.
+        """
+        state = self.engine.output_processor.states.get(request_id)
+        if state is None or request_id not in self._tracked:
+            return None
+        state.finish_reason = "abort"
+        state.metrics.finished_time = time.monotonic()
+        return state.make_output()
+
+    def _step(self) -> None:
+        steps_before = self.engine.num_steps
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            logger.exception("engine step failed; aborting the %d requests in flight",
+                             len(self._tracked))
+            self._fail_all(EngineStepError(f"the engine failed while running this request: "
+                                           f"{type(exc).__name__}: {exc}"))
+            self._publish_stats()
+            return
+        if self.engine.num_steps > steps_before:
+            self._note_scheduled(self.engine.step_records[-1])
+        self._publish_stats()  # before the outputs: a client that got them sees this step
+        self._deliver(outputs)
+
+    def _note_scheduled(self, record: StepRecord) -> None:
+        started = time.monotonic() - record.duration_s
+        for request_id in record.scheduled:
+            tracked = self._tracked.get(request_id)
+            if tracked is not None and tracked.first_scheduled_time is None:
+                tracked.first_scheduled_time = started
+        self._max_batch_size = max(self._max_batch_size, len(record.scheduled))
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their streams: one thread-safe call per event loop."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[OutputStream, Any]]] = {}
+        for output in outputs:
+            tracked = self._tracked.get(output.request_id)
+            if tracked is None:
+                continue
+            tracked.observe(output)
+            if output.finished:
+                del self._tracked[output.request_id]
+                self._notify_observers(self._request_stats(output, tracked))
+            batches.setdefault(tracked.stream.loop, []).append((tracked.stream, output))
+        for loop, items in batches.items():
+            _call_soon(loop, _put_all, items)
+
+    def _fail_all(self, error: BaseException) -> None:
+        tracked, self._tracked = self._tracked, {}
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[OutputStream, Any]]] = {}
+        for t in {id(t.stream): t for t in tracked.values()}.values():
+            batches.setdefault(t.stream.loop, []).append((t.stream, error))
+        for loop, items in batches.items():
+            _call_soon(loop, _put_all, items)
+        try:
+            self.engine.abort_request(list(tracked))
+        except Exception as exc:  # the engine's own state is broken: stop for good
+            raise EngineDeadError("could not abort requests after a failed step") from exc
+
+    def _request_stats(self, output: RequestOutput, tracked: _Tracked) -> RequestStats:
+        metrics = output.metrics
+        completion = output.outputs[0]
+        return RequestStats(
+            request_id=output.request_id,
+            finish_reason=completion.finish_reason or "abort",
+            num_prompt_tokens=len(output.prompt_token_ids),
+            num_generation_tokens=tracked.num_output_tokens,
+            arrival_time=tracked.arrival_time,
+            first_scheduled_time=tracked.first_scheduled_time,
+            first_token_time=metrics.first_token_time if metrics else None,
+            finished_time=(metrics.finished_time if metrics else None) or time.monotonic(),
+        )
+
+    def _notify_observers(self, stats: RequestStats) -> None:
+        for observer in self._observers:
+            try:
+                observer(stats)
+            except Exception:  # metrics must never take the engine down
+                logger.exception("request observer %r failed", observer)
+
+    def _publish_stats(self) -> None:
+        engine = self.engine
+        self.stats = EngineStats(
+            num_running=engine.scheduler.num_running,
+            num_waiting=engine.scheduler.num_waiting,
+            num_free_blocks=engine.block_pool.num_free_blocks,
+            num_blocks=engine.block_pool.num_blocks,
+            num_steps=engine.num_steps,
+            num_preemptions=engine.scheduler.num_preemptions,
+            max_batch_size=self._max_batch_size,
+            num_loop_turns=self._turns,
+        )
+
+    def _stop(self) -> None:
+        """On the way out: end every stream and answer every pending command."""
+        with self._wakeup:
+            self._inbox.stopping = True
+            pending, self._inbox.commands = self._inbox.commands, []
+        for command in pending:
+            command.reply(error=EngineDeadError("the engine is shutting down"))
+        if self._dead is None:
+            try:
+                self._abort(list(self._tracked))
+            except Exception:
+                logger.exception("could not abort the requests left at shutdown")
+        self._fail_all_quietly(EngineDeadError("the engine has stopped"))
+        self._publish_stats()
+
+    def _fail_all_quietly(self, error: BaseException) -> None:
+        with contextlib.suppress(EngineDeadError):
+            self._fail_all(error)
+
+
+def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller was cancelled while waiting
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _put_all(items: list[tuple[OutputStream, Any]]) -> None:
+    for stream, item in items:
+        stream._put(item)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop | None, fn: Callable, *args: Any) -> None:
+    if loop is None:
+        return
+    # RuntimeError: the loop has closed, so nobody is waiting for this any more.
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn, *args)

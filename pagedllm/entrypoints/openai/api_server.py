@@ -1,0 +1,221 @@
+"""The FastAPI app (`build_app`) and the uvicorn process around it (`run_server`).
+
+Routes:
+    GET  /health /version /metrics /v1/models
+    POST /v1/completions /v1/chat/completions /tokenize /detokenize
+    GET  /debug/step_stats   what the engine's steps batched (tests and benchmarks read it)
+With an API key, every /v1 and /debug route needs `Authorization: Bearer KEY`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import signal
+from dataclasses import asdict, dataclass
+
+import uvicorn
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pagedllm.config import EngineArgs
+from pagedllm.engine.async_engine import AsyncLLM
+from pagedllm.entrypoints.openai.cli_args import API_KEY_ENV
+from pagedllm.entrypoints.openai.errors import error_response, install_error_handlers
+from pagedllm.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
+from pagedllm.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
+from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from pagedllm.entrypoints.openai.serving_models import ServedModels
+from pagedllm.entrypoints.openai.serving_tokens import OpenAIServingTokens
+from pagedllm.logger import init_logger
+
+logger = init_logger(__name__)
+
+PROTECTED_PREFIXES = ("/v1", "/debug")
+MAX_STEP_RECORDS = 2000  # per /debug/step_stats answer
+
+router = APIRouter()
+
+
+@dataclass
+class ServerState:
+    engine: AsyncLLM
+    models: ServedModels
+    completion: OpenAIServingCompletion
+    chat: OpenAIServingChat
+    tokens: OpenAIServingTokens
+    metrics: ServerMetrics
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.pagedllm
+
+
+# ---- routes -------------------------------------------------------------------------------------
+@router.get("/health")
+async def health(request: Request) -> Response:
+    if not _state(request).engine.is_running:
+        return error_response(503, "the engine has stopped", code="engine_unavailable")
+    return Response(status_code=200)
+
+
+@router.get("/version")
+async def version() -> dict[str, str]:
+    from pagedllm import __version__
+
+    return {"version": __version__}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> ModelList:
+    return _state(request).models.model_list()
+
+
+@router.post("/v1/completions")
+async def create_completion(body: CompletionRequest, request: Request) -> Response:
+    return await _state(request).completion.create_completion(body, request)
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    return await _state(request).chat.create_chat_completion(body, request)
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    return await _state(request).tokens.tokenize(body)
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    return await _state(request).tokens.detokenize(body)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+@router.get("/debug/step_stats")
+async def step_stats(request: Request, since: int = 0) -> dict:
+    """The engine's counters and its step records after step `since` (request ids included),
+    so that a client can see which of its requests ran in the same step."""
+    engine = _state(request).engine
+    records = await engine.step_records(since)
+    stats = engine.stats
+    return {**asdict(stats), "kv_cache_usage": stats.kv_cache_usage,
+            "steps": records[-MAX_STEP_RECORDS:]}
+
+
+# ---- the app ------------------------------------------------------------------------------------
+class APIKeyMiddleware:
+    """401 for a protected route without `Authorization: Bearer <key>` (a plain ASGI
+    middleware, so streaming responses and disconnect detection pass through untouched)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.api_key = api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _is_protected(scope["path"]) or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        response = error_response(401, "missing or wrong API key: send the header "
+                                       "'Authorization: Bearer <key>'", code="invalid_api_key",
+                                  headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        value = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = value.partition(b" ")
+        return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.api_key)
+
+
+def _is_protected(path: str) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in PROTECTED_PREFIXES)
+
+
+def build_app(engine: AsyncLLM, served_model_names: list[str],
+              api_key: str | None = None) -> FastAPI:
+    from pagedllm import __version__
+
+    config = engine.model_config
+    models = ServedModels(list(served_model_names), str(config.source.path), config.max_model_len)
+    app = FastAPI(title="pagedllm", version=__version__)
+    app.state.pagedllm = ServerState(
+        engine=engine, models=models,
+        completion=OpenAIServingCompletion(engine, models),
+        chat=OpenAIServingChat(engine, models),
+        tokens=OpenAIServingTokens(engine, models),
+        metrics=ServerMetrics(engine),
+    )
+    app.include_router(router)
+    install_error_handlers(app)
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    return app
+
+
+# ---- the process --------------------------------------------------------------------------------
+class DrainingServer(uvicorn.Server):
+    """On SIGINT/SIGTERM uvicorn stops accepting connections and waits for open responses.
+
+    In-flight requests get `drain_timeout` seconds to finish on their own; then the engine
+    aborts them, so each stream still ends properly (a finish chunk with reason 'abort', then
+    [DONE]) rather than being cut off mid-way.
+    """
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncLLM, drain_timeout: float) -> None:
+        super().__init__(config)
+        self.engine = engine
+        self.drain_timeout = drain_timeout
+
+    async def shutdown(self, sockets=None) -> None:
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self.drain_timeout, self.engine.abort_all)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+
+def _note_signal(signum: int, _frame) -> None:
+    logger.info("stopped by %s", signal.Signals(signum).name)
+
+
+def default_served_name(args: argparse.Namespace, engine: AsyncLLM) -> str:
+    return args.model or engine.model_config.source.path.stem
+
+
+def run_server(args: argparse.Namespace) -> int:
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    engine = AsyncLLM.from_engine_args(EngineArgs.from_cli_args(args))
+    try:
+        names = args.served_model_name or [default_served_name(args, engine)]
+        app = build_app(engine, names, api_key)
+        config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="off",
+                                log_level=args.uvicorn_log_level,
+                                access_log=not args.disable_access_log,
+                                timeout_graceful_shutdown=args.shutdown_timeout + 5)
+        logger.info("serving %s as %s on http://%s:%d%s", engine.model_config.source.path.name,
+                    ", ".join(names), args.host, args.port, " (API key required)" if api_key else "")
+        # uvicorn re-raises SIGINT/SIGTERM once it has shut down, so that the handler it
+        # replaced runs; with these (log and return) a signalled stop exits with status 0.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _note_signal)
+        DrainingServer(config, engine, args.shutdown_timeout).run()
+    finally:
+        engine.shutdown()
+    return 0

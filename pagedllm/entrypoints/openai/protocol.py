@@ -1,0 +1,323 @@
+"""Request and response bodies of the OpenAI API, as pydantic models.
+
+Request models accept unknown fields (clients send newer OpenAI fields all the time) and each
+knows how to become `SamplingParams`. Fields the engine cannot honour yet are listed by
+`unsupported()` so that the server can answer 400 instead of quietly ignoring them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+
+MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs; the sampler's top-k cost grows with it
+
+
+class OpenAIBaseModel(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class RequestModel(OpenAIBaseModel):
+    # JSON has no inf or NaN, but Python's json module reads them; they must not reach the sampler.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
+# ---- errors -------------------------------------------------------------------------------------
+class ErrorInfo(OpenAIBaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(OpenAIBaseModel):
+    error: ErrorInfo
+
+
+# ---- models, health -----------------------------------------------------------------------------
+class ModelCard(OpenAIBaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "pagedllm"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(OpenAIBaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---- what both generation endpoints share -------------------------------------------------------
+class StreamOptions(OpenAIBaseModel):
+    include_usage: bool = False
+
+
+class SamplingRequest(RequestModel):
+    """Sampling fields of /v1/completions and /v1/chat/completions, with vLLM's extras."""
+
+    model: str | None = None
+    n: int = 1
+    best_of: int | None = None
+    temperature: float | None = None  # None: OpenAI's default of 1
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator takes
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM's extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    use_beam_search: bool = False
+    response_format: dict[str, Any] | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        """(param, reason) for every field that asks for what the engine does not do yet."""
+        not_yet = "is not supported by this server yet"
+        checks = [
+            ("n", self.n > 1, f"n={self.n}: parallel sampling (n > 1) {not_yet}"),
+            ("best_of", (self.best_of or 1) > 1, f"best_of={self.best_of} {not_yet}"),
+            ("use_beam_search", self.use_beam_search, f"beam search {not_yet}"),
+            ("presence_penalty", bool(self.presence_penalty),
+             f"presence_penalty={self.presence_penalty} {not_yet} (only 0)"),
+            ("frequency_penalty", bool(self.frequency_penalty),
+             f"frequency_penalty={self.frequency_penalty} {not_yet} (only 0)"),
+            ("repetition_penalty", self.repetition_penalty not in (None, 1.0),
+             f"repetition_penalty={self.repetition_penalty} {not_yet} (only 1)"),
+            ("logit_bias", bool(self.logit_bias), f"logit_bias {not_yet}"),
+            ("response_format", (self.response_format or {}).get("type", "text") != "text",
+             f"response_format {self.response_format} {not_yet} (only type 'text')"),
+        ]
+        return [(param, reason) for param, bad, reason in checks if bad]
+
+    def invalid(self) -> list[tuple[str, str]]:
+        """(param, reason) for combinations that are wrong whatever the engine supports."""
+        if self.stream_options is not None and not self.stream:
+            return [("stream_options", "stream_options is only allowed when stream is true")]
+        return []
+
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                         output_kind: RequestOutputKind) -> SamplingParams:
+        """Raises ValueError (a 400 for the caller) for out-of-range values."""
+        return SamplingParams(
+            n=self.n,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            min_p=self.min_p or 0.0,
+            seed=self.seed,
+            max_tokens=max_tokens,
+            min_tokens=self.min_tokens,
+            stop=self.stop,
+            stop_token_ids=self.stop_token_ids,
+            ignore_eos=self.ignore_eos,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
+            logprobs=logprobs,
+            output_kind=output_kind,
+        )
+
+
+class UsageInfo(OpenAIBaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    def add(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+        self.total_tokens = self.prompt_tokens + self.completion_tokens
+
+
+# ---- /v1/completions ----------------------------------------------------------------------------
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16  # OpenAI's default for completions
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        problems = super().unsupported()
+        if self.suffix:
+            problems.append(("suffix", "suffix (fill-in-the-middle) is not supported"))
+        if self.echo and self.logprobs is not None:
+            problems.append(("echo", "echo with logprobs needs prompt logprobs, which this "
+                                     "server cannot compute yet; drop one of the two"))
+        return problems
+
+    def to_sampling_params(self, output_kind: RequestOutputKind) -> SamplingParams:
+        return self._sampling_params(self.max_tokens, self.logprobs, output_kind)
+
+
+class CompletionLogprobs(OpenAIBaseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionChoice(OpenAIBaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM's extra: the stop string or token that ended it
+
+
+class CompletionResponse(OpenAIBaseModel):
+    """Both the whole response and each streamed chunk (OpenAI uses one object for both)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+# ---- /v1/chat/completions -----------------------------------------------------------------------
+class ChatMessage(OpenAIBaseModel):
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None  # None: as long as the model and the KV cache allow
+    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    add_generation_prompt: bool = True  # vLLM's extras for the chat template
+    continue_final_message: bool = False
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        problems = super().unsupported()
+        if self.tools:
+            problems.append(("tools", "tool calling is not supported by this server yet"))
+        if self.tool_choice not in (None, "none", "auto"):
+            problems.append(("tool_choice", "tool calling is not supported by this server yet"))
+        return problems
+
+    def invalid(self) -> list[tuple[str, str]]:
+        problems = super().invalid()
+        if self.top_logprobs is not None and not self.logprobs:
+            problems.append(("top_logprobs", "top_logprobs needs logprobs to be true"))
+        if self.add_generation_prompt and self.continue_final_message:
+            problems.append(("continue_final_message", "continue_final_message and "
+                             "add_generation_prompt cannot both be true"))
+        return problems
+
+    def to_sampling_params(self, output_kind: RequestOutputKind) -> SamplingParams:
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling_params(max_tokens, logprobs, output_kind)
+
+
+class ChatTopLogprob(OpenAIBaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatLogprobEntry(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(OpenAIBaseModel):
+    content: list[ChatLogprobEntry] | None = None
+
+
+class ChatResponseMessage(OpenAIBaseModel):
+    role: str = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(OpenAIBaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(OpenAIBaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(OpenAIBaseModel):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(OpenAIBaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionChunk(OpenAIBaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = None
+
+
+# ---- /tokenize, /detokenize ---------------------------------------------------------------------
+class TokenizeRequest(RequestModel):
+    """Either `prompt` (text) or `messages` (rendered through the chat template first)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True  # for `prompt`; a chat template writes its own
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(OpenAIBaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(RequestModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(OpenAIBaseModel):
+    prompt: str

@@ -1,0 +1,115 @@
+"""Shared fixtures: engines built once per configuration, and a transformers reference.
+
+Every end-to-end test ends with the same invariant checked: no request left in flight and every
+KV block back in the free queue.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from pagedllm import LLM
+from pagedllm.model.loader import default_model_path
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+_ENGINES: dict[tuple, LLM] = {}
+
+PROMPTS = [
+    "Hello, my name is",
+    "The capital of France is",
+    "In a shocking finding, scientists discovered a herd of unicorns living in a remote, "
+    "previously unexplored valley in the Andes Mountains. Even more surprising to the "
+    "researchers was the fact that the unicorns spoke perfect English.",
+    "def fibonacci(n):",
+    "List three colors:",
+    "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog. "
+    "Once upon a time, in a land far, far away, there lived a",
+    "Q: What is 12 times 7?\nA:",
+    "Translate to French: 'I love reading books in the garden on sunny afternoons.'",
+]
+
+
+def make_llm(**kwargs) -> LLM:
+    """One engine per distinct configuration for the whole session (start-up costs seconds)."""
+    kwargs.setdefault("dtype", "float32")
+    kwargs.setdefault("kv_cache_memory_bytes", 256 << 20)
+    key = tuple(sorted(kwargs.items()))
+    if key not in _ENGINES:
+        _ENGINES[key] = LLM(**kwargs)
+    return _ENGINES[key]
+
+
+@pytest.fixture(scope="session")
+def llm() -> LLM:
+    return make_llm()
+
+
+@pytest.fixture(autouse=True)
+def _all_blocks_free_after_each_test():
+    yield
+    for engine_llm in _ENGINES.values():
+        assert_idle_and_free(engine_llm)
+
+
+def assert_idle_and_free(engine_llm: LLM) -> None:
+    engine = engine_llm.llm_engine
+    assert not engine.has_unfinished_requests()
+    assert engine.block_pool.num_free_blocks == engine.block_pool.num_blocks
+    assert all(block.ref_cnt == 0 for block in engine.block_pool.blocks)
+    assert not engine.output_processor.states
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """The default model as an HF folder (safetensors + tokenizer), written by transformers'
+    own GGUF loader once and cached on disk: the independent reference for our loaders."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = default_model_path()
+    stat = gguf_path.stat()
+    root = Path(os.environ.get("PAGEDLLM_CACHE_DIR") or Path.home() / ".cache" / "pagedllm")
+    folder = root / "test-reference" / f"smollm2-{stat.st_size}-{stat.st_mtime_ns}"
+    if not (folder / "config.json").is_file():
+        tmp = folder.with_suffix(".tmp")
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                      dtype=torch.float32)
+        config = loaded.config
+        del config.quantization_config  # the weights are plain float32 once dequantized
+        model = type(loaded)(config)
+        model.load_state_dict(loaded.state_dict())
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_model(reference_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_greedy(hf_model, llm):
+    """transformers' greedy continuation of each prompt, one at a time (no padding)."""
+    tokenizer = llm.get_tokenizer()
+    cache: dict[tuple[str, int], list[int]] = {}
+
+    def generate(prompt: str, max_new_tokens: int) -> list[int]:
+        key = (prompt, max_new_tokens)
+        if key not in cache:
+            ids = torch.tensor([tokenizer.encode(prompt)])
+            with torch.inference_mode():
+                out = hf_model.generate(ids, attention_mask=torch.ones_like(ids),
+                                        max_new_tokens=max_new_tokens, do_sample=False)
+            cache[key] = out[0, ids.shape[1]:].tolist()
+        return cache[key]
+
+    return generate

@@ -1,0 +1,44 @@
+from pagedllm.core.block_pool import BlockPool
+from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.core.request import Request
+from pagedllm.sampling_params import SamplingParams
+
+
+def make_request(request_id: str, prompt_len: int) -> Request:
+    return Request(request_id, list(range(1, prompt_len + 1)), SamplingParams(), max_tokens=16)
+
+
+def test_blocks_are_added_only_at_block_boundaries():
+    manager = KVCacheManager(BlockPool(10), block_size=4)
+    request = make_request("a", 6)
+    assert manager.allocate_slots(request, 6)
+    assert len(manager.block_ids("a")) == 2  # 6 tokens -> 2 blocks of 4
+    request.num_computed_tokens = 6
+    assert manager.allocate_slots(request, 1)  # slot 7 fits in block 2
+    assert len(manager.block_ids("a")) == 2
+    request.num_computed_tokens = 8
+    assert manager.allocate_slots(request, 1)  # token 9 needs a third block
+    assert len(manager.block_ids("a")) == 3
+
+
+def test_allocation_fails_without_side_effects_when_short():
+    pool = BlockPool(3)
+    manager = KVCacheManager(pool, block_size=4)
+    assert manager.allocate_slots(make_request("a", 8), 8)
+    big = make_request("b", 8)
+    assert not manager.allocate_slots(big, 8)
+    assert manager.block_ids("b") == []
+    assert pool.num_free_blocks == 1
+
+
+def test_free_returns_every_block_and_forgets_the_table():
+    pool = BlockPool(8)
+    manager = KVCacheManager(pool, block_size=4)
+    request = make_request("a", 13)
+    manager.allocate_slots(request, 13)
+    assert manager.num_allocated_slots() == 16
+    manager.free(request)
+    assert pool.num_free_blocks == 8
+    assert manager.block_ids("a") == []
+    manager.free(request)  # freeing an unknown request is a no-op
+    assert pool.num_free_blocks == 8
