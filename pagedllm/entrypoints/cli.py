@@ -81,7 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(generate)
     generate.set_defaults(handler=run_generate)
     add_serve_parser(commands)
+    add_bench_parser(commands)
     return parser
+
+
+def add_bench_parser(commands) -> None:
+    from pagedllm.bench import throughput
+
+    bench = commands.add_parser("bench", help="measure throughput and latency")
+    kinds = bench.add_subparsers(dest="bench_command", required=True)
+    throughput.add_parser(kinds)
 
 
 def main(argv: list[str] | None = None) -> int:

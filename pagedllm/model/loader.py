@@ -98,15 +98,20 @@ def load_model_config(model: str | None, dtype: str = "auto", max_model_len: int
     return ModelConfig(
         source=source,
         hf_config=hf_config,
-        dtype=resolve_dtype(dtype, hf_config, device),
+        dtype=resolve_dtype(dtype, hf_config, device, source.is_gguf),
         max_model_len=max_model_len or limit,
         eos_token_ids=_eos_token_ids(source, hf_config),
     )
 
 
-def resolve_dtype(requested: str, hf_config: PretrainedConfig, device: str) -> torch.dtype:
+def resolve_dtype(requested: str, hf_config: PretrainedConfig, device: str,
+                  is_gguf: bool = False) -> torch.dtype:
+    """"auto": the checkpoint's own dtype; for GGUF's quantized blocks, which have none, the
+    fastest exact-enough float the device computes natively (bf16 where supported)."""
     if requested != "auto":
         return getattr(torch, requested)
+    if is_gguf:
+        return torch.bfloat16 if bf16_is_native(device) else torch.float32
     stored = getattr(hf_config, "dtype", None)
     if isinstance(stored, str):
         stored = getattr(torch, stored, None)
@@ -115,6 +120,12 @@ def resolve_dtype(requested: str, hf_config: PretrainedConfig, device: str) -> t
     if stored == torch.float16 and device == "cpu":
         return torch.bfloat16  # CPUs run bf16 matmuls natively, fp16 mostly not
     return stored
+
+
+def bf16_is_native(device: str) -> bool:
+    if device.startswith("cuda"):
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _eos_token_ids(source: ModelSource, hf_config: PretrainedConfig) -> list[int]:

@@ -15,6 +15,7 @@ from pagedllm import SamplingParams
 from pagedllm.attention import get_attention_backend
 from pagedllm.model.loader import (
     GGUFFile,
+    bf16_is_native,
     default_model_path,
     load_model,
     load_model_config,
@@ -124,5 +125,7 @@ def test_max_model_len_above_the_model_limit():
 
 
 def test_dtype_auto_and_explicit(reference_dir):
-    assert load_model_config(str(reference_dir)).dtype == torch.float32
+    assert load_model_config(str(reference_dir)).dtype == torch.float32  # as saved
+    native = torch.bfloat16 if bf16_is_native("cpu") else torch.float32
+    assert load_model_config(None).dtype == native  # GGUF: the fastest native float
     assert load_model_config(str(reference_dir), "bfloat16").dtype == torch.bfloat16

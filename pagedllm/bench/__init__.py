@@ -1,0 +1,1 @@
+"""`pagedllm bench ...`: measurements against a baseline run in the same process."""

@@ -1,0 +1,179 @@
+"""Offline throughput: pagedllm's LLM.generate against transformers' batched generate.
+
+Both engines get the same token-id prompts and must produce exactly `output_len` tokens each
+(EOS ignored), so they do the same work; only requested output tokens are counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from pagedllm.config import EngineArgs
+
+
+@dataclass
+class WorkItem:
+    prompt_token_ids: list[int]
+    output_len: int
+
+
+@dataclass
+class ThroughputResult:
+    engine: str
+    num_requests: int
+    elapsed_s: float
+    prompt_tokens: int
+    output_tokens: int
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.num_requests / self.elapsed_s
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.elapsed_s
+
+    @property
+    def total_tokens_per_s(self) -> float:
+        return (self.prompt_tokens + self.output_tokens) / self.elapsed_s
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "requests_per_s": self.requests_per_s,
+                "output_tokens_per_s": self.output_tokens_per_s,
+                "total_tokens_per_s": self.total_tokens_per_s}
+
+
+def synthetic_workload(num_prompts: int, input_len: int, output_len: int, range_ratio: float,
+                       vocab_size: int, seed: int, skip_ids: set[int]) -> list[WorkItem]:
+    """Random token prompts; lengths uniform in [len * (1 - ratio), len * (1 + ratio)]."""
+    rng = random.Random(seed)
+    allowed = [t for t in range(min(vocab_size, 32000)) if t not in skip_ids]
+
+    def length(mean: int) -> int:
+        return max(1, rng.randint(int(mean * (1 - range_ratio)), int(mean * (1 + range_ratio))))
+
+    return [WorkItem([rng.choice(allowed) for _ in range(length(input_len))], length(output_len))
+            for _ in range(num_prompts)]
+
+
+def run_pagedllm(llm, work: list[WorkItem]) -> ThroughputResult:
+    from pagedllm import SamplingParams, TokensPrompt
+
+    prompts = [TokensPrompt(prompt_token_ids=w.prompt_token_ids) for w in work]
+    params = [SamplingParams(temperature=0, max_tokens=w.output_len, ignore_eos=True,
+                             detokenize=llm.get_tokenizer() is not None) for w in work]
+    started = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - started
+    produced = sum(len(o.outputs[0].token_ids) for o in outputs)
+    assert produced == sum(w.output_len for w in work), "every request must produce its length"
+    return ThroughputResult("pagedllm", len(work), elapsed,
+                            sum(len(w.prompt_token_ids) for w in work), produced)
+
+
+def run_transformers(model_path: str, dtype: torch.dtype, work: list[WorkItem],
+                     batch_size: int) -> ThroughputResult:
+    """Batched, left-padded, sorted by length; each batch runs to its longest output and only the
+    requested tokens are counted."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
+    order = sorted(work, key=lambda w: len(w.prompt_token_ids))
+    started = time.perf_counter()
+    for i in range(0, len(order), batch_size):
+        batch = order[i : i + batch_size]
+        width = max(len(w.prompt_token_ids) for w in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, item in enumerate(batch):
+            n = len(item.prompt_token_ids)
+            ids[row, width - n :] = torch.tensor(item.prompt_token_ids)
+            mask[row, width - n :] = 1
+        new = max(w.output_len for w in batch)
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False, pad_token_id=0)
+    elapsed = time.perf_counter() - started
+    return ThroughputResult(f"transformers(bs={batch_size})", len(work), elapsed,
+                            sum(len(w.prompt_token_ids) for w in work),
+                            sum(w.output_len for w in work))
+
+
+def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """What a large square matmul reaches here: the arithmetic ceiling for the ratio below."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    torch.matmul(a, b)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        torch.matmul(a, b)
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("throughput", help="offline throughput, optionally vs transformers")
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--input-len", type=int, default=200)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--range-ratio", type=float, default=0.0)
+    parser.add_argument("--baseline", choices=["none", "hf"], default="none")
+    parser.add_argument("--hf-batch-sizes", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[16, 64], help="transformers batch sizes to try; the best counts")
+    parser.add_argument("--hf-model", default=None,
+                        help="HF folder for the baseline (default: --model when it is a folder)")
+    parser.add_argument("--output-json", default=None)
+    EngineArgs.add_cli_args(parser)
+    parser.set_defaults(handler=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from pagedllm import LLM
+
+    started = time.perf_counter()
+    llm = LLM(**vars(EngineArgs.from_cli_args(args)))
+    startup = time.perf_counter() - started
+    engine = llm.llm_engine
+    tokenizer = llm.get_tokenizer()
+    skip = set(getattr(tokenizer, "all_special_ids", []) or [])
+    work = synthetic_workload(args.num_prompts, args.input_len, args.output_len, args.range_ratio,
+                              engine.model_config.vocab_size, args.seed, skip)
+    results = [run_pagedllm(llm, work)]
+    if args.baseline == "hf":
+        hf_path = args.hf_model or args.model
+        if hf_path is None or engine.model_config.source.is_gguf:
+            raise ValueError("--baseline hf needs an HF folder: pass --hf-model PATH")
+        results += [run_transformers(hf_path, engine.model_config.dtype, work, bs)
+                    for bs in args.hf_batch_sizes]
+    report = {
+        "config": {k: v for k, v in vars(args).items() if k != "handler"},
+        "startup_s": startup,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "matmul_peak_gflops": matmul_peak_gflops(engine.model_config.dtype),
+        "results": [r.as_dict() for r in results],
+    }
+    best_hf = max((r for r in results[1:]), key=lambda r: r.output_tokens_per_s, default=None)
+    if best_hf is not None:
+        report["speedup_vs_transformers"] = (results[0].output_tokens_per_s
+                                             / best_hf.output_tokens_per_s)
+    print_table(report)
+    if args.output_json:
+        with open(args.output_json, "w") as handle:
+            json.dump(report, handle, indent=2, default=str)
+    return 0
+
+
+def print_table(report: dict) -> None:
+    print(f"{'engine':<22}{'req/s':>9}{'out tok/s':>12}{'total tok/s':>13}{'seconds':>10}")
+    for r in report["results"]:
+        print(f"{r['engine']:<22}{r['requests_per_s']:>9.2f}{r['output_tokens_per_s']:>12.1f}"
+              f"{r['total_tokens_per_s']:>13.1f}{r['elapsed_s']:>10.1f}")
+    if "speedup_vs_transformers" in report:
+        print(f"pagedllm / best transformers: {report['speedup_vs_transformers']:.2f}x")
+    print(f"start-up {report['startup_s']:.1f} s, peak RSS {report['peak_rss_mib']:.0f} MiB, "
+          f"matmul peak {report['matmul_peak_gflops']:.0f} GFLOP/s")
