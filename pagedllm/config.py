@@ -46,6 +46,7 @@ class EngineArgs:
     max_num_seqs: int = _opt("most sequences running at once", 256)
     max_num_batched_tokens: int = _opt("token budget of one engine step", 2048)
     skip_tokenizer_init: bool = _opt("run on token ids only, without a tokenizer", False)
+    enable_prefix_caching: bool = _opt("reuse the KV blocks of prompts seen before", True)
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:

@@ -9,11 +9,13 @@ from typing_extensions import NotRequired
 
 class TextPrompt(TypedDict):
     prompt: str
+    cache_salt: NotRequired[str]  # isolates this tenant's prefix-cache entries
 
 
 class TokensPrompt(TypedDict):
     prompt_token_ids: list[int]
     prompt: NotRequired[str]
+    cache_salt: NotRequired[str]
 
 
 PromptType = str | TextPrompt | TokensPrompt

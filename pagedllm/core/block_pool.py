@@ -10,6 +10,11 @@ taking a block from the front, putting one at the back, or pulling one out of th
 freed block is claimed again, e.g. by a prefix-cache hit) are all O(1):
 
     head <-> b7 <-> b2 <-> b9 <-> tail      (front = least recently freed = next to reuse)
+
+Prefix caching: a full block may carry a hash of its contents (chained from its parent block's
+hash, see kv_cache_manager.py), registered in `cached`. A freed block keeps its hash and stays
+findable while it waits in the free queue; only when the queue hands it out again is it evicted
+(its hash dropped). So eviction is least recently freed first and costs O(1).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 class KVCacheBlock:
     block_id: int
     ref_cnt: int = 0
+    block_hash: bytes | None = None  # set while the block is full and findable by content
     prev_free: KVCacheBlock | None = None
     next_free: KVCacheBlock | None = None
 
@@ -71,12 +77,15 @@ class FreeBlockQueue:
 class BlockPool:
     """Hands out blocks by reference count; a block whose count drops to zero is free again."""
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
         self.free_queue = FreeBlockQueue(self.blocks)
+        self.enable_caching = enable_caching
+        self.cached: dict[bytes, KVCacheBlock] = {}
         self.num_allocations = 0  # blocks handed out over the pool's life
+        self.num_evictions = 0
 
     @property
     def num_blocks(self) -> int:
@@ -96,9 +105,28 @@ class BlockPool:
             raise ValueError(f"asked for {count} blocks, only {self.num_free_blocks} are free")
         blocks = [self.free_queue.popleft() for _ in range(count)]
         for block in blocks:
+            self._evict(block)
             block.ref_cnt = 1
         self.num_allocations += count
         return blocks
+
+    def _evict(self, block: KVCacheBlock) -> None:
+        if block.block_hash is not None:
+            if self.cached.get(block.block_hash) is block:
+                del self.cached[block.block_hash]
+            block.block_hash = None
+            self.num_evictions += 1
+
+    def lookup(self, block_hash: bytes) -> KVCacheBlock | None:
+        return self.cached.get(block_hash)
+
+    def cache_block(self, block: KVCacheBlock, block_hash: bytes) -> None:
+        """Make a full block findable by its hash; the first block with a given hash wins."""
+        if not self.enable_caching or block.block_hash is not None:
+            return
+        if block_hash not in self.cached:
+            block.block_hash = block_hash
+            self.cached[block_hash] = block
 
     def share(self, blocks: Iterable[KVCacheBlock]) -> None:
         """Add one owner to each block (fork, prefix hit); free ones leave the free queue."""

@@ -61,3 +61,4 @@ class EngineCoreOutput:
     new_logprobs: list[TokenLogprobs | None]
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    num_cached_tokens: int = 0

@@ -36,10 +36,12 @@ class Request:
     sampling_params: SamplingParams
     max_tokens: int  # resolved: never None here
     arrival_time: float = field(default_factory=time.monotonic)
+    cache_salt: str | None = None  # requests with different salts never share cached blocks
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     stop_reason: int | str | None = None
     all_token_ids: list[int] = field(init=False)
 

@@ -85,9 +85,13 @@ class Scheduler:
         # A step that had to preempt is short of memory: admitting more would only thrash.
         while not preempted and self.waiting and budget > 0 and self._has_seat():
             request = self.waiting[0]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.kv.allocate_slots(request, num_new):
+            cached = self.kv.get_computed_blocks(request)
+            num_hit = len(cached) * self.kv.block_size
+            num_new = min(request.num_tokens - request.num_computed_tokens - num_hit, budget)
+            if not self.kv.allocate_slots(request, num_new, cached):
                 break
+            request.num_computed_tokens += num_hit
+            request.num_cached_tokens = num_hit
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -160,6 +164,7 @@ class Scheduler:
             outputs.append(EngineCoreOutput(
                 request_id, [token_id], [token_logprobs],
                 finish_reason=request.finish_reason, stop_reason=request.stop_reason,
+                num_cached_tokens=request.num_cached_tokens,
             ))
         return outputs
 

@@ -60,6 +60,7 @@ class RequestState:
         self.sent_text = 0  # characters / tokens already given out (DELTA)
         self.sent_tokens = 0
         self.metrics = RequestMetrics(arrival_time=arrival_time)
+        self.num_cached_tokens = 0
         # While streaming, hold back text that might turn out to begin a stop string.
         longest = max((len(s) for s in params.stop), default=0)
         self.holdback = 0 if params.include_stop_str_in_output else max(0, longest - 1)
@@ -74,6 +75,7 @@ class RequestState:
         self.metrics.first_token_time = self.metrics.first_token_time or now
         self.metrics.last_token_time = now
         self.token_ids.extend(output.new_token_ids)
+        self.num_cached_tokens = output.num_cached_tokens
         self._add_logprobs(output.new_logprobs)
         stopped_by_string = False
         if self.detokenizer is not None:
@@ -137,7 +139,8 @@ class RequestState:
             logprobs=logprobs, finish_reason=self.finish_reason, stop_reason=self.stop_reason,
         )
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, [completion],
-                             finished=self.finished, metrics=self.metrics)
+                             finished=self.finished, metrics=self.metrics,
+                             num_cached_tokens=self.num_cached_tokens)
 
 
 class OutputProcessor:

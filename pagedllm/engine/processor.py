@@ -30,7 +30,10 @@ class Processor:
         if params.detokenize and self.tokenizer is None:
             raise ValueError("detokenize=True needs a tokenizer; this engine was started with "
                              "skip_tokenizer_init=True, so pass SamplingParams(detokenize=False)")
-        request = Request(request_id, token_ids, params, max_tokens)
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        if salt is not None and not isinstance(salt, str):
+            raise ValueError("cache_salt must be a string")
+        request = Request(request_id, token_ids, params, max_tokens, cache_salt=salt)
         if arrival_time is not None:
             request.arrival_time = arrival_time
         return request, text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 from pagedllm.config import SchedulerConfig
 from pagedllm.core.block_pool import BlockPool
 from pagedllm.core.kv_cache_manager import KVCacheManager
@@ -17,8 +19,10 @@ def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=32, max_l
     return Scheduler(config, KVCacheManager(pool, block_size)), pool
 
 
-def add(scheduler, request_id, prompt_len, max_tokens):
-    request = Request(request_id, [1] * prompt_len, SamplingParams(ignore_eos=True), max_tokens)
+def add(scheduler, request_id, prompt_len, max_tokens, tokens=None):
+    # distinct prompts unless given: equal ones would share blocks through the prefix cache
+    tokens = tokens or [zlib.crc32(request_id.encode()) % 10_000 + i for i in range(prompt_len)]
+    request = Request(request_id, tokens, SamplingParams(ignore_eos=True), max_tokens)
     scheduler.add_request(request)
     return request
 
