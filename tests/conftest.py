@@ -15,8 +15,6 @@ import torch
 from pagedllm import LLM
 from pagedllm.model.loader import default_model_path
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
 _ENGINES: dict[tuple, LLM] = {}
 
 PROMPTS = [
