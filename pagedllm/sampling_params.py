@@ -17,6 +17,10 @@ class SamplingParams:
     """How to pick the next token and when to stop; the names and defaults follow vLLM."""
 
     n: int = 1
+    best_of: int | None = None  # sample this many, return the n with the best cumulative logprob
+    presence_penalty: float = 0.0  # OpenAI: minus this once a token has appeared in the output
+    frequency_penalty: float = 0.0  # OpenAI: minus this per occurrence in the output
+    repetition_penalty: float = 1.0  # transformers: divide (or multiply) seen tokens' logits
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: no top-k
@@ -31,11 +35,16 @@ class SamplingParams:
     skip_special_tokens: bool = True
     detokenize: bool = True
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled by the engine from the model, so that stopping needs no tokenizer: the EOS id, and
     # stop_token_ids plus the generation config's extra end-of-turn ids.
     eos_token_id: int | None = field(default=None, repr=False)
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+    bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -44,12 +53,27 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if self.best_of is None:
+            self.best_of = self.n
+        if self.logit_bias:
+            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         self._validate()
         self.all_stop_token_ids = set(self.stop_token_ids)
 
     def _validate(self) -> None:
         checks = [
             (self.n >= 1, f"n must be at least 1, got {self.n}"),
+            (self.best_of >= self.n, f"best_of ({self.best_of}) must be at least n ({self.n})"),
+            (-2 <= self.presence_penalty <= 2,
+             f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (-2 <= self.frequency_penalty <= 2,
+             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (self.repetition_penalty > 0,
+             f"repetition_penalty must be positive, got {self.repetition_penalty}"),
+            (self.prompt_logprobs is None or self.prompt_logprobs >= 0,
+             f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}"),
+            (self.allowed_token_ids is None or len(self.allowed_token_ids) > 0,
+             "allowed_token_ids must not be empty"),
             (self.temperature >= 0, f"temperature must be non-negative, got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, f"top_k must be -1 (disable) or at least 1, got {self.top_k}"),
@@ -67,13 +91,18 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        if self.n > 1:
-            raise ValueError("n > 1 (parallel sampling) is not supported yet")
+        if self.best_of > 1 and self.greedy:
+            raise ValueError("n > 1 or best_of > 1 needs sampling: set temperature > 0")
 
     def tokens_banned_before_min(self) -> list[int]:
         """Ids that may not be sampled while fewer than min_tokens were generated."""
         eos = [] if self.ignore_eos or self.eos_token_id is None else [self.eos_token_id]
         return sorted(self.all_stop_token_ids.union(eos))
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0
+                or self.repetition_penalty != 1)
 
     @property
     def greedy(self) -> bool:

@@ -15,6 +15,7 @@ class ScheduledRequest:
     block_ids: list[int]  # the request's whole block table
     sampling_params: SamplingParams
     output_token_ids: list[int]  # generated so far (min_tokens, penalties)
+    prompt_token_ids: list[int]  # (repetition penalty, prompt logprobs)
     sample: bool  # does this chunk reach the end of the request's tokens?
 
 

@@ -136,6 +136,7 @@ class Scheduler:
             block_ids=self.kv.block_ids(request.request_id),
             sampling_params=request.sampling_params,
             output_token_ids=request.output_token_ids,
+            prompt_token_ids=request.prompt_token_ids,
             sample=start + num_new == request.num_tokens,
         )
 

@@ -60,7 +60,8 @@ class LLMEngine:
         model = load_model(self.model_config, get_attention_backend(self.device), self.device)
         self.cache_config = self._plan_kv_cache()
         kv_caches = allocate_kv_caches(self.kv_shape, self.cache_config.num_blocks, self.device)
-        self.runner = ModelRunner(model, kv_caches, args.block_size, self.device, args.seed)
+        self.runner = ModelRunner(model, kv_caches, args.block_size, self.device, args.seed,
+                                  self.model_config.vocab_size)
         self.block_pool = BlockPool(self.cache_config.num_blocks, args.enable_prefix_caching)
         self.kv_cache_manager = KVCacheManager(self.block_pool, args.block_size)
         max_len = self.model_config.max_model_len

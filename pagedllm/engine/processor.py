@@ -25,6 +25,7 @@ class Processor:
         params = (params or SamplingParams()).clone()
         max_tokens = self._resolve_max_tokens(len(token_ids), params.max_tokens)
         params.eos_token_id = self.eos_token_id
+        self._check_token_params(params)
         if not params.ignore_eos:
             params.all_stop_token_ids |= self.extra_stop_ids
         if params.detokenize and self.tokenizer is None:
@@ -53,6 +54,28 @@ class Processor:
             raise ValueError("a text prompt needs a tokenizer; with skip_tokenizer_init=True "
                              "pass {'prompt_token_ids': [...]} instead")
         return prompt, self.tokenizer.encode(prompt)
+
+    def _check_token_params(self, params: SamplingParams) -> None:
+        for name, ids in (("logit_bias", params.logit_bias or {}),
+                          ("allowed_token_ids", params.allowed_token_ids or []),
+                          ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"{name} has token ids outside [0, {self.vocab_size}): {bad[:5]}")
+        if params.bad_words:
+            if self.tokenizer is None:
+                raise ValueError("bad_words needs a tokenizer")
+            params.bad_words_token_ids = self._bad_word_sequences(params.bad_words)
+
+    def _bad_word_sequences(self, words: list[str]) -> list[list[int]]:
+        """Each word as tokens both at the start of text and after a space, as vLLM does."""
+        sequences = []
+        for word in words:
+            for variant in (word.strip(), " " + word.strip()):
+                ids = self.tokenizer.encode(variant, add_special_tokens=False)
+                if ids and ids not in sequences:
+                    sequences.append(ids)
+        return sequences
 
     def _check_token_ids(self, token_ids: list[int]) -> None:
         if not token_ids:

@@ -14,7 +14,7 @@ import torch
 from pagedllm.attention import AttentionMetadata, PrefillChunk
 from pagedllm.core.kv_cache_manager import cdiv
 from pagedllm.core.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
-from pagedllm.model.layers.sampler import Sampler, SamplingBatch
+from pagedllm.model.layers.sampler import Penalties, Sampler, SamplingBatch
 
 
 @dataclass
@@ -28,8 +28,9 @@ class ModelInputs:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_caches, block_size: int, device: str,
-                 seed: int) -> None:
+                 seed: int, vocab_size: int) -> None:
         self.model = model
+        self.vocab_size = vocab_size
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = torch.device(device)
@@ -101,14 +102,37 @@ class ModelRunner:
             top_p=floats([p.top_p for p in params]),
             min_p=floats([p.min_p for p in params]),
             generators=[self._generator(s) for s in rows],
-            banned=[s.sampling_params.tokens_banned_before_min()
-                    if len(s.output_token_ids) < s.sampling_params.min_tokens else []
-                    for s in rows],
+            banned=[banned_tokens(s) for s in rows],
             num_logprobs=[p.logprobs for p in params],
             all_greedy=all(p.greedy for p in params),
             needs_top_k_or_p=any(p.top_k > 0 or p.top_p < 1 for p in params),
             needs_min_p=any(p.min_p > 0 for p in params),
+            allowed=([p.allowed_token_ids for p in params]
+                     if any(p.allowed_token_ids for p in params) else None),
+            logit_bias=_flat_logit_bias(params),
+            penalties=self._penalties(rows) if any(p.has_penalties for p in params) else None,
         )
+
+    def _penalties(self, rows: list[ScheduledRequest]) -> Penalties:
+        params = [s.sampling_params for s in rows]
+        floats = lambda values: torch.tensor(values, dtype=torch.float32, device=self.device)  # noqa: E731
+        return Penalties(
+            presence=floats([p.presence_penalty for p in params]),
+            frequency=floats([p.frequency_penalty for p in params]),
+            repetition=floats([p.repetition_penalty for p in params]),
+            output_counts=self._token_counts([s.output_token_ids for s in rows]),
+            prompt_mask=self._token_counts([s.prompt_token_ids for s in rows]) > 0,
+        )
+
+    def _token_counts(self, token_lists: list[list[int]]) -> torch.Tensor:
+        """[rows, vocab] occurrence counts, by one scatter over a padded index matrix."""
+        width = max((len(t) for t in token_lists), default=0)
+        pad = self.vocab_size  # an extra column that is dropped at the end
+        index = self._tensor([t + [pad] * (width - len(t)) for t in token_lists])
+        index = index.view(len(token_lists), width)
+        counts = torch.zeros(len(token_lists), self.vocab_size + 1, device=self.device)
+        counts.scatter_add_(1, index, torch.ones_like(index, dtype=counts.dtype))
+        return counts[:, : self.vocab_size]
 
     def _generator(self, s: ScheduledRequest) -> torch.Generator | None:
         seed = s.sampling_params.seed
@@ -120,3 +144,31 @@ class ModelRunner:
             generator.manual_seed(seed)
             self.generators[s.request_id] = generator
         return generator
+
+
+def banned_tokens(s: ScheduledRequest) -> list[int]:
+    """Tokens a row may not sample now: stop tokens before min_tokens, and the last token of any
+    bad word whose other tokens the sequence has just produced."""
+    params = s.sampling_params
+    banned = params.tokens_banned_before_min() if len(s.output_token_ids) < params.min_tokens else []
+    for word in params.bad_words_token_ids:
+        prefix = word[:-1]
+        if not prefix or _ends_with(s.prompt_token_ids, s.output_token_ids, prefix):
+            banned.append(word[-1])
+    return banned
+
+
+def _ends_with(prompt: list[int], output: list[int], tail: list[int]) -> bool:
+    n = len(tail)
+    recent = output[-n:] if len(output) >= n else prompt[len(prompt) - (n - len(output)):] + output
+    return recent == tail
+
+
+def _flat_logit_bias(params) -> tuple[list[int], list[int], list[float]] | None:
+    rows, ids, values = [], [], []
+    for row, p in enumerate(params):
+        for token_id, bias in (p.logit_bias or {}).items():
+            rows.append(row)
+            ids.append(token_id)
+            values.append(bias)
+    return (rows, ids, values) if rows else None

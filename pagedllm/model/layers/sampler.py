@@ -15,17 +15,31 @@ from pagedllm.core.outputs import TokenLogprobs
 
 
 @dataclass
+class Penalties:
+    """Per-row penalty strengths, and which tokens each row has seen."""
+
+    presence: torch.Tensor  # [rows]
+    frequency: torch.Tensor  # [rows]
+    repetition: torch.Tensor  # [rows]
+    output_counts: torch.Tensor  # [rows, vocab] occurrences in the generated tokens
+    prompt_mask: torch.Tensor  # [rows, vocab] bool: appears in the prompt
+
+
+@dataclass
 class SamplingBatch:
     temperature: torch.Tensor  # [rows], 0 where greedy
     top_k: torch.Tensor  # [rows] int, 0 = off
     top_p: torch.Tensor  # [rows]
     min_p: torch.Tensor  # [rows]
     generators: list[torch.Generator | None]  # per row: its own, or None for the shared one
-    banned: list[list[int]]  # per row: tokens forbidden this step (stop ids before min_tokens)
+    banned: list[list[int]]  # per row: tokens forbidden this step (min_tokens, bad words)
     num_logprobs: list[int | None]
     all_greedy: bool
     needs_top_k_or_p: bool
     needs_min_p: bool
+    allowed: list[list[int] | None] | None = None  # per row: the only tokens it may sample
+    logit_bias: tuple[list[int], list[int], list[float]] | None = None  # rows, ids, values
+    penalties: Penalties | None = None
 
 
 class Sampler:
@@ -35,20 +49,15 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch):
         logits = logits.float()
-        self._ban(logits, batch.banned)
         logprob_rows = [i for i, k in enumerate(batch.num_logprobs) if k is not None]
+        # Logprobs are the model's own distribution, before any processing (vLLM's default).
         raw_logprobs = torch.log_softmax(logits, dim=-1) if logprob_rows else None
+        logits = apply_logits_processors(logits, batch)
         sampled = self._sample(logits, batch)
         logprobs = None
         if raw_logprobs is not None:
             logprobs = self._gather_logprobs(raw_logprobs, sampled, batch.num_logprobs)
         return sampled.tolist(), logprobs
-
-    @staticmethod
-    def _ban(logits: torch.Tensor, banned: list[list[int]]) -> None:
-        for row, token_ids in enumerate(banned):
-            if token_ids:
-                logits[row, token_ids] = float("-inf")
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         greedy = logits.argmax(dim=-1)
@@ -89,6 +98,38 @@ class Sampler:
             values = [float(chosen[row])] + (top_values[row, :k].tolist() if k else [])
             result.append(TokenLogprobs(ids, values, int(ranks[row])))
         return result
+
+
+def apply_logits_processors(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """allowed_token_ids, banned tokens, logit_bias, then the penalties; in place."""
+    if batch.allowed is not None:
+        for row, allowed in enumerate(batch.allowed):
+            if allowed is not None:
+                keep = logits[row, allowed].clone()
+                logits[row] = float("-inf")
+                logits[row, allowed] = keep
+    for row, token_ids in enumerate(batch.banned):
+        if token_ids:
+            logits[row, token_ids] = float("-inf")
+    if batch.logit_bias is not None:
+        rows, ids, values = batch.logit_bias
+        logits.index_put_((torch.tensor(rows), torch.tensor(ids)),
+                          torch.tensor(values, dtype=logits.dtype, device=logits.device),
+                          accumulate=True)
+    if batch.penalties is not None:
+        apply_penalties(logits, batch.penalties)
+    return logits
+
+
+def apply_penalties(logits: torch.Tensor, p: Penalties) -> None:
+    """Repetition (transformers: seen in prompt or output; positive logits divided, negative
+    multiplied), then frequency and presence (OpenAI: generated tokens only)."""
+    seen = p.prompt_mask | (p.output_counts > 0)
+    factor = p.repetition.unsqueeze(1)
+    penalized = torch.where(logits > 0, logits / factor, logits * factor)
+    logits.copy_(torch.where(seen, penalized, logits))
+    logits -= p.frequency.unsqueeze(1) * p.output_counts
+    logits -= p.presence.unsqueeze(1) * (p.output_counts > 0).to(logits.dtype)
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor,
