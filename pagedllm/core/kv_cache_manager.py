@@ -74,6 +74,8 @@ class KVCacheManager:
         """The longest run of cached blocks that starts the request's tokens."""
         if not self.caching or request.num_computed_tokens:
             return []
+        if request.sampling_params.prompt_logprobs is not None:
+            return []  # cached tokens produce no logits, and these are wanted
         limit = (request.num_tokens - 1) // self.block_size  # leave the last token to compute
         hits = []
         for block_hash in self.block_hashes(request)[:limit]:

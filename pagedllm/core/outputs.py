@@ -53,6 +53,8 @@ class ModelRunnerOutput:
     request_ids: list[str]  # the requests that sampled this step, in order
     sampled_token_ids: list[int]
     logprobs: list[TokenLogprobs | None] | None = None
+    # request id -> (position of the first entry, logprobs of each following prompt token)
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs | None]]] | None = None
 
 
 @dataclass(slots=True)

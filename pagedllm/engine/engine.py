@@ -121,6 +121,7 @@ class LLMEngine:
         scheduler_output = self.scheduler.schedule()
         runner_output = self.runner.execute(scheduler_output)
         core_outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        self.output_processor.add_prompt_logprobs(runner_output.prompt_logprobs)
         outputs, stopped = self.output_processor.process(core_outputs)
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         self._record(scheduler_output, time.perf_counter() - started)

@@ -55,6 +55,9 @@ class RequestState:
         self.token_ids: list[int] = []
         self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
         self.cumulative_logprob = 0.0 if params.logprobs is not None else None
+        # one entry per prompt token; the first has no context, so no logprob (as in vLLM)
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
+            [None] if params.prompt_logprobs is not None else None)
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.sent_text = 0  # characters / tokens already given out (DELTA)
@@ -102,6 +105,14 @@ class RequestState:
         self.finish_reason, self.stop_reason = "stop", stop
         return True
 
+    def add_prompt_logprobs(self, first_position: int, entries: list[TokenLogprobs]) -> None:
+        if self.prompt_logprobs is None:
+            return
+        for offset, entry in enumerate(entries):
+            # a recomputed (preempted) prompt yields its entries again: keep the first ones
+            if first_position + 1 + offset == len(self.prompt_logprobs):
+                self.prompt_logprobs.append(self._logprob_dict(entry))
+
     def _add_logprobs(self, new: list[TokenLogprobs | None]) -> None:
         if self.logprobs is None:
             return
@@ -140,7 +151,8 @@ class RequestState:
         )
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, [completion],
                              finished=self.finished, metrics=self.metrics,
-                             num_cached_tokens=self.num_cached_tokens)
+                             num_cached_tokens=self.num_cached_tokens,
+                             prompt_logprobs=self.prompt_logprobs)
 
 
 class OutputProcessor:
@@ -156,6 +168,12 @@ class OutputProcessor:
     def abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
             self.states.pop(request_id, None)
+
+    def add_prompt_logprobs(self, chunks: dict[str, tuple[int, list]] | None) -> None:
+        for request_id, (first_position, entries) in (chunks or {}).items():
+            state = self.states.get(request_id)
+            if state is not None:
+                state.add_prompt_logprobs(first_position, entries)
 
     def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
         """Returns the outputs to deliver and the requests that stop strings ended."""

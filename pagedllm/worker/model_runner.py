@@ -18,12 +18,24 @@ from pagedllm.model.layers.sampler import Penalties, Sampler, SamplingBatch
 
 
 @dataclass
+class PromptLogprobRows:
+    """Rows of the flat batch whose next token is a known prompt token."""
+
+    request_id: str
+    first_row: int  # in the flat batch
+    first_position: int  # the position of that row in the request
+    targets: list[int]  # the prompt token that follows each row
+    num_logprobs: int
+
+
+@dataclass
 class ModelInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
     metadata: AttentionMetadata
     logits_indices: torch.Tensor
     sampling: list[ScheduledRequest]  # the requests that sample, in logits row order
+    prompt_logprob_rows: list[PromptLogprobRows]
 
 
 class ModelRunner:
@@ -45,11 +57,21 @@ class ModelRunner:
             return ModelRunnerOutput([], [])
         inputs = self.prepare_inputs(scheduler_output.scheduled)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
+        prompt_logprobs = {r.request_id: (r.first_position, self._prompt_logprobs(hidden, r))
+                           for r in inputs.prompt_logprob_rows}
         if not inputs.sampling:
-            return ModelRunnerOutput([], [])
+            return ModelRunnerOutput([], [], prompt_logprobs=prompt_logprobs)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         token_ids, logprobs = self.sampler(logits, self.sampling_batch(inputs.sampling))
-        return ModelRunnerOutput([s.request_id for s in inputs.sampling], token_ids, logprobs)
+        return ModelRunnerOutput([s.request_id for s in inputs.sampling], token_ids, logprobs,
+                                 prompt_logprobs)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, rows: PromptLogprobRows):
+        count = len(rows.targets)
+        logits = self.model.compute_logits(hidden[rows.first_row : rows.first_row + count])
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        targets = torch.tensor(rows.targets, device=logprobs.device)
+        return Sampler.gather_logprobs(logprobs, targets, [rows.num_logprobs] * count)
 
     def prepare_inputs(self, scheduled: list[ScheduledRequest]) -> ModelInputs:
         decodes = [s for s in scheduled if len(s.token_ids) == 1]
@@ -59,6 +81,7 @@ class ModelRunner:
         slots: list[int] = []
         logits_indices: list[int] = []
         chunks: list[PrefillChunk] = []
+        prompt_rows: list[PromptLogprobRows] = []
         bs = self.block_size
         for s in decodes + prefills:
             start, count = s.start_position, len(s.token_ids)
@@ -66,6 +89,11 @@ class ModelRunner:
                 table = s.block_ids[: cdiv(start + count, bs)]
                 chunks.append(PrefillChunk(len(input_ids), count, start + count,
                                            self._tensor(table)))
+            wanted = s.sampling_params.prompt_logprobs
+            targets = s.prompt_token_ids[start + 1 : start + count + 1]
+            if wanted is not None and targets:
+                prompt_rows.append(PromptLogprobRows(s.request_id, len(input_ids), start, targets,
+                                                     wanted))
             input_ids.extend(s.token_ids)
             span = range(start, start + count)
             positions.extend(span)
@@ -82,7 +110,7 @@ class ModelRunner:
         )
         sampling = [s for s in decodes + prefills if s.sample]
         return ModelInputs(self._tensor(input_ids), self._tensor(positions), metadata,
-                           self._tensor(logits_indices), sampling)
+                           self._tensor(logits_indices), sampling, prompt_rows)
 
     def _decode_block_tables(self, decodes: list[ScheduledRequest]) -> torch.Tensor:
         lengths = [cdiv(s.start_position + 1, self.block_size) for s in decodes]

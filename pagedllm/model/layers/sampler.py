@@ -56,7 +56,7 @@ class Sampler:
         sampled = self._sample(logits, batch)
         logprobs = None
         if raw_logprobs is not None:
-            logprobs = self._gather_logprobs(raw_logprobs, sampled, batch.num_logprobs)
+            logprobs = self.gather_logprobs(raw_logprobs, sampled, batch.num_logprobs)
         return sampled.tolist(), logprobs
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -83,7 +83,7 @@ class Sampler:
         return noise
 
     @staticmethod
-    def _gather_logprobs(logprobs: torch.Tensor, sampled: torch.Tensor,
+    def gather_logprobs(logprobs: torch.Tensor, sampled: torch.Tensor,
                          num_logprobs: list[int | None]) -> list[TokenLogprobs | None]:
         k_max = max(k for k in num_logprobs if k is not None)
         chosen = logprobs.gather(1, sampled.unsqueeze(1)).squeeze(1)
