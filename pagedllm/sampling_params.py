@@ -100,6 +100,13 @@ class SamplingParams:
         return sorted(self.all_stop_token_ids.union(eos))
 
     @property
+    def num_sample_logprobs(self) -> int | None:
+        """Top-k to compute per sampled token; best_of > n needs at least the sampled one's."""
+        if self.logprobs is None and self.best_of > self.n:
+            return 0
+        return self.logprobs
+
+    @property
     def has_penalties(self) -> bool:
         return (self.presence_penalty != 0 or self.frequency_penalty != 0
                 or self.repetition_penalty != 1)

@@ -17,6 +17,8 @@ class ScheduledRequest:
     output_token_ids: list[int]  # generated so far (min_tokens, penalties)
     prompt_token_ids: list[int]  # (repetition penalty, prompt logprobs)
     sample: bool  # does this chunk reach the end of the request's tokens?
+    # who gets a token from this row's logits: the request, then any sequences forked from it now
+    sample_ids: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -25,6 +27,11 @@ class SchedulerOutput:
     num_scheduled_tokens: int
     finished_request_ids: set[str] = field(default_factory=set)  # the runner drops their state
     preempted_request_ids: list[str] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
+    # Swapping (preemption_mode="swap"): (device block, host block) and (host block, device
+    # block). The runner copies out, then in, then block_copies, all before the forward pass.
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_prefill_tokens(self) -> int:

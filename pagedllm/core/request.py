@@ -37,11 +37,15 @@ class Request:
     max_tokens: int  # resolved: never None here
     arrival_time: float = field(default_factory=time.monotonic)
     cache_salt: str | None = None  # requests with different salts never share cached blocks
+    priority: int = 0  # under the priority policy, lower values are served first (vLLM's order)
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
+    # Parallel sampling (best_of > 1): the ids of the sequences to fork off this one once its
+    # prompt is computed; they then share its blocks. Emptied by the fork.
+    pending_fork_ids: list[str] = field(default_factory=list)
     stop_reason: int | str | None = None
     all_token_ids: list[int] = field(init=False)
 
@@ -63,6 +67,16 @@ class Request:
     @property
     def finish_reason(self) -> str | None:
         return FINISH_REASONS.get(self.status)
+
+    def fork(self, request_id: str) -> Request:
+        """A sibling at the same point: same tokens, same progress, its own future."""
+        child = Request(request_id, self.prompt_token_ids, self.sampling_params, self.max_tokens,
+                        self.arrival_time, self.cache_salt, self.priority, status=self.status,
+                        output_token_ids=list(self.output_token_ids),
+                        num_computed_tokens=self.num_computed_tokens,
+                        num_cached_tokens=self.num_cached_tokens)
+        child.all_token_ids = list(self.all_token_ids)
+        return child
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -8,12 +8,23 @@ a request just has `num_computed_tokens` out of `num_tokens`.
 
 When a running request needs a block and none is free, the most recently admitted request is
 preempted: its blocks are freed and it goes back to the front of the waiting queue, to be
-recomputed (prompt plus the tokens it had generated) when memory allows.
+recomputed (prompt plus the tokens it had generated) when memory allows. With
+preemption_mode="swap" its blocks are copied to host memory instead and copied back when it
+resumes, so it keeps its computed tokens (recompute is the fallback when the host pool is full).
+
+Three knobs shape a step:
+  long_prefill_token_threshold  caps the prompt tokens one request computes per step; and a
+                                chunk always leaves one token of budget for each running request
+                                behind it, so decodes are never starved by a long prompt.
+  scheduling_policy="priority"  the waiting queue is a heap on (priority, arrival) and the
+                                running list is kept in that order too, so its last entry, the
+                                one preempted first, is the lowest-priority, latest arrival.
+  preemption_mode               recompute or swap, as above.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
 from collections.abc import Iterable
 
 from pagedllm.config import SchedulerConfig
@@ -25,6 +36,8 @@ from pagedllm.core.outputs import (
     SchedulerOutput,
 )
 from pagedllm.core.request import Request, RequestStatus
+from pagedllm.core.request_queue import make_request_queue, priority_key
+from pagedllm.core.stats import KVCacheStats
 
 
 class Scheduler:
@@ -32,17 +45,22 @@ class Scheduler:
         self.config = config
         self.kv = kv_cache_manager
         self.requests: dict[str, Request] = {}
-        self.waiting: deque[Request] = deque()
+        self.waiting = make_request_queue(config.scheduling_policy)
         self.running: list[Request] = []
         self._finished_since_last_step: set[str] = set()
         self.num_preemptions = 0
+        self.num_swap_outs = 0  # requests swapped out / back in, over the scheduler's life
+        self.num_swap_ins = 0
+        # Block copies of the step being scheduled, (src, dst): taken into its SchedulerOutput.
+        self._swap_out_copies: list[tuple[int, int]] = []
+        self._swap_in_copies: list[tuple[int, int]] = []
 
     # ---- intake -------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self.waiting.add(request)
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
         for request_id in request_ids:
@@ -75,7 +93,7 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = self._num_new_tokens(request, budget, reserve=len(self.running) - index - 1)
             if not self._make_room(request, num_new, preempted):
                 break  # the request itself was preempted: nothing after it is running now
             scheduled.append(self._scheduled(request, num_new))
@@ -83,31 +101,81 @@ class Scheduler:
             index += 1
 
         # A step that had to preempt is short of memory: admitting more would only thrash.
+        # (So a step never both swaps out and swaps in: no host block is freed and reused in it.)
         while not preempted and self.waiting and budget > 0 and self._has_seat():
-            request = self.waiting[0]
-            cached = self.kv.get_computed_blocks(request)
-            num_hit = len(cached) * self.kv.block_size
-            num_new = min(request.num_tokens - request.num_computed_tokens - num_hit, budget)
-            if not self.kv.allocate_slots(request, num_new, cached):
+            request = self.waiting.peek()
+            num_new = self._admit(request, budget)
+            if num_new is None:
                 break
-            request.num_computed_tokens += num_hit
-            request.num_cached_tokens = num_hit
-            self.waiting.popleft()
+            self.waiting.pop()
             request.status = RequestStatus.RUNNING
-            self.running.append(request)
+            self._add_running(request)
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
 
         finished, self._finished_since_last_step = self._finished_since_last_step, set()
+        copies, self.kv.pending_copies = self.kv.pending_copies, []
         return SchedulerOutput(
             scheduled=scheduled,
             num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
             finished_request_ids=finished,
             preempted_request_ids=preempted,
+            block_copies=copies,
+            blocks_to_swap_out=self._take(self._swap_out_copies),
+            blocks_to_swap_in=self._take(self._swap_in_copies),
         )
+
+    @staticmethod
+    def _take(copies: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        taken = list(copies)
+        copies.clear()
+        return taken
 
     def _has_seat(self) -> bool:
         return len(self.running) < self.config.max_num_seqs
+
+    def _num_new_tokens(self, request: Request, budget: int, reserve: int = 0,
+                        num_hit: int = 0) -> int:
+        """What `request` computes this step: all it has left (less `num_hit` prefix-cache
+        tokens), at most long_prefill_token_threshold, and at most the budget less `reserve`
+        (one token for each running request still to be served)."""
+        num_new = request.num_tokens - request.num_computed_tokens - num_hit
+        threshold = self.config.long_prefill_token_threshold
+        if threshold:
+            num_new = min(num_new, threshold)
+        return min(num_new, max(1, budget - reserve))
+
+    def _admit(self, request: Request, budget: int) -> int | None:
+        """Give a waiting request its blocks: swap it back in, or take its cached prefix and
+        allocate the rest. Returns its tokens for this step, or None if memory is short."""
+        if self.kv.is_swapped(request.request_id):
+            if not self.kv.swap_lost(request):
+                return self._swap_in(request, budget)
+            self.kv.free(request)  # a block it left on the device was evicted: recompute
+            request.num_computed_tokens = 0
+        cached = self.kv.get_computed_blocks(request)
+        num_hit = len(cached) * self.kv.block_size
+        num_new = self._num_new_tokens(request, budget, num_hit=num_hit)
+        if not self.kv.allocate_slots(request, num_new, cached):
+            return None
+        request.num_computed_tokens += num_hit
+        request.num_cached_tokens = num_hit
+        return num_new
+
+    def _swap_in(self, request: Request, budget: int) -> int | None:
+        num_new = self._num_new_tokens(request, budget)
+        copies = self.kv.swap_in(request, num_new)
+        if copies is None:
+            return None
+        self._swap_in_copies.extend(copies)
+        self.num_swap_ins += 1
+        return num_new
+
+    def _add_running(self, request: Request) -> None:
+        if self.config.scheduling_policy == "priority":
+            bisect.insort(self.running, request, key=priority_key)  # after equal keys
+        else:
+            self.running.append(request)
 
     def _make_room(self, request: Request, num_new: int, preempted: list[str]) -> bool:
         """Allocate slots for `request`, preempting the newest running requests if needed."""
@@ -120,15 +188,49 @@ class Scheduler:
         return True
 
     def _preempt(self, request: Request) -> None:
-        self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
-        request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        if not self._swap_out(request):
+            self.kv.free(request)
+            request.num_computed_tokens = 0
+        self.waiting.add_preempted(request)
+
+    def _swap_out(self, request: Request) -> bool:
+        """Copy the request's blocks to host memory, keeping its computed tokens; False when
+        preemption recomputes, or the host pool has no room for it."""
+        if self.config.preemption_mode != "swap":
+            return False
+        copies = self.kv.swap_out(request)
+        if copies is None:
+            return False
+        self._swap_out_copies.extend(copies)
+        self.num_swap_outs += 1
+        return True
+
+    # ---- statistics ---------------------------------------------------------------------------
+    def kv_cache_stats(self) -> KVCacheStats:
+        kv, pool, host = self.kv, self.kv.pool, self.kv.host_pool
+        return KVCacheStats(
+            num_blocks=pool.num_blocks,
+            num_free_blocks=pool.num_free_blocks,
+            block_size=kv.block_size,
+            num_allocated_slots=(pool.num_blocks - pool.num_free_blocks) * kv.block_size,
+            num_empty_slots=kv.num_empty_slots(self.running),
+            prefix_cache_queries=kv.num_queried_tokens,
+            prefix_cache_hits=kv.num_hit_tokens,
+            num_evictions=pool.num_evictions,
+            num_preemptions=self.num_preemptions,
+            num_swap_outs=self.num_swap_outs,
+            num_swap_ins=self.num_swap_ins,
+            num_swapped_requests=kv.num_swapped_requests,
+            num_host_blocks=host.num_blocks if host else 0,
+            num_free_host_blocks=host.num_free_blocks if host else 0,
+        )
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         start = request.num_computed_tokens
+        sample = start + num_new == request.num_tokens
         return ScheduledRequest(
             request_id=request.request_id,
             token_ids=request.all_token_ids[start : start + num_new],
@@ -137,7 +239,8 @@ class Scheduler:
             sampling_params=request.sampling_params,
             output_token_ids=request.output_token_ids,
             prompt_token_ids=request.prompt_token_ids,
-            sample=start + num_new == request.num_tokens,
+            sample=sample,
+            sample_ids=[request.request_id, *request.pending_fork_ids] if sample else [],
         )
 
     # ---- after the model ran ------------------------------------------------------------------
@@ -149,6 +252,7 @@ class Scheduler:
             if request is not None:  # may have been aborted while the model ran
                 request.num_computed_tokens += len(item.token_ids)
 
+        self._fork_sampled_siblings(runner_output.request_ids)
         outputs = []
         logprobs = runner_output.logprobs or [None] * len(runner_output.request_ids)
         for request_id, token_id, token_logprobs in zip(
@@ -168,6 +272,22 @@ class Scheduler:
                 num_cached_tokens=request.num_cached_tokens,
             ))
         return outputs
+
+    def _fork_sampled_siblings(self, sampled_ids: list[str]) -> None:
+        """A parallel-sampling request whose prompt just completed has its siblings sampled in
+        the same step; they start here as forks that share all of its blocks."""
+        for request_id in sampled_ids:
+            request = self.requests.get(request_id)
+            if request is None or not request.pending_fork_ids or request.status.finished:
+                continue
+            position = self.running.index(request) + 1
+            for child_id in request.pending_fork_ids:
+                child = request.fork(child_id)
+                self.requests[child_id] = child
+                self.kv.fork(request, child)
+                self.running.insert(position, child)
+                position += 1
+            request.pending_fork_ids = []
 
     def _free(self, request: Request, status: RequestStatus) -> None:
         request.status = status

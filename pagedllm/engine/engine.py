@@ -14,7 +14,7 @@ from pagedllm.core.block_pool import BlockPool
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request import RequestStatus
 from pagedllm.core.scheduler import Scheduler
-from pagedllm.engine.output import OutputProcessor
+from pagedllm.engine.output import OutputProcessor, sequence_id
 from pagedllm.engine.processor import Processor
 from pagedllm.inputs import PromptType
 from pagedllm.logger import init_logger
@@ -100,14 +100,16 @@ class LLMEngine:
                     arrival_time: float | None = None) -> None:
         """Validate and queue a request; raises ValueError with the reason if it is bad."""
         request, text = self.processor.process(request_id, prompt, params, arrival_time)
+        best_of = request.sampling_params.best_of
+        request.pending_fork_ids = [sequence_id(request_id, i) for i in range(1, best_of)]
         self.scheduler.add_request(request)
         self.output_processor.add_request(request_id, text, request.prompt_token_ids,
                                           request.sampling_params, request.arrival_time)
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
-        self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
-        self.output_processor.abort(ids)
+        sequence_ids = self.output_processor.abort(ids)
+        self.scheduler.finish_requests(ids + sequence_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()

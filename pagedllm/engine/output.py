@@ -40,12 +40,12 @@ def find_stop_string(text: str, stops: list[str], search_from: int) -> tuple[int
     return best
 
 
-class RequestState:
-    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                 params: SamplingParams, tokenizer, arrival_time: float) -> None:
-        self.request_id = request_id
-        self.prompt = prompt
-        self.prompt_token_ids = prompt_token_ids
+class SequenceState:
+    """One generated sequence: its tokens, text, logprobs and how it ended."""
+
+    def __init__(self, index: int, prompt_token_ids: list[int], params: SamplingParams,
+                 tokenizer) -> None:
+        self.index = index
         self.params = params
         self.tokenizer = tokenizer
         self.detokenizer = (IncrementalDetokenizer(tokenizer, prompt_token_ids,
@@ -54,16 +54,11 @@ class RequestState:
         self.text = ""
         self.token_ids: list[int] = []
         self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
-        self.cumulative_logprob = 0.0 if params.logprobs is not None else None
-        # one entry per prompt token; the first has no context, so no logprob (as in vLLM)
-        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
-            [None] if params.prompt_logprobs is not None else None)
+        self.cumulative_logprob: float | None = None
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.sent_text = 0  # characters / tokens already given out (DELTA)
         self.sent_tokens = 0
-        self.metrics = RequestMetrics(arrival_time=arrival_time)
-        self.num_cached_tokens = 0
         # While streaming, hold back text that might turn out to begin a stop string.
         longest = max((len(s) for s in params.stop), default=0)
         self.holdback = 0 if params.include_stop_str_in_output else max(0, longest - 1)
@@ -73,12 +68,8 @@ class RequestState:
         return self.finish_reason is not None
 
     def update(self, output: EngineCoreOutput) -> bool:
-        """Take the new tokens; returns True if a stop string ended the request here."""
-        now = time.monotonic()
-        self.metrics.first_token_time = self.metrics.first_token_time or now
-        self.metrics.last_token_time = now
+        """Take the new tokens; returns True if a stop string ended the sequence here."""
         self.token_ids.extend(output.new_token_ids)
-        self.num_cached_tokens = output.num_cached_tokens
         self._add_logprobs(output.new_logprobs)
         stopped_by_string = False
         if self.detokenizer is not None:
@@ -87,8 +78,6 @@ class RequestState:
             stopped_by_string = self._check_stop_strings(len(new_text))
         if output.finish_reason is not None and not stopped_by_string:
             self.finish_reason, self.stop_reason = output.finish_reason, output.stop_reason
-        if self.finished:
-            self.metrics.finished_time = now
         return stopped_by_string
 
     def _check_stop_strings(self, new_chars: int) -> bool:
@@ -105,37 +94,15 @@ class RequestState:
         self.finish_reason, self.stop_reason = "stop", stop
         return True
 
-    def add_prompt_logprobs(self, first_position: int, entries: list[TokenLogprobs]) -> None:
-        if self.prompt_logprobs is None:
-            return
-        for offset, entry in enumerate(entries):
-            # a recomputed (preempted) prompt yields its entries again: keep the first ones
-            if first_position + 1 + offset == len(self.prompt_logprobs):
-                self.prompt_logprobs.append(self._logprob_dict(entry))
-
     def _add_logprobs(self, new: list[TokenLogprobs | None]) -> None:
-        if self.logprobs is None:
-            return
         for entry in new:
             if entry is None:
                 continue
-            self.cumulative_logprob += entry.logprobs[0]
-            self.logprobs.append(self._logprob_dict(entry))
+            self.cumulative_logprob = (self.cumulative_logprob or 0.0) + entry.logprobs[0]
+            if self.logprobs is not None:
+                self.logprobs.append(logprob_dict(entry, self.tokenizer))
 
-    def _logprob_dict(self, entry: TokenLogprobs) -> dict[int, Logprob]:
-        result = {}
-        for position, (token_id, value) in enumerate(zip(entry.token_ids, entry.logprobs)):
-            rank = entry.sampled_rank if position == 0 else position
-            if token_id in result:
-                continue
-            text = self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
-            result[token_id] = Logprob(value, rank, text)
-        return result
-
-    def make_output(self) -> RequestOutput | None:
-        kind = self.params.output_kind
-        if kind == RequestOutputKind.FINAL_ONLY and not self.finished:
-            return None
+    def completion(self, kind: RequestOutputKind, index: int) -> CompletionOutput:
         visible = len(self.text) if self.finished else max(0, len(self.text) - self.holdback)
         if kind == RequestOutputKind.DELTA:
             visible = max(visible, self.sent_text)
@@ -145,29 +112,120 @@ class RequestState:
             self.sent_text, self.sent_tokens = visible, len(self.token_ids)
         else:
             text, token_ids, logprobs = self.text[:visible], list(self.token_ids), self.logprobs
-        completion = CompletionOutput(
-            index=0, text=text, token_ids=token_ids, cumulative_logprob=self.cumulative_logprob,
-            logprobs=logprobs, finish_reason=self.finish_reason, stop_reason=self.stop_reason,
+        return CompletionOutput(
+            index=index, text=text, token_ids=token_ids,
+            cumulative_logprob=self.cumulative_logprob, logprobs=logprobs,
+            finish_reason=self.finish_reason, stop_reason=self.stop_reason,
         )
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, [completion],
+
+
+def logprob_dict(entry: TokenLogprobs, tokenizer) -> dict[int, Logprob]:
+    """The sampled (or actual) token first with its rank, then the top-k by rank."""
+    result = {}
+    for position, (token_id, value) in enumerate(zip(entry.token_ids, entry.logprobs)):
+        if token_id in result:
+            continue
+        rank = entry.sampled_rank if position == 0 else position
+        text = tokenizer.decode([token_id]) if tokenizer is not None else None
+        result[token_id] = Logprob(value, rank, text)
+    return result
+
+
+class RequestState:
+    """A request as its caller sees it: best_of sequences (usually one), of which n are given."""
+
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                 params: SamplingParams, tokenizer, arrival_time: float) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.tokenizer = tokenizer
+        self.sequences = [SequenceState(i, prompt_token_ids, params, tokenizer)
+                          for i in range(params.best_of)]
+        # one entry per prompt token; the first has no context, so no logprob (as in vLLM)
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
+            [None] if params.prompt_logprobs is not None else None)
+        self.metrics = RequestMetrics(arrival_time=arrival_time)
+        self.num_cached_tokens = 0
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.finished for seq in self.sequences)
+
+    def update(self, index: int, output: EngineCoreOutput) -> bool:
+        now = time.monotonic()
+        self.metrics.first_token_time = self.metrics.first_token_time or now
+        self.metrics.last_token_time = now
+        self.num_cached_tokens = output.num_cached_tokens
+        stopped = self.sequences[index].update(output)
+        if self.finished:
+            self.metrics.finished_time = now
+        return stopped
+
+    def add_prompt_logprobs(self, first_position: int, entries: list[TokenLogprobs]) -> None:
+        if self.prompt_logprobs is None:
+            return
+        for offset, entry in enumerate(entries):
+            # a recomputed (preempted) prompt yields its entries again: keep the first ones
+            if first_position + 1 + offset == len(self.prompt_logprobs):
+                self.prompt_logprobs.append(logprob_dict(entry, self.tokenizer))
+
+    def make_output(self, index: int) -> RequestOutput | None:
+        """The update to deliver after sequence `index` moved, in the request's output kind."""
+        kind = self.params.output_kind
+        if kind == RequestOutputKind.FINAL_ONLY and not self.finished:
+            return None
+        if kind == RequestOutputKind.DELTA and self.params.n == self.params.best_of:
+            completions = [self.sequences[index].completion(kind, index)]
+        elif self.params.best_of > self.params.n:
+            if not self.finished:
+                return None  # which n are best is known only at the end
+            completions = self._best_completions(kind)
+        else:
+            completions = [seq.completion(kind, seq.index) for seq in self.sequences]
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, completions,
                              finished=self.finished, metrics=self.metrics,
                              num_cached_tokens=self.num_cached_tokens,
                              prompt_logprobs=self.prompt_logprobs)
+
+    def _best_completions(self, kind: RequestOutputKind) -> list[CompletionOutput]:
+        ranked = sorted(self.sequences, key=lambda seq: seq.cumulative_logprob or 0.0,
+                        reverse=True)
+        return [seq.completion(kind, i) for i, seq in enumerate(ranked[: self.params.n])]
 
 
 class OutputProcessor:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.states: dict[str, RequestState] = {}
+        self._sequences: dict[str, tuple[RequestState, int]] = {}  # sequence id -> its request
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                    params: SamplingParams, arrival_time: float) -> None:
-        self.states[request_id] = RequestState(request_id, prompt, prompt_token_ids, params,
-                                               self.tokenizer, arrival_time)
+                    params: SamplingParams, arrival_time: float) -> list[str]:
+        """Register a request; returns the ids of its sequences (the request's own first)."""
+        state = RequestState(request_id, prompt, prompt_token_ids, params, self.tokenizer,
+                             arrival_time)
+        self.states[request_id] = state
+        ids = [sequence_id(request_id, i) for i in range(params.best_of)]
+        for index, seq_id in enumerate(ids):
+            self._sequences[seq_id] = (state, index)
+        return ids
 
-    def abort(self, request_ids: list[str]) -> None:
+    def abort(self, request_ids: list[str]) -> list[str]:
+        """Forget the requests; returns every sequence id they had, for the scheduler."""
+        sequence_ids = []
         for request_id in request_ids:
-            self.states.pop(request_id, None)
+            state = self.states.pop(request_id, None)
+            if state is not None:
+                sequence_ids += self._forget(state)
+        return sequence_ids
+
+    def _forget(self, state: RequestState) -> list[str]:
+        ids = [sequence_id(state.request_id, i) for i in range(len(state.sequences))]
+        for seq_id in ids:
+            self._sequences.pop(seq_id, None)
+        return ids
 
     def add_prompt_logprobs(self, chunks: dict[str, tuple[int, list]] | None) -> None:
         for request_id, (first_position, entries) in (chunks or {}).items():
@@ -176,17 +234,24 @@ class OutputProcessor:
                 state.add_prompt_logprobs(first_position, entries)
 
     def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
-        """Returns the outputs to deliver and the requests that stop strings ended."""
+        """Returns the outputs to deliver and the sequences that stop strings ended."""
         results, stopped = [], []
         for output in outputs:
-            state = self.states.get(output.request_id)
-            if state is None:
+            entry = self._sequences.get(output.request_id)
+            if entry is None:
                 continue
-            if state.update(output):
+            state, index = entry
+            if state.update(index, output):
                 stopped.append(output.request_id)
-            result = state.make_output()
+            result = state.make_output(index)
             if result is not None:
                 results.append(result)
             if state.finished:
-                del self.states[output.request_id]
+                del self.states[state.request_id]
+                self._forget(state)
         return results, stopped
+
+
+def sequence_id(request_id: str, index: int) -> str:
+    """The engine id of a request's index-th sequence; the first keeps the request's id."""
+    return request_id if index == 0 else f"{request_id}#{index}"

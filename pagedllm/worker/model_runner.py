@@ -15,6 +15,7 @@ from pagedllm.attention import AttentionMetadata, PrefillChunk
 from pagedllm.core.kv_cache_manager import cdiv
 from pagedllm.core.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from pagedllm.model.layers.sampler import Penalties, Sampler, SamplingBatch
+from pagedllm.worker.swap import SwapSpace
 
 
 @dataclass
@@ -34,14 +35,16 @@ class ModelInputs:
     positions: torch.Tensor
     metadata: AttentionMetadata
     logits_indices: torch.Tensor
-    sampling: list[ScheduledRequest]  # the requests that sample, in logits row order
+    sampling: list[ScheduledRequest]  # the request behind each logits row
+    sample_ids: list[str]  # who receives each row's token (forked siblings share a row's logits)
     prompt_logprob_rows: list[PromptLogprobRows]
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_caches, block_size: int, device: str,
-                 seed: int, vocab_size: int) -> None:
+                 seed: int, vocab_size: int, swap_space: SwapSpace | None = None) -> None:
         self.model = model
+        self.swap_space = swap_space  # host pool for preempted requests (preemption_mode=swap)
         self.vocab_size = vocab_size
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -53,6 +56,8 @@ class ModelRunner:
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         for request_id in scheduler_output.finished_request_ids:
             self.generators.pop(request_id, None)
+        self.swap_blocks(scheduler_output)
+        self.copy_blocks(scheduler_output.block_copies)
         if not scheduler_output.scheduled:
             return ModelRunnerOutput([], [])
         inputs = self.prepare_inputs(scheduler_output.scheduled)
@@ -62,9 +67,9 @@ class ModelRunner:
         if not inputs.sampling:
             return ModelRunnerOutput([], [], prompt_logprobs=prompt_logprobs)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        token_ids, logprobs = self.sampler(logits, self.sampling_batch(inputs.sampling))
-        return ModelRunnerOutput([s.request_id for s in inputs.sampling], token_ids, logprobs,
-                                 prompt_logprobs)
+        batch = self.sampling_batch(inputs.sampling, inputs.sample_ids)
+        token_ids, logprobs = self.sampler(logits, batch)
+        return ModelRunnerOutput(inputs.sample_ids, token_ids, logprobs, prompt_logprobs)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, rows: PromptLogprobRows):
         count = len(rows.targets)
@@ -98,8 +103,7 @@ class ModelRunner:
             span = range(start, start + count)
             positions.extend(span)
             slots.extend(s.block_ids[p // bs] * bs + p % bs for p in span)
-            if s.sample:
-                logits_indices.append(len(input_ids) - 1)
+            logits_indices.extend([len(input_ids) - 1] * len(s.sample_ids))
         metadata = AttentionMetadata(
             slot_mapping=self._tensor(slots),
             num_decodes=len(decodes),
@@ -108,9 +112,27 @@ class ModelRunner:
             prefills=chunks,
             block_size=bs,
         )
-        sampling = [s for s in decodes + prefills if s.sample]
+        sampling = [s for s in decodes + prefills for _ in s.sample_ids]
+        sample_ids = [sample_id for s in decodes + prefills for sample_id in s.sample_ids]
         return ModelInputs(self._tensor(input_ids), self._tensor(positions), metadata,
-                           self._tensor(logits_indices), sampling, prompt_rows)
+                           self._tensor(logits_indices), sampling, sample_ids, prompt_rows)
+
+    def swap_blocks(self, scheduler_output: SchedulerOutput) -> None:
+        """Out before in: a device block freed by a swap-out may be the target of a swap-in
+        (or of a copy-on-write copy, which comes after both)."""
+        if scheduler_output.blocks_to_swap_out or scheduler_output.blocks_to_swap_in:
+            self.swap_space.swap_out(scheduler_output.blocks_to_swap_out)
+            self.swap_space.swap_in(scheduler_output.blocks_to_swap_in)
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: duplicate whole blocks, in every layer's K and V pools at once."""
+        if not copies:
+            return
+        src = self._tensor([c[0] for c in copies])
+        dst = self._tensor([c[1] for c in copies])
+        for key_cache, value_cache in self.kv_caches:
+            key_cache[dst] = key_cache[src]
+            value_cache[dst] = value_cache[src]
 
     def _decode_block_tables(self, decodes: list[ScheduledRequest]) -> torch.Tensor:
         lengths = [cdiv(s.start_position + 1, self.block_size) for s in decodes]
@@ -121,7 +143,9 @@ class ModelRunner:
     def _tensor(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    def sampling_batch(self, rows: list[ScheduledRequest]) -> SamplingBatch:
+    def sampling_batch(self, rows: list[ScheduledRequest],
+                       sample_ids: list[str] | None = None) -> SamplingBatch:
+        sample_ids = sample_ids or [s.request_id for s in rows]
         params = [s.sampling_params for s in rows]
         floats = lambda values: torch.tensor(values, dtype=torch.float32, device=self.device)  # noqa: E731
         return SamplingBatch(
@@ -129,9 +153,9 @@ class ModelRunner:
             top_k=self._tensor([p.top_k for p in params]),
             top_p=floats([p.top_p for p in params]),
             min_p=floats([p.min_p for p in params]),
-            generators=[self._generator(s) for s in rows],
+            generators=[self._generator(s, sample_id) for s, sample_id in zip(rows, sample_ids)],
             banned=[banned_tokens(s) for s in rows],
-            num_logprobs=[p.logprobs for p in params],
+            num_logprobs=[p.num_sample_logprobs for p in params],
             all_greedy=all(p.greedy for p in params),
             needs_top_k_or_p=any(p.top_k > 0 or p.top_p < 1 for p in params),
             needs_min_p=any(p.min_p > 0 for p in params),
@@ -162,15 +186,17 @@ class ModelRunner:
         counts.scatter_add_(1, index, torch.ones_like(index, dtype=counts.dtype))
         return counts[:, : self.vocab_size]
 
-    def _generator(self, s: ScheduledRequest) -> torch.Generator | None:
+    def _generator(self, s: ScheduledRequest, sample_id: str) -> torch.Generator | None:
         seed = s.sampling_params.seed
         if seed is None or s.sampling_params.greedy:
             return None
-        generator = self.generators.get(s.request_id)
+        generator = self.generators.get(sample_id)
         if generator is None:
+            # forked siblings draw from seed + their index, so they differ yet are reproducible
+            sibling = s.sample_ids.index(sample_id) if sample_id in s.sample_ids else 0
             generator = torch.Generator(device=self.device)
-            generator.manual_seed(seed)
-            self.generators[s.request_id] = generator
+            generator.manual_seed(seed + sibling)
+            self.generators[sample_id] = generator
         return generator
 
 
