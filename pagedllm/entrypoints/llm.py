@@ -9,6 +9,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from pagedllm.beam_search import (
+    BeamSearchOutput,
+    BeamSearchParams,
+    BeamSearchSequence,
+    BeamState,
+)
 from pagedllm.config import EngineArgs
 from pagedllm.engine.engine import LLMEngine
 from pagedllm.inputs import PromptType
@@ -31,11 +37,15 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs come back in the order of the prompts."""
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None,
+                 ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in the order of the prompts.
+        `priority`, one per prompt, matters under scheduling_policy="priority" (lower first)."""
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         params = self._params_per_prompt(sampling_params, len(prompts))
-        request_ids = self._add_requests(prompts, params)
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
+        request_ids = self._add_requests(prompts, params, priority)
         return self._run(request_ids, use_tqdm)
 
     def chat(self, messages: list[ChatMessage] | list[list[ChatMessage]],
@@ -62,6 +72,52 @@ class LLM:
         ids = tokenizer.encode(text, add_special_tokens=False)
         return {"prompt": text, "prompt_token_ids": ids}
 
+    def beam_search(self, prompts: Sequence[PromptType],
+                    params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """Beam search per prompt (see pagedllm/beam_search.py); sequences best first."""
+        engine = self.llm_engine
+        eos = None if params.ignore_eos else engine.processor.eos_token_id
+        states = []
+        for prompt in prompts:
+            _, ids = engine.processor.tokenize(prompt)
+            start = BeamSearchSequence(list(ids))
+            states.append(BeamState(len(ids), params.beam_width, params.length_penalty, [start]))
+        for _ in range(params.max_tokens):
+            active = [s for s in states if not s.done]
+            if not active:
+                break
+            self._beam_step(active, params.beam_width, eos)
+        outputs = []
+        for state in states:
+            sequences = state.result()
+            for seq in sequences:
+                seq.text = self._beam_text(seq, state.prompt_len, params)
+            outputs.append(BeamSearchOutput(sequences))
+        return outputs
+
+    def _beam_step(self, states: list[BeamState], width: int, eos: int | None) -> None:
+        beams = [(state, beam) for state in states for beam in state.live]
+        step = SamplingParams(temperature=0, max_tokens=1, logprobs=2 * width, ignore_eos=True,
+                              detokenize=False)
+        outputs = self.generate([{"prompt_token_ids": beam.tokens} for _, beam in beams], step,
+                                use_tqdm=False)
+        candidates: dict[int, list] = {id(state): [] for state in states}
+        for (state, beam), output in zip(beams, outputs):
+            for token, logprob in output.outputs[0].logprobs[0].items():
+                candidates[id(state)].append((beam.cum_logprob + logprob.logprob, beam, token))
+        for state in states:
+            state.advance(candidates[id(state)], eos)
+
+    def _beam_text(self, seq: BeamSearchSequence, prompt_len: int,
+                   params: BeamSearchParams) -> str | None:
+        tokenizer = self.get_tokenizer()
+        if tokenizer is None:
+            return None
+        generated = seq.tokens[prompt_len:]
+        if seq.finish_reason == "stop" and not params.include_stop_str_in_output:
+            generated = generated[:-1]
+        return tokenizer.decode(generated, skip_special_tokens=True)
+
     @staticmethod
     def _params_per_prompt(params, count: int) -> list[SamplingParams]:
         if params is None:
@@ -73,15 +129,17 @@ class LLM:
             raise ValueError(f"got {len(params)} SamplingParams for {count} prompts")
         return params
 
-    def _add_requests(self, prompts: list[PromptType], params: list[SamplingParams]) -> list[str]:
+    def _add_requests(self, prompts: list[PromptType], params: list[SamplingParams],
+                      priority: Sequence[int] | None = None) -> list[str]:
         engine = self.llm_engine
         added: list[str] = []
+        priorities = priority if priority is not None else [0] * len(prompts)
         try:
-            for prompt, p in zip(prompts, params):
+            for prompt, p, rank in zip(prompts, params, priorities):
                 p = p.clone()
                 p.output_kind = RequestOutputKind.FINAL_ONLY
                 request_id = str(next(self._counter))
-                engine.add_request(request_id, prompt, p)
+                engine.add_request(request_id, prompt, p, priority=rank)
                 added.append(request_id)
         except Exception:
             engine.abort_request(added)  # a bad prompt must not leave the good ones queued
