@@ -28,7 +28,7 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ(llm):
 def test_seeded_request_is_independent_of_the_batch(llm):
     params = SamplingParams(temperature=0.9, seed=7, max_tokens=20)
     (alone,) = llm.generate(PROMPT, params, use_tqdm=False)
-    others = [SamplingParams(temperature=1.0, max_tokens=n) for n in range(5, 21, 3)]
+    others = [SamplingParams(temperature=1.0, max_tokens=4 + n) for n in range(16)]
     batch = llm.generate([f"Story {i}:" for i in range(len(others))] + [PROMPT],
                          others + [params], use_tqdm=False)
     assert batch[-1].outputs[0].token_ids == alone.outputs[0].token_ids
