@@ -1,8 +1,8 @@
 """Paged attention in plain PyTorch: the CPU backend.
 
-Decode: one batched call for every decoding sequence. Each sequence's blocks are gathered through
-the padded block table into a [num_decodes, kv_heads, max_context, head_dim] view, positions past
-a sequence's length are masked, and one scaled-dot-product attention runs for the whole batch.
+Decode: one batched computation for every decoding sequence. Each sequence's blocks are gathered
+through the padded block table into a [num_decodes, kv_heads, max_context, head_dim] tensor,
+positions past a sequence's length are masked, and two matmuls and a softmax cover the batch.
 
 Prefill chunks: a chunk whose sequence has no cached prefix attends causally to its own new keys;
 a chunk after a cached prefix (prefix hit, later chunk of a long prompt, recompute) reads its
@@ -45,15 +45,18 @@ class TorchAttentionBackend(AttentionBackend):
         return output
 
     def _decode(self, query, kv_cache, metadata: AttentionMetadata, scale):
-        keys = gather_context(kv_cache[0], metadata.decode_block_tables)
+        """Two batched matmuls with the query heads grouped under their KV head (GQA without
+        repeating K/V); on CPU this beats SDPA's masked path several times for one query row."""
+        keys = gather_context(kv_cache[0], metadata.decode_block_tables)  # [n, kv, ctx, dim]
         values = gather_context(kv_cache[1], metadata.decode_block_tables)
-        positions = torch.arange(keys.shape[-2], device=query.device)
-        visible = positions[None, :] < metadata.decode_seq_lens[:, None]  # [n, max_context]
-        out = F.scaled_dot_product_attention(
-            query.unsqueeze(2),  # [n, heads, 1, dim]
-            keys, values, attn_mask=visible[:, None, None, :], scale=scale, enable_gqa=True,
-        )
-        return out.squeeze(2)
+        n, kv_heads, context, dim = keys.shape
+        grouped = query.view(n, kv_heads, -1, dim)  # [n, kv, group, dim]
+        scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * scale
+        positions = torch.arange(context, device=query.device)
+        hidden = positions[None, :] >= metadata.decode_seq_lens[:, None]  # [n, ctx]
+        scores.masked_fill_(hidden[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        return torch.matmul(probs, values).view(n, -1, dim)
 
     def _prefill(self, query, key, value, kv_cache, chunk: PrefillChunk, scale):
         q = query.transpose(0, 1)  # [heads, q_len, dim]

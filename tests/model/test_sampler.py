@@ -100,3 +100,18 @@ def test_min_p_keeps_the_tokens_transformers_keeps():
     warped = MinPLogitsWarper(0.2)(torch.zeros(1, 1, dtype=torch.long), logits.clone())
     allowed = set(torch.nonzero(~torch.isinf(warped[0])).flatten().tolist())
     assert kept <= allowed and len(kept) > 1
+
+
+def test_sampling_follows_the_distribution_with_top_k_and_top_p():
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.06, 0.04] + [0.0] * (VOCAB - 5))
+    logits = torch.log(probs).unsqueeze(0).repeat(4000, 1)
+    rows = [row(SamplingParams(temperature=1.0))] * 2000 + \
+        [row(SamplingParams(temperature=1.0, top_k=2))] * 1000 + \
+        [row(SamplingParams(temperature=1.0, top_p=0.8))] * 1000
+    tokens, _ = Sampler(seed=1)(logits, runner().sampling_batch(rows))
+    counts = torch.bincount(torch.tensor(tokens[:2000]), minlength=VOCAB).float() / 2000
+    torch.testing.assert_close(counts, probs, atol=0.03, rtol=0)
+    assert set(tokens[2000:3000]) == {0, 1}  # top-k 2
+    assert set(tokens[3000:]) == {0, 1, 2}  # the nucleus that reaches 0.8
+    top_k_share = sum(t == 0 for t in tokens[2000:3000]) / 1000
+    assert abs(top_k_share - 0.5 / 0.75) < 0.05

@@ -1,8 +1,9 @@
 """Batched sampling: every row of the logits has its own temperature, top-k, top-p and seed.
 
-Sampling draws q ~ Exponential(1) per vocabulary entry and takes argmax(p / q), which picks
-token i with probability p_i (the "exponential race"). Rows with a seed draw their noise from
-their own generator, so a seeded request gets the same tokens whatever else is in the batch.
+Sampling is by inverse CDF: one uniform number u per row, and the token whose cumulative
+probability interval holds u * total. One random draw per row (not one per vocabulary entry)
+keeps it cheap on a CPU; rows with a seed draw u from their own generator, so a seeded request
+gets the same tokens whatever else is in the batch.
 """
 
 from __future__ import annotations
@@ -71,16 +72,20 @@ class Sampler:
         if batch.needs_min_p:
             threshold = probs.amax(dim=-1, keepdim=True) * batch.min_p.unsqueeze(1)
             probs = probs.masked_fill(probs < threshold, 0.0)
-        noise = self._exponential_noise(probs, batch.generators)
-        sampled = (probs / noise).argmax(dim=-1)
+        sampled = self._inverse_cdf(probs, batch.generators)
         return torch.where(is_greedy, greedy, sampled)
 
-    def _exponential_noise(self, probs: torch.Tensor, generators) -> torch.Tensor:
-        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+    def _inverse_cdf(self, probs: torch.Tensor, generators) -> torch.Tensor:
+        uniform = torch.rand(probs.shape[0], generator=self.generator, device=probs.device)
         for row, generator in enumerate(generators):
             if generator is not None:
-                noise[row].exponential_(generator=generator)
-        return noise
+                uniform[row] = torch.rand(1, generator=generator, device=probs.device)[0]
+        cdf = probs.cumsum(dim=-1)
+        target = (uniform * cdf[:, -1]).unsqueeze(1)
+        # the first token whose cumulative probability exceeds the target; zero-probability
+        # tokens add nothing to the sum and so can never be the first to exceed it
+        picked = torch.searchsorted(cdf, target, right=True).squeeze(1)
+        return picked.clamp_(max=probs.shape[-1] - 1)
 
     @staticmethod
     def gather_logprobs(logprobs: torch.Tensor, sampled: torch.Tensor,
