@@ -104,3 +104,57 @@ class BeamState:
                 beam.finish_reason = "length"
                 self._add_finished(beam)
         return self.finished
+
+
+class BeamSearch:
+    """The search over several prompts, independent of how the engine is driven: ask `pending()`
+    for the token lists to extend, run them one token each with `step_params`, hand the top
+    logprobs back to `advance()`, until `done`."""
+
+    def __init__(self, prompts: list[list[int]], params: BeamSearchParams,
+                 eos_token_id: int | None) -> None:
+        self.params = params
+        self.eos = None if params.ignore_eos else eos_token_id
+        self.states = [BeamState(len(ids), params.beam_width, params.length_penalty,
+                                 [BeamSearchSequence(list(ids))]) for ids in prompts]
+        self.steps = 0
+        self._asked: list[tuple[BeamState, BeamSearchSequence]] = []
+
+    @property
+    def step_params(self):
+        from pagedllm.sampling_params import SamplingParams
+
+        return SamplingParams(temperature=0, max_tokens=1, logprobs=2 * self.params.beam_width,
+                              ignore_eos=True, detokenize=False)
+
+    @property
+    def done(self) -> bool:
+        return self.steps >= self.params.max_tokens or all(s.done for s in self.states)
+
+    def pending(self) -> list[list[int]]:
+        self._asked = [(state, beam) for state in self.states if not state.done
+                       for beam in state.live]
+        return [beam.tokens for _, beam in self._asked]
+
+    def advance(self, top_logprobs: list[dict]) -> None:
+        """top_logprobs[i]: {token_id: Logprob} for the i-th pending sequence."""
+        candidates: dict[int, list] = {id(state): [] for state, _ in self._asked}
+        for (state, beam), entries in zip(self._asked, top_logprobs):
+            for token, logprob in entries.items():
+                candidates[id(state)].append((beam.cum_logprob + logprob.logprob, beam, token))
+        for state in {id(s): s for s, _ in self._asked}.values():
+            state.advance(candidates[id(state)], self.eos)
+        self.steps += 1
+
+    def outputs(self, decode) -> list[BeamSearchOutput]:
+        """decode(generated token ids) -> text, or None without a tokenizer."""
+        results = []
+        for state in self.states:
+            sequences = state.result()
+            for seq in sequences:
+                generated = seq.tokens[state.prompt_len:]
+                if seq.finish_reason == "stop" and not self.params.include_stop_str_in_output:
+                    generated = generated[:-1]
+                seq.text = decode(generated)
+            results.append(BeamSearchOutput(sequences))
+        return results

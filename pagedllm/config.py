@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+PREEMPTION_MODES = ("recompute", "swap")
+SCHEDULING_POLICIES = ("fcfs", "priority")
 CPU_DEFAULT_KV_CACHE_BYTES = 4 << 30  # vLLM's CPU backend also defaults to 4 GiB
 
 
@@ -47,6 +49,15 @@ class EngineArgs:
     max_num_batched_tokens: int = _opt("token budget of one engine step", 2048)
     skip_tokenizer_init: bool = _opt("run on token ids only, without a tokenizer", False)
     enable_prefix_caching: bool = _opt("reuse the KV blocks of prompts seen before", True)
+    long_prefill_token_threshold: int = _opt(
+        "most prompt tokens one request may compute in a step (0: no cap beyond the budget)", 0)
+    preemption_mode: str = _opt(
+        "what a preempted request loses: recompute (its KV blocks) or swap (copied to host memory)",
+        "recompute", choices=PREEMPTION_MODES)
+    swap_space: float = _opt("GiB of host memory for swapped-out KV blocks (preemption_mode=swap)",
+                             4.0)
+    scheduling_policy: str = _opt("order of the waiting queue: fcfs, or priority (lower first)",
+                                  "fcfs", choices=SCHEDULING_POLICIES)
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -79,6 +90,20 @@ class EngineArgs:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
+        self._check_scheduling()
+
+    def _check_scheduling(self) -> None:
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, "
+                             f"got {self.preemption_mode!r}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, "
+                             f"got {self.scheduling_policy!r}")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError("long_prefill_token_threshold must be 0 (off) or positive, got "
+                             f"{self.long_prefill_token_threshold}")
+        if self.swap_space < 0:
+            raise ValueError(f"swap_space must not be negative, got {self.swap_space}")
 
 
 def _cli_type(annotation: str) -> type:
@@ -100,3 +125,6 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    long_prefill_token_threshold: int = 0  # 0: a prompt chunk is limited by the budget only
+    preemption_mode: str = "recompute"
+    scheduling_policy: str = "fcfs"

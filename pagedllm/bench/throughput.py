@@ -143,7 +143,9 @@ def main(args: argparse.Namespace) -> int:
     skip = set(getattr(tokenizer, "all_special_ids", []) or [])
     work = synthetic_workload(args.num_prompts, args.input_len, args.output_len, args.range_ratio,
                               engine.model_config.vocab_size, args.seed, skip)
+    first_step = engine.num_steps
     results = [run_pagedllm(llm, work)]
+    kv_cache = kv_cache_report(engine, first_step)
     if args.baseline == "hf":
         hf_path = args.hf_model or args.model
         if hf_path is None or engine.model_config.source.is_gguf:
@@ -156,6 +158,7 @@ def main(args: argparse.Namespace) -> int:
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "matmul_peak_gflops": matmul_peak_gflops(engine.model_config.dtype),
         "results": [r.as_dict() for r in results],
+        "kv_cache": kv_cache,
     }
     best_hf = max((r for r in results[1:]), key=lambda r: r.output_tokens_per_s, default=None)
     if best_hf is not None:
@@ -168,6 +171,23 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def kv_cache_report(engine, first_step: int) -> dict:
+    """The KV cache over the run: waste (allocated slots holding no token) sampled after every
+    step, as the mean of the per-step fractions and as total empty / total allocated slots, the
+    peak block usage, and the engine's counters (prefix-cache hits, preemptions, swaps)."""
+    records = [r for r in engine.step_records if r.step > first_step and r.num_allocated_slots]
+    empty = sum(r.num_empty_slots for r in records)
+    allocated = sum(r.num_allocated_slots for r in records)
+    num_blocks = engine.cache_config.num_blocks
+    return {
+        "mean_waste_fraction": (sum(r.waste_fraction for r in records) / len(records)
+                                if records else 0.0),
+        "slot_weighted_waste_fraction": empty / allocated if allocated else 0.0,
+        "peak_usage": max((1 - r.num_free_blocks / num_blocks for r in records), default=0.0),
+        "counters": engine.kv_cache_stats().as_dict(),
+    }
+
+
 def print_table(report: dict) -> None:
     print(f"{'engine':<22}{'req/s':>9}{'out tok/s':>12}{'total tok/s':>13}{'seconds':>10}")
     for r in report["results"]:
@@ -175,5 +195,10 @@ def print_table(report: dict) -> None:
               f"{r['total_tokens_per_s']:>13.1f}{r['elapsed_s']:>10.1f}")
     if "speedup_vs_transformers" in report:
         print(f"pagedllm / best transformers: {report['speedup_vs_transformers']:.2f}x")
+    kv = report["kv_cache"]
+    print(f"KV cache: waste {kv['mean_waste_fraction']:.2%} of allocated slots (mean over "
+          f"steps), peak usage {kv['peak_usage']:.0%}, prefix-cache hit rate "
+          f"{kv['counters']['prefix_cache_hit_rate']:.0%}, preemptions "
+          f"{kv['counters']['num_preemptions']}")
     print(f"start-up {report['startup_s']:.1f} s, peak RSS {report['peak_rss_mib']:.0f} MiB, "
           f"matmul peak {report['matmul_peak_gflops']:.0f} GFLOP/s")

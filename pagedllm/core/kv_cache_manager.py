@@ -229,6 +229,10 @@ class KVCacheManager:
     def num_swapped_requests(self) -> int:
         return len(self._swapped)
 
+    def host_blocks(self, request_id: str) -> list[KVCacheBlock]:
+        """The host-pool blocks a swapped-out request holds."""
+        return [s.host for s in self._swapped.get(request_id, ()) if s.host is not None]
+
     def _stays_on_device(self, block: KVCacheBlock) -> bool:
         """A cached block another request still uses needs no copy: it stays resident for that
         owner, and its hash finds it again on resume."""

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import itertools
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -26,10 +28,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pagedllm.config import EngineArgs
+from pagedllm.core.stats import KVCacheStats
 from pagedllm.engine.engine import LLMEngine, StepRecord
 from pagedllm.inputs import PromptType
 from pagedllm.logger import init_logger
-from pagedllm.outputs import RequestOutput
+from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = init_logger(__name__)
@@ -48,20 +51,22 @@ class NewRequest:
     request_id: str
     prompt: PromptType
     params: SamplingParams
+    priority: int = 0  # lower first, under scheduling_policy="priority"
 
 
 @dataclass(slots=True, frozen=True)
 class EngineStats:
-    """A snapshot the engine thread publishes after every loop turn; safe to read anywhere."""
+    """Published by the engine thread after every change (a command, a step), before it replies
+    or hands out outputs; an immutable snapshot, so any thread may read it."""
 
     num_running: int = 0
     num_waiting: int = 0
-    num_free_blocks: int = 0
+    num_free_blocks: int = 0  # cached blocks that no request uses count as free
     num_blocks: int = 0
     num_steps: int = 0
-    num_preemptions: int = 0
-    max_batch_size: int = 0  # most requests scheduled together in one step so far
+    max_batch_size: int = 0  # most sequences scheduled together in one step so far
     num_loop_turns: int = 0  # times the thread woke up; stays put while idle
+    kv_cache: KVCacheStats | None = None  # usage, prefix-cache hits, preemptions, swaps
 
     @property
     def kv_cache_usage(self) -> float:
@@ -125,18 +130,46 @@ class OutputStream:
 
 @dataclass(slots=True, eq=False)
 class _Tracked:
-    """Engine-thread bookkeeping for one request: where its outputs go, and its timings."""
+    """Engine-thread bookkeeping for one request: where its outputs go, what it has been told."""
 
     stream: OutputStream
-    kind: RequestOutputKind
+    params: SamplingParams
     arrival_time: float
     first_scheduled_time: float | None = None
-    num_output_tokens: int = 0
+    num_tokens: dict[int, int] = field(default_factory=dict)  # choice index -> tokens so far
+    finished_choices: set[int] = field(default_factory=set)
+    last: RequestOutput | None = None
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(self.num_tokens.values())
 
     def observe(self, output: RequestOutput) -> None:
-        count = len(output.outputs[0].token_ids)
-        delta = self.kind == RequestOutputKind.DELTA
-        self.num_output_tokens = self.num_output_tokens + count if delta else count
+        delta = self.params.output_kind == RequestOutputKind.DELTA
+        for completion in output.outputs:
+            count = len(completion.token_ids)
+            self.num_tokens[completion.index] = count + (
+                self.num_tokens.get(completion.index, 0) if delta else 0)
+            if completion.finish_reason is not None:
+                self.finished_choices.add(completion.index)
+        self.last = output
+
+    def aborted(self, request_id: str, prompt: str | None,
+                prompt_token_ids: list[int]) -> RequestOutput:
+        """The final output of an aborted request: every choice not yet finished ends with
+        reason 'abort'. A CUMULATIVE caller keeps the text it had; a DELTA caller gets empty
+        deltas (at most some held-back text is lost); a FINAL_ONLY caller never had any."""
+        cumulative = self.params.output_kind == RequestOutputKind.CUMULATIVE
+        had = {c.index: c for c in self.last.outputs} if cumulative and self.last else {}
+        completions = []
+        for index in range(self.params.n):
+            if index not in self.finished_choices:
+                completions.append(_ended_by_abort(had.get(index), index))
+            elif index in had:  # a cumulative output repeats the choices that ended before
+                completions.append(had[index])
+        metrics = self.last.metrics if self.last is not None else None
+        return RequestOutput(request_id, prompt, prompt_token_ids, completions, finished=True,
+                             metrics=metrics)
 
 
 @dataclass(slots=True)
@@ -230,10 +263,13 @@ class AsyncLLM:
         """Run `fn(engine)` on the engine thread between steps and return its result."""
         return await self._ask(lambda: fn(self.engine))
 
-    async def step_records(self, since_step: int = 0) -> list[dict[str, Any]]:
-        """The engine's step records after `since_step`, as plain dicts (newest last)."""
+    async def step_records(self, since_step: int = 0,
+                           limit: int = 2000) -> list[dict[str, Any]]:
+        """The engine's step records after `since_step` (at most the newest `limit`), as plain
+        dicts, oldest first; they name the requests each step ran."""
         def collect(engine: LLMEngine) -> list[dict[str, Any]]:
-            return [asdict(r) for r in engine.step_records if r.step > since_step]
+            newest = itertools.takewhile(lambda r: r.step > since_step, reversed(engine.step_records))
+            return [asdict(r) for r in itertools.islice(newest, limit)][::-1]
         return await self.call(collect)
 
     def shutdown(self, timeout: float = 30.0) -> None:
@@ -298,35 +334,30 @@ class AsyncLLM:
         added: list[str] = []
         try:
             for r in requests:
-                self.engine.add_request(r.request_id, r.prompt, r.params, arrival)
+                self.engine.add_request(r.request_id, r.prompt, r.params, arrival,
+                                        priority=r.priority)
                 added.append(r.request_id)
         except Exception:
             self.engine.abort_request(added)  # all or none, like LLM.generate
             raise
         for r in requests:
-            self._tracked[r.request_id] = _Tracked(stream, r.params.output_kind, arrival)
+            self._tracked[r.request_id] = _Tracked(stream, r.params, arrival)
 
     def _abort(self, request_ids: list[str]) -> None:
-        finals = [f for f in map(self._final_output_on_abort, request_ids) if f is not None]
+        finals = [self._aborted_output(r) for r in request_ids if r in self._tracked]
         self.engine.abort_request(request_ids)
         self._publish_stats()
-        self._deliver(finals)
-        for request_id in request_ids:  # requests with no output state left (already ended)
-            self._tracked.pop(request_id, None)
+        self._deliver(finals)  # ends the streams that still listen, and counts the aborts
 
-    def _final_output_on_abort(self, request_id: str) -> RequestOutput | None:
-        """What the request made so far, marked finished with reason 'abort'.
-
-        The output processor drops a request's state on abort without an output, so the last
-        output is made from that state first: a DELTA stream gets the text it has not seen yet
-        (held-back text included) and a FINAL_ONLY request gets everything it generated.
-        """
-        state = self.engine.output_processor.states.get(request_id)
-        if state is None or request_id not in self._tracked:
-            return None
-        state.finish_reason = "abort"
-        state.metrics.finished_time = time.monotonic()
-        return state.make_output()
+    def _aborted_output(self, request_id: str) -> RequestOutput:
+        tracked = self._tracked[request_id]
+        if tracked.last is not None:
+            prompt, prompt_ids = tracked.last.prompt, tracked.last.prompt_token_ids
+        else:  # aborted before its first output: ask the engine what the prompt was
+            state = self.engine.output_processor.states.get(request_id)
+            prompt = getattr(state, "prompt", None)
+            prompt_ids = list(getattr(state, "prompt_token_ids", []))
+        return tracked.aborted(request_id, prompt, prompt_ids)
 
     def _step(self) -> None:
         steps_before = self.engine.num_steps
@@ -381,10 +412,11 @@ class AsyncLLM:
 
     def _request_stats(self, output: RequestOutput, tracked: _Tracked) -> RequestStats:
         metrics = output.metrics
-        completion = output.outputs[0]
+        reasons = [c.finish_reason for c in output.outputs if c.finish_reason]
         return RequestStats(
             request_id=output.request_id,
-            finish_reason=completion.finish_reason or "abort",
+            # one reason per request: any abort wins, then the first choice's
+            finish_reason="abort" if "abort" in reasons else (reasons[0] if reasons else "abort"),
             num_prompt_tokens=len(output.prompt_token_ids),
             num_generation_tokens=tracked.num_output_tokens,
             arrival_time=tracked.arrival_time,
@@ -402,15 +434,16 @@ class AsyncLLM:
 
     def _publish_stats(self) -> None:
         engine = self.engine
+        kv = engine.kv_cache_stats()
         self.stats = EngineStats(
             num_running=engine.scheduler.num_running,
             num_waiting=engine.scheduler.num_waiting,
-            num_free_blocks=engine.block_pool.num_free_blocks,
-            num_blocks=engine.block_pool.num_blocks,
+            num_free_blocks=kv.num_free_blocks,
+            num_blocks=kv.num_blocks,
             num_steps=engine.num_steps,
-            num_preemptions=engine.scheduler.num_preemptions,
             max_batch_size=self._max_batch_size,
             num_loop_turns=self._turns,
+            kv_cache=kv,
         )
 
     def _stop(self) -> None:
@@ -431,6 +464,12 @@ class AsyncLLM:
     def _fail_all_quietly(self, error: BaseException) -> None:
         with contextlib.suppress(EngineDeadError):
             self._fail_all(error)
+
+
+def _ended_by_abort(before: CompletionOutput | None, index: int) -> CompletionOutput:
+    if before is None:
+        return CompletionOutput(index, "", [], finish_reason="abort")
+    return dataclasses.replace(before, finish_reason="abort")
 
 
 def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

@@ -14,6 +14,7 @@ from pagedllm.core.block_pool import BlockPool
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request import RequestStatus
 from pagedllm.core.scheduler import Scheduler
+from pagedllm.core.stats import KVCacheStats
 from pagedllm.engine.output import OutputProcessor, sequence_id
 from pagedllm.engine.processor import Processor
 from pagedllm.inputs import PromptType
@@ -29,6 +30,7 @@ from pagedllm.worker.kv_cache import (
     kv_cache_budget,
 )
 from pagedllm.worker.model_runner import ModelRunner
+from pagedllm.worker.swap import SwapSpace
 
 logger = init_logger(__name__)
 
@@ -46,6 +48,14 @@ class StepRecord:
     num_waiting: int
     num_free_blocks: int
     duration_s: float
+    num_allocated_slots: int = 0  # KV slots of blocks in use after the step
+    num_empty_slots: int = 0  # of those, slots holding no token (see KVCacheStats)
+    num_swapped_out_blocks: int = 0
+    num_swapped_in_blocks: int = 0
+
+    @property
+    def waste_fraction(self) -> float:
+        return self.num_empty_slots / self.num_allocated_slots if self.num_allocated_slots else 0.0
 
 
 class LLMEngine:
@@ -60,13 +70,19 @@ class LLMEngine:
         model = load_model(self.model_config, get_attention_backend(self.device), self.device)
         self.cache_config = self._plan_kv_cache()
         kv_caches = allocate_kv_caches(self.kv_shape, self.cache_config.num_blocks, self.device)
+        swap_space = self._plan_swap_space(kv_caches)
         self.runner = ModelRunner(model, kv_caches, args.block_size, self.device, args.seed,
-                                  self.model_config.vocab_size)
+                                  self.model_config.vocab_size, swap_space)
         self.block_pool = BlockPool(self.cache_config.num_blocks, args.enable_prefix_caching)
-        self.kv_cache_manager = KVCacheManager(self.block_pool, args.block_size)
+        self.host_block_pool = (BlockPool(swap_space.num_blocks, enable_caching=False)
+                                if swap_space else None)
+        self.kv_cache_manager = KVCacheManager(self.block_pool, args.block_size,
+                                               self.host_block_pool)
         max_len = self.model_config.max_model_len
         self.scheduler = Scheduler(
-            SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_len),
+            SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_len,
+                            args.long_prefill_token_threshold, args.preemption_mode,
+                            args.scheduling_policy),
             self.kv_cache_manager)
         self.processor = Processor(self.tokenizer, self.model_config.vocab_size, max_len,
                                    self.cache_config.num_blocks * args.block_size,
@@ -94,12 +110,27 @@ class LLMEngine:
         logger.info(describe_plan(self.kv_shape, num_blocks, self.model_config.max_model_len))
         return CacheConfig(self.args.block_size, num_blocks, self.kv_shape.bytes_per_block)
 
+    def _plan_swap_space(self, kv_caches) -> SwapSpace | None:
+        if self.args.preemption_mode != "swap":
+            return None
+        num_blocks = int(self.args.swap_space * 2**30) // self.kv_shape.bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(f"swap_space of {self.args.swap_space} GiB holds no KV block; one "
+                             f"block needs {self.kv_shape.bytes_per_block} bytes")
+        logger.info("swap space: %d host blocks (%.2f GiB)", num_blocks,
+                    num_blocks * self.kv_shape.bytes_per_block / 2**30)
+        return SwapSpace(kv_caches, num_blocks)
+
     # ---- requests -----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: PromptType,
                     params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
-        """Validate and queue a request; raises ValueError with the reason if it is bad."""
+                    arrival_time: float | None = None, priority: int = 0) -> None:
+        """Validate and queue a request; raises ValueError with the reason if it is bad.
+        `priority` orders the waiting queue under scheduling_policy="priority" (lower first)."""
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
         request, text = self.processor.process(request_id, prompt, params, arrival_time)
+        request.priority = priority
         best_of = request.sampling_params.best_of
         request.pending_fork_ids = [sequence_id(request_id, i) for i in range(1, best_of)]
         self.scheduler.add_request(request)
@@ -116,6 +147,12 @@ class LLMEngine:
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.scheduler.requests)
+
+    def kv_cache_stats(self) -> KVCacheStats:
+        """KV-cache usage, waste (empty slots of allocated blocks), prefix-cache queries and
+        hits, preemptions and swaps: a snapshot of plain numbers, safe to hand to another
+        thread."""
+        return self.scheduler.kv_cache_stats()
 
     # ---- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -143,6 +180,11 @@ class LLMEngine:
             num_waiting=self.scheduler.num_waiting,
             num_free_blocks=self.block_pool.num_free_blocks,
             duration_s=duration,
+            num_allocated_slots=(self.block_pool.num_blocks - self.block_pool.num_free_blocks)
+            * self.cache_config.block_size,
+            num_empty_slots=self.kv_cache_manager.num_empty_slots(self.scheduler.running),
+            num_swapped_out_blocks=len(scheduler_output.blocks_to_swap_out),
+            num_swapped_in_blocks=len(scheduler_output.blocks_to_swap_in),
         ))
 
 

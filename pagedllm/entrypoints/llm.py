@@ -9,12 +9,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from pagedllm.beam_search import (
-    BeamSearchOutput,
-    BeamSearchParams,
-    BeamSearchSequence,
-    BeamState,
-)
+from pagedllm.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from pagedllm.config import EngineArgs
 from pagedllm.engine.engine import LLMEngine
 from pagedllm.inputs import PromptType
@@ -76,47 +71,16 @@ class LLM:
                     params: BeamSearchParams) -> list[BeamSearchOutput]:
         """Beam search per prompt (see pagedllm/beam_search.py); sequences best first."""
         engine = self.llm_engine
-        eos = None if params.ignore_eos else engine.processor.eos_token_id
-        states = []
-        for prompt in prompts:
-            _, ids = engine.processor.tokenize(prompt)
-            start = BeamSearchSequence(list(ids))
-            states.append(BeamState(len(ids), params.beam_width, params.length_penalty, [start]))
-        for _ in range(params.max_tokens):
-            active = [s for s in states if not s.done]
-            if not active:
-                break
-            self._beam_step(active, params.beam_width, eos)
-        outputs = []
-        for state in states:
-            sequences = state.result()
-            for seq in sequences:
-                seq.text = self._beam_text(seq, state.prompt_len, params)
-            outputs.append(BeamSearchOutput(sequences))
-        return outputs
-
-    def _beam_step(self, states: list[BeamState], width: int, eos: int | None) -> None:
-        beams = [(state, beam) for state in states for beam in state.live]
-        step = SamplingParams(temperature=0, max_tokens=1, logprobs=2 * width, ignore_eos=True,
-                              detokenize=False)
-        outputs = self.generate([{"prompt_token_ids": beam.tokens} for _, beam in beams], step,
-                                use_tqdm=False)
-        candidates: dict[int, list] = {id(state): [] for state in states}
-        for (state, beam), output in zip(beams, outputs):
-            for token, logprob in output.outputs[0].logprobs[0].items():
-                candidates[id(state)].append((beam.cum_logprob + logprob.logprob, beam, token))
-        for state in states:
-            state.advance(candidates[id(state)], eos)
-
-    def _beam_text(self, seq: BeamSearchSequence, prompt_len: int,
-                   params: BeamSearchParams) -> str | None:
+        search = BeamSearch([engine.processor.tokenize(p)[1] for p in prompts], params,
+                            engine.processor.eos_token_id)
+        while not search.done:
+            token_lists = search.pending()
+            outputs = self.generate([{"prompt_token_ids": t} for t in token_lists],
+                                    search.step_params, use_tqdm=False)
+            search.advance([o.outputs[0].logprobs[0] for o in outputs])
         tokenizer = self.get_tokenizer()
-        if tokenizer is None:
-            return None
-        generated = seq.tokens[prompt_len:]
-        if seq.finish_reason == "stop" and not params.include_stop_str_in_output:
-            generated = generated[:-1]
-        return tokenizer.decode(generated, skip_special_tokens=True)
+        return search.outputs(lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+                              if tokenizer is not None else None)
 
     @staticmethod
     def _params_per_prompt(params, count: int) -> list[SamplingParams]:

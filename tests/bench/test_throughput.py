@@ -35,3 +35,6 @@ def test_bench_throughput_with_transformers_baseline(tmp_path):
         assert result["output_tokens_per_s"] > 0 and result["elapsed_s"] > 0
     assert report["speedup_vs_transformers"] > 0
     assert report["peak_rss_mib"] > 0 and report["matmul_peak_gflops"] > 0
+    kv = report["kv_cache"]
+    assert 0 <= kv["mean_waste_fraction"] < 1 and 0 < kv["peak_usage"] <= 1
+    assert kv["counters"]["prefix_cache_queries"] > 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import secrets
 import signal
 from dataclasses import asdict, dataclass
@@ -23,7 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pagedllm.config import EngineArgs
 from pagedllm.engine.async_engine import AsyncLLM
-from pagedllm.entrypoints.openai.cli_args import API_KEY_ENV
+from pagedllm.entrypoints.openai.cli_args import resolve_api_key
 from pagedllm.entrypoints.openai.errors import error_response, install_error_handlers
 from pagedllm.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from pagedllm.entrypoints.openai.protocol import (
@@ -113,10 +112,9 @@ async def step_stats(request: Request, since: int = 0) -> dict:
     """The engine's counters and its step records after step `since` (request ids included),
     so that a client can see which of its requests ran in the same step."""
     engine = _state(request).engine
-    records = await engine.step_records(since)
+    records = await engine.step_records(since, limit=MAX_STEP_RECORDS)
     stats = engine.stats
-    return {**asdict(stats), "kv_cache_usage": stats.kv_cache_usage,
-            "steps": records[-MAX_STEP_RECORDS:]}
+    return {**asdict(stats), "kv_cache_usage": stats.kv_cache_usage, "steps": records}
 
 
 # ---- the app ------------------------------------------------------------------------------------
@@ -200,7 +198,7 @@ def default_served_name(args: argparse.Namespace, engine: AsyncLLM) -> str:
 
 
 def run_server(args: argparse.Namespace) -> int:
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    api_key = resolve_api_key(args.api_key)
     engine = AsyncLLM.from_engine_args(EngineArgs.from_cli_args(args))
     try:
         names = args.served_model_name or [default_served_name(args, engine)]

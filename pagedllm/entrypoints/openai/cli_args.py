@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 API_KEY_ENV = "PAGEDLLM_API_KEY"
 
@@ -22,3 +23,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
     parser.add_argument("--disable-access-log", action="store_true",
                         help="do not log every HTTP request")
+
+
+def resolve_api_key(cli_value: str | None) -> str | None:
+    """--api-key wins, then the environment; an empty value means no key."""
+    return cli_value or os.environ.get(API_KEY_ENV) or None

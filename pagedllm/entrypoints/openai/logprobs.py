@@ -28,17 +28,25 @@ def top_entries(entry: TokenLogprobs, n: int) -> list[tuple[int, Logprob]]:
     return [item for item in ranked if item[1].rank <= n][:n]
 
 
-def completion_logprobs(token_ids: list[int], entries: list[TokenLogprobs], n: int,
-                        text_offset: int) -> tuple[CompletionLogprobs, int]:
-    """/v1/completions format; returns it and the text offset after these tokens."""
+def completion_logprobs(token_ids: list[int], entries: list[TokenLogprobs | None], n: int,
+                        text_offset: int, tokenizer=None) -> tuple[CompletionLogprobs, int]:
+    """/v1/completions format; returns it and the text offset after these tokens.
+
+    An entry may be None: the prompt's first token has no logprob (nothing comes before it);
+    its text then comes from the tokenizer.
+    """
     result = CompletionLogprobs()
     for token_id, entry in zip(token_ids, entries):
-        chosen = entry[token_id]
-        text = token_text(token_id, chosen)
-        top = {token_text(t, lp): lp.logprob for t, lp in top_entries(entry, n)}
-        top.setdefault(text, chosen.logprob)  # OpenAI lists the chosen token too
+        if entry is None:
+            text = tokenizer.decode([token_id]) if tokenizer is not None else f"token_id:{token_id}"
+            chosen, top = None, None
+        else:
+            logprob = entry[token_id]
+            text, chosen = token_text(token_id, logprob), logprob.logprob
+            top = {token_text(t, lp): lp.logprob for t, lp in top_entries(entry, n)}
+            top.setdefault(text, chosen)  # OpenAI lists the chosen token too
         result.tokens.append(text)
-        result.token_logprobs.append(chosen.logprob)
+        result.token_logprobs.append(chosen)
         result.top_logprobs.append(top)
         result.text_offset.append(text_offset)
         text_offset += len(text)

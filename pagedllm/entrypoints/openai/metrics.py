@@ -39,20 +39,35 @@ class EngineStateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         stats = self.engine.stats
         gauges = [
-            ("num_requests_running", "Requests in the running batch", stats.num_running),
-            ("num_requests_waiting", "Requests waiting to be scheduled", stats.num_waiting),
+            ("num_requests_running", "Sequences in the running batch", stats.num_running),
+            ("num_requests_waiting", "Sequences waiting to be scheduled", stats.num_waiting),
             ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0 to 1)",
              stats.kv_cache_usage),
-            ("kv_cache_free_blocks", "KV-cache blocks that are free", stats.num_free_blocks),
+            ("kv_cache_free_blocks", "KV-cache blocks that are free (cached ones included)",
+             stats.num_free_blocks),
             ("kv_cache_total_blocks", "KV-cache blocks in all", stats.num_blocks),
-            ("max_batch_size", "Most requests scheduled in one step so far", stats.max_batch_size),
+            ("max_batch_size", "Most sequences scheduled in one step so far",
+             stats.max_batch_size),
         ]
+        counters = [("engine_steps", "Engine steps that ran the model", stats.num_steps)]
+        kv = stats.kv_cache
+        if kv is not None:
+            gauges.append(("kv_cache_waste_perc", "Empty slots of the blocks in use (0 to 1)",
+                           kv.waste_fraction))
+            gauges.append(("num_requests_swapped", "Requests swapped out to host memory",
+                           kv.num_swapped_requests))
+            counters += [
+                ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                 kv.prefix_cache_queries),
+                ("prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                 kv.prefix_cache_hits),
+                ("num_preemptions", "Requests preempted so far", kv.num_preemptions),
+                ("kv_cache_evictions", "Cached blocks evicted to be reused", kv.num_evictions),
+            ]
         for name, doc, value in gauges:
             yield GaugeMetricFamily(PREFIX + name, doc, value=value)
-        yield CounterMetricFamily(PREFIX + "engine_steps", "Engine steps that ran the model",
-                                  value=stats.num_steps)
-        yield CounterMetricFamily(PREFIX + "num_preemptions", "Requests preempted so far",
-                                  value=stats.num_preemptions)
+        for name, doc, value in counters:
+            yield CounterMetricFamily(PREFIX + name, doc, value=value)
 
 
 class ServerMetrics:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs; the sampler's top-k cost grows with it
+MAX_N = 64  # completions per prompt (n, best_of): each is a sequence in the batch
 
 
 class OpenAIBaseModel(BaseModel):
@@ -62,8 +63,8 @@ class SamplingRequest(RequestModel):
     """Sampling fields of /v1/completions and /v1/chat/completions, with vLLM's extras."""
 
     model: str | None = None
-    n: int = 1
-    best_of: int | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
     temperature: float | None = None  # None: OpenAI's default of 1
     top_p: float | None = None
     stop: str | list[str] | None = None
@@ -83,7 +84,12 @@ class SamplingRequest(RequestModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    use_beam_search: bool = False
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    priority: int = 0  # lower runs first when the server uses --scheduling-policy priority
+    cache_salt: str | None = None  # keeps this client's prefix-cache entries to itself
+    use_beam_search: bool = False  # /v1/completions only; n (or best_of) is the beam width
+    length_penalty: float = 1.0  # beam search only
     response_format: dict[str, Any] | None = None
 
     @property
@@ -94,16 +100,6 @@ class SamplingRequest(RequestModel):
         """(param, reason) for every field that asks for what the engine does not do yet."""
         not_yet = "is not supported by this server yet"
         checks = [
-            ("n", self.n > 1, f"n={self.n}: parallel sampling (n > 1) {not_yet}"),
-            ("best_of", (self.best_of or 1) > 1, f"best_of={self.best_of} {not_yet}"),
-            ("use_beam_search", self.use_beam_search, f"beam search {not_yet}"),
-            ("presence_penalty", bool(self.presence_penalty),
-             f"presence_penalty={self.presence_penalty} {not_yet} (only 0)"),
-            ("frequency_penalty", bool(self.frequency_penalty),
-             f"frequency_penalty={self.frequency_penalty} {not_yet} (only 0)"),
-            ("repetition_penalty", self.repetition_penalty not in (None, 1.0),
-             f"repetition_penalty={self.repetition_penalty} {not_yet} (only 1)"),
-            ("logit_bias", bool(self.logit_bias), f"logit_bias {not_yet}"),
             ("response_format", (self.response_format or {}).get("type", "text") != "text",
              f"response_format {self.response_format} {not_yet} (only type 'text')"),
         ]
@@ -111,15 +107,35 @@ class SamplingRequest(RequestModel):
 
     def invalid(self) -> list[tuple[str, str]]:
         """(param, reason) for combinations that are wrong whatever the engine supports."""
+        problems = []
         if self.stream_options is not None and not self.stream:
-            return [("stream_options", "stream_options is only allowed when stream is true")]
-        return []
+            problems.append(("stream_options", "stream_options is only allowed when stream is "
+                                               "true"))
+        bias = self.logit_bias or {}
+        if any(not -100 <= v <= 100 for v in bias.values()):
+            problems.append(("logit_bias", "logit_bias values must be in [-100, 100]"))
+        if any(not k.lstrip("-").isdigit() for k in bias):
+            problems.append(("logit_bias", "logit_bias keys must be token ids"))
+        return problems
+
+    def to_sampling_params(self, output_kind: RequestOutputKind) -> SamplingParams:
+        raise NotImplementedError  # each endpoint's request knows its max_tokens and logprobs
+
+    def token_id_fields(self) -> dict[str, list[int]]:
+        """Every field that holds token ids, to check against the vocabulary."""
+        return {"stop_token_ids": self.stop_token_ids or [],
+                "allowed_token_ids": self.allowed_token_ids or [],
+                "logit_bias": [int(k) for k in self.logit_bias or {}]}
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                         output_kind: RequestOutputKind) -> SamplingParams:
+                         output_kind: RequestOutputKind, **extra: Any) -> SamplingParams:
         """Raises ValueError (a 400 for the caller) for out-of-range values."""
         return SamplingParams(
             n=self.n,
+            best_of=self.best_of,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k or 0,
@@ -133,7 +149,11 @@ class SamplingRequest(RequestModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             logprobs=logprobs,
+            logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+            allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words,
             output_kind=output_kind,
+            **extra,
         )
 
 
@@ -158,15 +178,17 @@ class CompletionRequest(SamplingRequest):
 
     def unsupported(self) -> list[tuple[str, str]]:
         problems = super().unsupported()
+        if self.use_beam_search and self.stream:
+            problems.append(("stream", "use_beam_search answers whole: set stream to false"))
         if self.suffix:
             problems.append(("suffix", "suffix (fill-in-the-middle) is not supported"))
-        if self.echo and self.logprobs is not None:
-            problems.append(("echo", "echo with logprobs needs prompt logprobs, which this "
-                                     "server cannot compute yet; drop one of the two"))
         return problems
 
     def to_sampling_params(self, output_kind: RequestOutputKind) -> SamplingParams:
-        return self._sampling_params(self.max_tokens, self.logprobs, output_kind)
+        # echo with logprobs lists the prompt's tokens too, so it needs their logprobs.
+        prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
+        return self._sampling_params(self.max_tokens, self.logprobs, output_kind,
+                                     prompt_logprobs=prompt_logprobs)
 
 
 class CompletionLogprobs(OpenAIBaseModel):
@@ -215,6 +237,8 @@ class ChatCompletionRequest(SamplingRequest):
 
     def unsupported(self) -> list[tuple[str, str]]:
         problems = super().unsupported()
+        if self.use_beam_search:
+            problems.append(("use_beam_search", "beam search is offered on /v1/completions"))
         if self.tools:
             problems.append(("tools", "tool calling is not supported by this server yet"))
         if self.tool_choice not in (None, "none", "auto"):

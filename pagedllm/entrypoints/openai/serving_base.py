@@ -37,14 +37,15 @@ class OpenAIServing:
             raise OpenAIError.bad_request(reason, param)
         return model
 
-    def sampling_params(self, request: SamplingRequest, stream: bool) -> SamplingParams:
-        # Streams take only what is new at each step; a whole response needs the final output.
-        kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
+    def sampling_params(self, request: SamplingRequest) -> SamplingParams:
+        # Always deltas: a stream forwards them and a whole response adds them up, so an
+        # abort (disconnect, shutdown) never loses what was already delivered.
         try:
-            params = request.to_sampling_params(kind)  # type: ignore[attr-defined]
+            params = request.to_sampling_params(RequestOutputKind.DELTA)
         except ValueError as exc:
             raise OpenAIError.bad_request(str(exc)) from exc
-        self.check_token_ids(params.stop_token_ids or [], "stop_token_ids")
+        for param, token_ids in request.token_id_fields().items():
+            self.check_token_ids(token_ids, param)
         return params
 
     def check_token_ids(self, token_ids: list[int], param: str) -> None:

@@ -1,4 +1,4 @@
-"""POST /v1/chat/completions: messages -> chat template -> one engine request."""
+"""POST /v1/chat/completions: messages -> chat template -> one engine request with n choices."""
 
 from __future__ import annotations
 
@@ -45,17 +45,18 @@ class _Job:
     id: str  # also the engine's request id, so step records can be matched to responses
     model: str
     usage: UsageInfo = field(default_factory=UsageInfo)
-    num_tokens: int = 0
     created: int = field(default_factory=lambda: int(time.time()))  # the same in every chunk
 
-    def chunk(self, delta: DeltaMessage, logprobs: ChatLogprobs | None = None,
-              completion: CompletionOutput | None = None) -> ChatCompletionChunk:
-        finish = completion.finish_reason if completion else None
-        stop = completion.stop_reason if completion else None
-        choice = ChatChunkChoice(index=0, delta=delta, logprobs=logprobs, finish_reason=finish,
-                                 stop_reason=stop)
+    def chunk(self, choices: list[ChatChunkChoice],
+              usage: UsageInfo | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
-                                   choices=[choice])
+                                   choices=choices, usage=usage)
+
+    def take(self, output: RequestOutput) -> list[CompletionOutput]:
+        """The output's choice deltas; counts its tokens into the usage."""
+        prompt_tokens = len(output.prompt_token_ids) if output.finished else 0
+        self.usage.add(prompt_tokens, sum(len(c.token_ids) for c in output.outputs))
+        return output.outputs
 
     def logprobs(self, completion: CompletionOutput) -> ChatLogprobs | None:
         if not self.request.logprobs:
@@ -63,62 +64,78 @@ class _Job:
         return chat_logprobs(completion.token_ids, completion.logprobs or [],
                              self.request.top_logprobs or 0)
 
-    def count(self, output: RequestOutput) -> None:
-        self.num_tokens += len(output.outputs[0].token_ids)
-        if output.finished:
-            self.usage.add(len(output.prompt_token_ids), self.num_tokens)
+
+def merge_choice(whole: dict[int, ChatChoice], delta: CompletionOutput,
+                 logprobs: ChatLogprobs | None) -> None:
+    """Add one choice delta to the whole response's choices."""
+    choice = whole.setdefault(delta.index, ChatChoice(
+        index=delta.index, message=ChatResponseMessage(content=""),
+        logprobs=ChatLogprobs(content=[]) if logprobs is not None else None))
+    choice.message.content += delta.text
+    if logprobs is not None:
+        choice.logprobs.content.extend(logprobs.content or [])
+    if delta.finish_reason is not None:
+        choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
 
 
 class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(self, request: ChatCompletionRequest,
                                      raw_request: Request) -> Response:
         model = self.check_request(request)
-        params = self.sampling_params(request, request.stream)
+        params = self.sampling_params(request)
         prompt = await render_chat(self.require_tokenizer(), request.messages,
                                    request.add_generation_prompt, request.continue_final_message)
+        if request.cache_salt is not None:
+            prompt["cache_salt"] = request.cache_salt
         job = _Job(request, random_id("chatcmpl"), model)
-        stream = await self.submit([NewRequest(job.id, prompt, params)])
+        stream = await self.submit([NewRequest(job.id, prompt, params, request.priority)])
         if request.stream:
             return sse_response(self._stream(job, stream))
         return await cancel_on_disconnect(raw_request, self._collect(job, stream))
 
     async def _stream(self, job: _Job, stream: OutputStream) -> AsyncIterator[str]:
-        """role delta, content deltas, a finish chunk, [usage], [DONE]: what OpenAI sends."""
+        """Per choice: a role delta, content deltas, a finish chunk; then [usage], [DONE]."""
         try:
-            yield sse_event(job.chunk(DeltaMessage(role="assistant", content="")))
+            roles = [ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                     for i in range(job.request.n)]
+            yield sse_event(job.chunk(roles))
             async for output in stream:
-                job.count(output)
-                completion = output.outputs[0]
-                logprobs = job.logprobs(completion)
-                if completion.text or logprobs:
-                    yield sse_event(job.chunk(DeltaMessage(content=completion.text), logprobs))
-                if output.finished:
-                    yield sse_event(job.chunk(DeltaMessage(), completion=completion))
+                for completion in job.take(output):
+                    for chunk in self._chunks(job, completion):
+                        yield sse_event(chunk)
             if job.request.include_usage:
-                yield sse_event(ChatCompletionChunk(id=job.id, created=job.created,
-                                                    model=job.model, choices=[], usage=job.usage))
+                yield sse_event(job.chunk([], job.usage))
         except (EngineStepError, EngineDeadError) as exc:
             yield sse_event(error_body(500, str(exc), code="engine_error"))
         finally:
             stream.abort()  # a no-op once finished; frees the KV blocks of a disconnected client
         yield SSE_DONE
 
+    @staticmethod
+    def _chunks(job: _Job, completion: CompletionOutput) -> list[ChatCompletionChunk]:
+        chunks = []
+        logprobs = job.logprobs(completion)
+        if completion.text or (logprobs and logprobs.content):
+            delta = DeltaMessage(content=completion.text)
+            chunks.append(job.chunk([ChatChunkChoice(index=completion.index, delta=delta,
+                                                     logprobs=logprobs)]))
+        if completion.finish_reason is not None:
+            chunks.append(job.chunk([ChatChunkChoice(
+                index=completion.index, delta=DeltaMessage(),
+                finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)]))
+        return chunks
+
     async def _collect(self, job: _Job, stream: OutputStream) -> Response:
-        final = None
+        whole: dict[int, ChatChoice] = {}
         try:
             async for output in stream:
-                final = output
+                for completion in job.take(output):
+                    merge_choice(whole, completion, job.logprobs(completion))
         except (EngineStepError, EngineDeadError) as exc:
             raise OpenAIError(500, str(exc), code="engine_error") from exc
         finally:
             stream.abort()
-        assert final is not None and final.finished
-        job.count(final)
-        completion = final.outputs[0]
-        choice = ChatChoice(index=0, message=ChatResponseMessage(content=completion.text),
-                            logprobs=job.logprobs(completion),
-                            finish_reason=completion.finish_reason,
-                            stop_reason=completion.stop_reason)
+        choices = [whole[index] for index in sorted(whole)]
         return json_response(ChatCompletionResponse(id=job.id, created=job.created,
-                                                    model=job.model, choices=[choice],
+                                                    model=job.model, choices=choices,
                                                     usage=job.usage))
