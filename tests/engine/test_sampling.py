@@ -57,11 +57,16 @@ def test_max_tokens_and_length_finish(llm):
     assert len(out.token_ids) == 5 and out.finish_reason == "length"
 
 
-def test_eos_stops_unless_ignored(llm):
-    tokenizer = llm.get_tokenizer()
+def say_hi_chat_prompt(tokenizer) -> TokensPrompt:
+    """A chat turn the model answers briefly and ends with EOS."""
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}],
                                          tokenize=False, add_generation_prompt=True)
-    prompt = TokensPrompt(prompt_token_ids=tokenizer.encode(chat, add_special_tokens=False))
+    return TokensPrompt(prompt_token_ids=tokenizer.encode(chat, add_special_tokens=False))
+
+
+def test_eos_stops_unless_ignored(llm):
+    tokenizer = llm.get_tokenizer()
+    prompt = say_hi_chat_prompt(tokenizer)
     out = run(llm, prompt, temperature=0, max_tokens=200)
     assert out.finish_reason == "stop" and out.stop_reason is None
     assert out.token_ids[-1] == tokenizer.eos_token_id
@@ -73,9 +78,7 @@ def test_eos_stops_unless_ignored(llm):
 
 def test_min_tokens_holds_back_eos(llm):
     tokenizer = llm.get_tokenizer()
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}],
-                                         tokenize=False, add_generation_prompt=True)
-    prompt = TokensPrompt(prompt_token_ids=tokenizer.encode(chat, add_special_tokens=False))
+    prompt = say_hi_chat_prompt(tokenizer)
     natural = run(llm, prompt, temperature=0, max_tokens=200)
     longer = run(llm, prompt, temperature=0, max_tokens=200, min_tokens=len(natural.token_ids) + 3)
     assert len(longer.token_ids) >= len(natural.token_ids) + 3
