@@ -1,12 +1,11 @@
-"""Beam search over the engine, with transformers' semantics.
+"""Beam search with transformers' semantics: the parameters, the results, and the ranking.
 
-Each step asks the engine for one token per live beam with the top 2W logprobs (W = beam_width).
-All beams of a prompt are requests over the same prefix, so the prefix cache hands every full
-block to each of them by reference count: the prompt and the shared history are computed once,
-only a beam's last partial block is recomputed. Candidates are ranked by cumulative logprob; a
-candidate ending in EOS among the top W becomes a finished hypothesis scored
-`cum_logprob / generated_len ** length_penalty`; the search ends after max_tokens steps or when no
-live beam can beat the W finished ones, and the best W hypotheses come back, best first.
+Each step every live beam offers its top 2W continuations (W = beam_width). Candidates are ranked
+by cumulative logprob; a candidate ending in EOS among the top W becomes a finished hypothesis
+scored `cum_logprob / generated_len ** length_penalty`; the W best others live on. The search
+ends after max_tokens steps or when no live beam can beat the W finished ones, and the best W
+hypotheses come back, best first. engine/beam.py runs it inside the engine, with beams as
+requests that fork from each other.
 """
 
 from __future__ import annotations
@@ -39,6 +38,12 @@ class BeamSearchSequence:
     text: str | None = None
     finish_reason: str | None = None
     score: float = 0.0
+    parent: BeamSearchSequence | None = field(default=None, repr=False)  # during a step only
+
+
+def beam_score(cum_logprob: float, generated: int, length_penalty: float) -> float:
+    """transformers' ranking of finished hypotheses: length-normalised log-likelihood."""
+    return cum_logprob / max(generated, 1) ** length_penalty
 
 
 @dataclass
@@ -60,8 +65,7 @@ class BeamState:
     done: bool = False
 
     def score(self, beam: BeamSearchSequence) -> float:
-        generated = len(beam.tokens) - self.prompt_len
-        return beam.cum_logprob / max(generated, 1) ** self.length_penalty
+        return beam_score(beam.cum_logprob, len(beam.tokens) - self.prompt_len, self.length_penalty)
 
     def advance(self, candidates: list[tuple[float, BeamSearchSequence, int]],
                 eos_token_id: int | None) -> None:
@@ -69,7 +73,7 @@ class BeamState:
         candidates.sort(key=lambda c: c[0], reverse=True)
         live, self.live_in_top = [], []
         for rank, (cum, parent, token) in enumerate(candidates[: 2 * self.width]):
-            beam = BeamSearchSequence(parent.tokens + [token], cum)
+            beam = BeamSearchSequence(parent.tokens + [token], cum, parent=parent)
             if token == eos_token_id:
                 if rank < self.width:  # only the top W candidates may finish (as in HF)
                     beam.finish_reason = "stop"
@@ -84,6 +88,7 @@ class BeamState:
         self.done = not live or self.stopped_early
 
     def _add_finished(self, beam: BeamSearchSequence) -> None:
+        beam.parent = None
         beam.score = self.score(beam)
         self.finished.append(beam)
         self.finished.sort(key=lambda b: b.score, reverse=True)
@@ -105,56 +110,3 @@ class BeamState:
                 self._add_finished(beam)
         return self.finished
 
-
-class BeamSearch:
-    """The search over several prompts, independent of how the engine is driven: ask `pending()`
-    for the token lists to extend, run them one token each with `step_params`, hand the top
-    logprobs back to `advance()`, until `done`."""
-
-    def __init__(self, prompts: list[list[int]], params: BeamSearchParams,
-                 eos_token_id: int | None) -> None:
-        self.params = params
-        self.eos = None if params.ignore_eos else eos_token_id
-        self.states = [BeamState(len(ids), params.beam_width, params.length_penalty,
-                                 [BeamSearchSequence(list(ids))]) for ids in prompts]
-        self.steps = 0
-        self._asked: list[tuple[BeamState, BeamSearchSequence]] = []
-
-    @property
-    def step_params(self):
-        from pagedllm.sampling_params import SamplingParams
-
-        return SamplingParams(temperature=0, max_tokens=1, logprobs=2 * self.params.beam_width,
-                              ignore_eos=True, detokenize=False)
-
-    @property
-    def done(self) -> bool:
-        return self.steps >= self.params.max_tokens or all(s.done for s in self.states)
-
-    def pending(self) -> list[list[int]]:
-        self._asked = [(state, beam) for state in self.states if not state.done
-                       for beam in state.live]
-        return [beam.tokens for _, beam in self._asked]
-
-    def advance(self, top_logprobs: list[dict]) -> None:
-        """top_logprobs[i]: {token_id: Logprob} for the i-th pending sequence."""
-        candidates: dict[int, list] = {id(state): [] for state, _ in self._asked}
-        for (state, beam), entries in zip(self._asked, top_logprobs):
-            for token, logprob in entries.items():
-                candidates[id(state)].append((beam.cum_logprob + logprob.logprob, beam, token))
-        for state in {id(s): s for s, _ in self._asked}.values():
-            state.advance(candidates[id(state)], self.eos)
-        self.steps += 1
-
-    def outputs(self, decode) -> list[BeamSearchOutput]:
-        """decode(generated token ids) -> text, or None without a tokenizer."""
-        results = []
-        for state in self.states:
-            sequences = state.result()
-            for seq in sequences:
-                generated = seq.tokens[state.prompt_len:]
-                if seq.finish_reason == "stop" and not self.params.include_stop_str_in_output:
-                    generated = generated[:-1]
-                seq.text = decode(generated)
-            results.append(BeamSearchOutput(sequences))
-        return results

@@ -280,14 +280,24 @@ class Scheduler:
             request = self.requests.get(request_id)
             if request is None or not request.pending_fork_ids or request.status.finished:
                 continue
-            position = self.running.index(request) + 1
-            for child_id in request.pending_fork_ids:
-                child = request.fork(child_id)
-                self.requests[child_id] = child
-                self.kv.fork(request, child)
-                self.running.insert(position, child)
-                position += 1
+            for child_id in reversed(request.pending_fork_ids):  # each lands right after it
+                self.fork_request(request, child_id)
             request.pending_fork_ids = []
+
+    def fork_request(self, parent: Request, child_id: str) -> Request:
+        """Start `child_id` as a copy of a running request, sharing all of its blocks."""
+        child = parent.fork(child_id)
+        self.requests[child_id] = child
+        self.kv.fork(parent, child)
+        self.running.insert(self.running.index(parent) + 1, child)
+        return child
+
+    def replace_last_token(self, request_id: str, token_id: int) -> None:
+        """Swap the token sampled last, whose K/V is not computed yet (beam search picks its
+        own continuations from the logprobs)."""
+        request = self.requests[request_id]
+        request.output_token_ids[-1] = token_id
+        request.all_token_ids[-1] = token_id
 
     def _free(self, request: Request, status: RequestStatus) -> None:
         request.status = status

@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pagedllm.beam_search import BeamSearchParams
 from pagedllm.config import EngineArgs
 from pagedllm.core.stats import KVCacheStats
 from pagedllm.engine.engine import LLMEngine, StepRecord
@@ -50,7 +51,7 @@ class EngineStepError(RuntimeError):
 class NewRequest:
     request_id: str
     prompt: PromptType
-    params: SamplingParams
+    params: SamplingParams | BeamSearchParams
     priority: int = 0  # lower first, under scheduling_policy="priority"
 
 
@@ -126,6 +127,14 @@ class OutputStream:
     # Called on the event loop (scheduled there by the engine thread).
     def _put(self, item: RequestOutput | BaseException) -> None:
         self._queue.put_nowait(item)
+
+
+def _tracking_params(params: SamplingParams | BeamSearchParams) -> SamplingParams:
+    """A beam search answers once, at the end, with beam_width choices: track it as that."""
+    if isinstance(params, BeamSearchParams):
+        return SamplingParams(n=params.beam_width, temperature=1.0,
+                              output_kind=RequestOutputKind.FINAL_ONLY)
+    return params
 
 
 @dataclass(slots=True, eq=False)
@@ -334,14 +343,18 @@ class AsyncLLM:
         added: list[str] = []
         try:
             for r in requests:
-                self.engine.add_request(r.request_id, r.prompt, r.params, arrival,
-                                        priority=r.priority)
+                if isinstance(r.params, BeamSearchParams):
+                    self.engine.add_beam_search(r.request_id, r.prompt, r.params, arrival,
+                                                priority=r.priority)
+                else:
+                    self.engine.add_request(r.request_id, r.prompt, r.params, arrival,
+                                            priority=r.priority)
                 added.append(r.request_id)
         except Exception:
             self.engine.abort_request(added)  # all or none, like LLM.generate
             raise
         for r in requests:
-            self._tracked[r.request_id] = _Tracked(stream, r.params, arrival)
+            self._tracked[r.request_id] = _Tracked(stream, _tracking_params(r.params), arrival)
 
     def _abort(self, request_ids: list[str]) -> None:
         finals = [self._aborted_output(r) for r in request_ids if r in self._tracked]

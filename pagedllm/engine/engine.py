@@ -9,12 +9,15 @@ from dataclasses import dataclass
 import torch
 
 from pagedllm.attention import get_attention_backend
+from pagedllm.beam_search import BeamSearchParams
 from pagedllm.config import CacheConfig, EngineArgs, SchedulerConfig
 from pagedllm.core.block_pool import BlockPool
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request import RequestStatus
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.core.stats import KVCacheStats
+from pagedllm.engine.beam import BeamSearchManager
+from pagedllm.engine.beam import step_params as beam_step_params
 from pagedllm.engine.output import OutputProcessor, sequence_id
 from pagedllm.engine.processor import Processor
 from pagedllm.inputs import PromptType
@@ -88,6 +91,8 @@ class LLMEngine:
                                    self.cache_config.num_blocks * args.block_size,
                                    self.model_config.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.beam_search = BeamSearchManager(self.scheduler, self.tokenizer,
+                                             self.processor.eos_token_id)
         self.step_records: deque[StepRecord] = deque(maxlen=100_000)
         self.num_steps = 0
         self.startup_seconds = time.perf_counter() - started
@@ -137,8 +142,20 @@ class LLMEngine:
         self.output_processor.add_request(request_id, text, request.prompt_token_ids,
                                           request.sampling_params, request.arrival_time)
 
+    def add_beam_search(self, request_id: str, prompt: PromptType, params: BeamSearchParams,
+                        arrival_time: float | None = None, priority: int = 0) -> None:
+        """Queue a beam search (engine/beam.py); its one RequestOutput comes when it ends, with
+        the beams best first as `outputs`."""
+        first_id = f"{request_id}#beam0"
+        request, text = self.processor.process(first_id, prompt, beam_step_params(params),
+                                               arrival_time)
+        request.priority = priority
+        self.beam_search.start(request_id, text, request.prompt_token_ids, params, first_id)
+        self.scheduler.add_request(request)
+
     def abort_request(self, request_ids: str | list[str]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        self.beam_search.abort(ids)
         sequence_ids = self.output_processor.abort(ids)
         self.scheduler.finish_requests(ids + sequence_ids, RequestStatus.FINISHED_ABORTED)
 
@@ -161,8 +178,12 @@ class LLMEngine:
         runner_output = self.runner.execute(scheduler_output)
         core_outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
         self.output_processor.add_prompt_logprobs(runner_output.prompt_logprobs)
+        beams = [o for o in core_outputs if self.beam_search.owns(o.request_id)]
+        if beams:
+            core_outputs = [o for o in core_outputs if not self.beam_search.owns(o.request_id)]
         outputs, stopped = self.output_processor.process(core_outputs)
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        outputs += self.beam_search.process(beams)
         self._record(scheduler_output, time.perf_counter() - started)
         return outputs
 

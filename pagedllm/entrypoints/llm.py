@@ -9,7 +9,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from pagedllm.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
+from pagedllm.beam_search import (
+    BeamSearchOutput,
+    BeamSearchParams,
+    BeamSearchSequence,
+    beam_score,
+)
 from pagedllm.config import EngineArgs
 from pagedllm.engine.engine import LLMEngine
 from pagedllm.inputs import PromptType
@@ -69,18 +74,28 @@ class LLM:
 
     def beam_search(self, prompts: Sequence[PromptType],
                     params: BeamSearchParams) -> list[BeamSearchOutput]:
-        """Beam search per prompt (see pagedllm/beam_search.py); sequences best first."""
+        """Beam search per prompt, inside the engine (engine/beam.py): beams fork from each
+        other and share blocks copy-on-write. Sequences come back best first."""
         engine = self.llm_engine
-        search = BeamSearch([engine.processor.tokenize(p)[1] for p in prompts], params,
-                            engine.processor.eos_token_id)
-        while not search.done:
-            token_lists = search.pending()
-            outputs = self.generate([{"prompt_token_ids": t} for t in token_lists],
-                                    search.step_params, use_tqdm=False)
-            search.advance([o.outputs[0].logprobs[0] for o in outputs])
-        tokenizer = self.get_tokenizer()
-        return search.outputs(lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
-                              if tokenizer is not None else None)
+        request_ids: list[str] = []
+        try:
+            for prompt in prompts:
+                request_id = str(next(self._counter))
+                engine.add_beam_search(request_id, prompt, params)
+                request_ids.append(request_id)
+        except Exception:
+            engine.abort_request(request_ids)
+            raise
+        return [self._beam_output(output, params) for output in self._run(request_ids, False)]
+
+    @staticmethod
+    def _beam_output(output: RequestOutput, params: BeamSearchParams) -> BeamSearchOutput:
+        return BeamSearchOutput([
+            BeamSearchSequence(output.prompt_token_ids + c.token_ids, c.cumulative_logprob,
+                               c.text, c.finish_reason,
+                               beam_score(c.cumulative_logprob, len(c.token_ids),
+                                          params.length_penalty))
+            for c in output.outputs])
 
     @staticmethod
     def _params_per_prompt(params, count: int) -> list[SamplingParams]:

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
-from pagedllm.beam_search import BeamSearch, BeamSearchParams
+from pagedllm.beam_search import BeamSearchParams
 from pagedllm.engine.async_engine import (
     EngineDeadError,
     EngineStepError,
@@ -127,9 +127,7 @@ class OpenAIServingCompletion(OpenAIServing):
 
     async def _beam_search(self, request: CompletionRequest, request_id: str, model: str,
                            prompts: list[PromptType]) -> Response:
-        """Beam search driven step by step through the engine; n beams per prompt come back."""
-        token_lists = [p["prompt_token_ids"] if "prompt_token_ids" in p
-                       else self.require_tokenizer().encode(p["prompt"]) for p in prompts]
+        """One engine beam search per prompt (engine/beam.py); its n best beams are the choices."""
         try:
             params = BeamSearchParams(beam_width=max(request.n, request.best_of or 1),
                                       max_tokens=request.max_tokens or 16,
@@ -138,36 +136,25 @@ class OpenAIServingCompletion(OpenAIServing):
                                       include_stop_str_in_output=request.include_stop_str_in_output)
         except ValueError as exc:
             raise OpenAIError.bad_request(str(exc)) from exc
-        eos = await self.engine.call(lambda engine: engine.processor.eos_token_id)
-        search = BeamSearch(token_lists, params, eos)
-        while not search.done:
-            pending = search.pending()
-            ids = [f"{request_id}-step{search.steps}-{i}" for i in range(len(pending))]
-            stream = await self.submit([NewRequest(r, {"prompt_token_ids": t}, search.step_params)
-                                        for r, t in zip(ids, pending)])
-            last: dict[str, RequestOutput] = {}
-            try:
-                async for output in stream:
-                    last[output.request_id] = output
-            finally:
-                stream.abort()
-            search.advance([last[r].outputs[0].logprobs[0] for r in ids])
-        return json_response(self._beam_response(request, request_id, model, token_lists, search))
-
-    def _beam_response(self, request: CompletionRequest, request_id: str, model: str,
-                       token_lists: list[list[int]], search: BeamSearch) -> CompletionResponse:
-        tokenizer = self.tokenizer
-        decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer \
-            else (lambda ids: "")
+        ids = [f"{request_id}-{i}" for i in range(len(prompts))]
+        stream = await self.submit([NewRequest(r, p, params, request.priority)
+                                    for r, p in zip(ids, prompts)])
+        finals: dict[str, RequestOutput] = {}
+        try:
+            async for output in stream:
+                finals[output.request_id] = output
+        finally:
+            stream.abort()
         choices, usage = [], UsageInfo()
-        for i, (prompt_ids, output) in enumerate(zip(token_lists, search.outputs(decode))):
-            best = output.sequences[: request.n]
-            usage.add(len(prompt_ids), sum(len(s.tokens) - len(prompt_ids) for s in best))
-            choices += [CompletionChoice(index=i * request.n + j, text=seq.text,
-                                         finish_reason=seq.finish_reason)
-                        for j, seq in enumerate(best)]
-        return CompletionResponse(id=request_id, created=int(time.time()), model=model,
-                                  choices=choices, usage=usage)
+        for i, request_key in enumerate(ids):
+            output = finals[request_key]
+            best = output.outputs[: request.n]
+            usage.add(len(output.prompt_token_ids), sum(len(c.token_ids) for c in best))
+            choices += [CompletionChoice(index=i * request.n + j, text=c.text,
+                                         finish_reason=c.finish_reason)
+                        for j, c in enumerate(best)]
+        return json_response(CompletionResponse(id=request_id, created=int(time.time()),
+                                                model=model, choices=choices, usage=usage))
 
     def _prompts(self, prompt: str | list, cache_salt: str | None) -> list[PromptType]:
         extra = {"cache_salt": cache_salt} if cache_salt is not None else {}
