@@ -205,9 +205,6 @@ class KVCacheManager:
         self._num_cached.pop(request.request_id, None)
         self.pool.free(reversed(blocks))
 
-    def num_allocated_slots(self) -> int:
-        return sum(len(b) for b in self._blocks.values()) * self.block_size
-
     def num_empty_slots(self, requests: Iterable[Request]) -> int:
         """Allocated slots that hold no token yet: the unfilled end of each request's table
         (internal fragmentation). A last block shared by forks is counted once."""
