@@ -1,27 +1,30 @@
 """Offline throughput: pagedllm's LLM.generate against transformers' batched generate.
 
 Both engines get the same token-id prompts and must produce exactly `output_len` tokens each
-(EOS ignored), so they do the same work; only requested output tokens are counted.
+(EOS ignored), so they do the same work; only requested output tokens are counted. The prompts
+are random tokens (`--input-len`, `--output-len`, `--range-ratio`, `--seed`) or a JSONL dataset
+(`--dataset`, format in bench/dataset.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import resource
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
+from pagedllm.bench.dataset import (
+    WorkItem,
+    load_dataset,
+    synthetic_token_workload,
+    with_token_ids,
+)
 from pagedllm.config import EngineArgs
 
-
-@dataclass
-class WorkItem:
-    prompt_token_ids: list[int]
-    output_len: int
+DEFAULT_NUM_PROMPTS = 64
 
 
 @dataclass
@@ -48,19 +51,6 @@ class ThroughputResult:
         return {**asdict(self), "requests_per_s": self.requests_per_s,
                 "output_tokens_per_s": self.output_tokens_per_s,
                 "total_tokens_per_s": self.total_tokens_per_s}
-
-
-def synthetic_workload(num_prompts: int, input_len: int, output_len: int, range_ratio: float,
-                       vocab_size: int, seed: int, skip_ids: set[int]) -> list[WorkItem]:
-    """Random token prompts; lengths uniform in [len * (1 - ratio), len * (1 + ratio)]."""
-    rng = random.Random(seed)
-    allowed = [t for t in range(min(vocab_size, 32000)) if t not in skip_ids]
-
-    def length(mean: int) -> int:
-        return max(1, rng.randint(int(mean * (1 - range_ratio)), int(mean * (1 + range_ratio))))
-
-    return [WorkItem([rng.choice(allowed) for _ in range(length(input_len))], length(output_len))
-            for _ in range(num_prompts)]
 
 
 def run_pagedllm(llm, work: list[WorkItem]) -> ThroughputResult:
@@ -118,10 +108,16 @@ def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("throughput", help="offline throughput, optionally vs transformers")
-    parser.add_argument("--num-prompts", type=int, default=64)
-    parser.add_argument("--input-len", type=int, default=200)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--range-ratio", type=float, default=0.0)
+    parser.add_argument("--num-prompts", type=int, default=None,
+                        help=f"requests to run (default: {DEFAULT_NUM_PROMPTS}, or the whole "
+                             "--dataset)")
+    parser.add_argument("--dataset", default=None,
+                        help="JSONL file of {prompt | prompt_token_ids, output_len} per line "
+                             "(default: random token prompts)")
+    parser.add_argument("--input-len", type=int, default=200, help="synthetic prompt length")
+    parser.add_argument("--output-len", type=int, default=128, help="synthetic output length")
+    parser.add_argument("--range-ratio", type=float, default=0.0,
+                        help="synthetic lengths vary uniformly by this fraction either way")
     parser.add_argument("--baseline", choices=["none", "hf"], default="none")
     parser.add_argument("--hf-batch-sizes", type=lambda s: [int(x) for x in s.split(",")],
                         default=[16, 64], help="transformers batch sizes to try; the best counts")
@@ -135,14 +131,13 @@ def add_parser(subparsers) -> None:
 def main(args: argparse.Namespace) -> int:
     from pagedllm import LLM
 
+    # A bad dataset line should fail in a second, not after the model has loaded.
+    dataset = load_dataset(args.dataset, args.num_prompts) if args.dataset else None
     started = time.perf_counter()
     llm = LLM(**vars(EngineArgs.from_cli_args(args)))
     startup = time.perf_counter() - started
     engine = llm.llm_engine
-    tokenizer = llm.get_tokenizer()
-    skip = set(getattr(tokenizer, "all_special_ids", []) or [])
-    work = synthetic_workload(args.num_prompts, args.input_len, args.output_len, args.range_ratio,
-                              engine.model_config.vocab_size, args.seed, skip)
+    work = build_workload(args, llm, dataset)
     first_step = engine.num_steps
     results = [run_pagedllm(llm, work)]
     kv_cache = kv_cache_report(engine, first_step)
@@ -169,6 +164,18 @@ def main(args: argparse.Namespace) -> int:
         with open(args.output_json, "w") as handle:
             json.dump(report, handle, indent=2, default=str)
     return 0
+
+
+def build_workload(args: argparse.Namespace, llm,
+                   dataset: list[WorkItem] | None) -> list[WorkItem]:
+    """The dataset's requests with token ids (both engines run on ids), or random prompts."""
+    tokenizer = llm.get_tokenizer()
+    if dataset is not None:
+        return with_token_ids(dataset, tokenizer)
+    skip = set(getattr(tokenizer, "all_special_ids", []) or [])
+    return synthetic_token_workload(args.num_prompts or DEFAULT_NUM_PROMPTS, args.input_len,
+                                    args.output_len, args.range_ratio,
+                                    llm.llm_engine.model_config.vocab_size, args.seed, skip)
 
 
 def kv_cache_report(engine, first_step: int) -> dict:

@@ -86,11 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_bench_parser(commands) -> None:
-    from pagedllm.bench import throughput
+    from pagedllm.bench import latency, serve, throughput
 
     bench = commands.add_parser("bench", help="measure throughput and latency")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
-    throughput.add_parser(kinds)
+    for kind in (throughput, latency, serve):
+        kind.add_parser(kinds)
 
 
 def main(argv: list[str] | None = None) -> int:
