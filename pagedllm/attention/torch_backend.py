@@ -34,7 +34,7 @@ def gather_context(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Ten
 
 class TorchAttentionBackend(AttentionBackend):
     def forward(self, query, key, value, kv_cache, metadata: AttentionMetadata, scale):
-        write_kv(kv_cache, key, value, metadata.slot_mapping)
+        self.write_kv(kv_cache, key, value, metadata.slot_mapping)
         output = torch.empty_like(query)
         n = metadata.num_decodes
         if n:
@@ -43,6 +43,9 @@ class TorchAttentionBackend(AttentionBackend):
             rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
             output[rows] = self._prefill(query[rows], key[rows], value[rows], kv_cache, chunk, scale)
         return output
+
+    def write_kv(self, kv_cache, key, value, slot_mapping) -> None:
+        write_kv(kv_cache, key, value, slot_mapping)
 
     def _decode(self, query, kv_cache, metadata: AttentionMetadata, scale):
         """Two batched matmuls with the query heads grouped under their KV head (GQA without
@@ -59,19 +62,21 @@ class TorchAttentionBackend(AttentionBackend):
         return torch.matmul(probs, values).view(n, -1, dim)
 
     def _prefill(self, query, key, value, kv_cache, chunk: PrefillChunk, scale):
-        q = query.transpose(0, 1)  # [heads, q_len, dim]
+        # SDPA gets 4-D [1, heads, len, dim] inputs: with 3-D ones the CPU build falls back to
+        # its slow "math" path instead of the flash kernel.
+        q = query.transpose(0, 1)[None]
         if chunk.context_len == chunk.query_len:  # no cached prefix: the new keys are all there is
             out = F.scaled_dot_product_attention(
-                q, key.transpose(0, 1), value.transpose(0, 1),
+                q, key.transpose(0, 1)[None], value.transpose(0, 1)[None],
                 is_causal=True, scale=scale, enable_gqa=True,
             )
-            return out.transpose(0, 1)
+            return out[0].transpose(0, 1)
         keys = gather_context(kv_cache[0], chunk.block_table)[:, : chunk.context_len]
         values = gather_context(kv_cache[1], chunk.block_table)[:, : chunk.context_len]
         prefix = chunk.context_len - chunk.query_len
         q_pos = torch.arange(chunk.query_len, device=query.device)[:, None] + prefix
         k_pos = torch.arange(chunk.context_len, device=query.device)[None, :]
         out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=k_pos <= q_pos, scale=scale, enable_gqa=True,
+            q, keys[None], values[None], attn_mask=k_pos <= q_pos, scale=scale, enable_gqa=True,
         )
-        return out.transpose(0, 1)
+        return out[0].transpose(0, 1)

@@ -13,6 +13,7 @@ import json
 import resource
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -68,13 +69,21 @@ def run_pagedllm(llm, work: list[WorkItem]) -> ThroughputResult:
                             sum(len(w.prompt_token_ids) for w in work), produced)
 
 
-def run_transformers(model_path: str, dtype: torch.dtype, work: list[WorkItem],
+def load_transformers_model(path: Path, dtype: torch.dtype):
+    """An HF folder, or a .gguf file that transformers dequantizes itself."""
+    from transformers import AutoModelForCausalLM
+
+    if path.suffix == ".gguf":
+        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                    dtype=dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def run_transformers(model_path: Path, dtype: torch.dtype, work: list[WorkItem],
                      batch_size: int) -> ThroughputResult:
     """Batched, left-padded, sorted by length; each batch runs to its longest output and only the
     requested tokens are counted."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
+    model = load_transformers_model(model_path, dtype)
     order = sorted(work, key=lambda w: len(w.prompt_token_ids))
     started = time.perf_counter()
     for i in range(0, len(order), batch_size):
@@ -122,7 +131,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--hf-batch-sizes", type=lambda s: [int(x) for x in s.split(",")],
                         default=[16, 64], help="transformers batch sizes to try; the best counts")
     parser.add_argument("--hf-model", default=None,
-                        help="HF folder for the baseline (default: --model when it is a folder)")
+                        help="HF folder or .gguf for the baseline (default: the engine's model)")
     parser.add_argument("--output-json", default=None)
     EngineArgs.add_cli_args(parser)
     parser.set_defaults(handler=main)
@@ -142,9 +151,7 @@ def main(args: argparse.Namespace) -> int:
     results = [run_pagedllm(llm, work)]
     kv_cache = kv_cache_report(engine, first_step)
     if args.baseline == "hf":
-        hf_path = args.hf_model or args.model
-        if hf_path is None or engine.model_config.source.is_gguf:
-            raise ValueError("--baseline hf needs an HF folder: pass --hf-model PATH")
+        hf_path = Path(args.hf_model) if args.hf_model else engine.model_config.source.path
         results += [run_transformers(hf_path, engine.model_config.dtype, work, bs)
                     for bs in args.hf_batch_sizes]
     report = {

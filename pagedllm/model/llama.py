@@ -3,7 +3,8 @@
 Per layer:  x -> RMSNorm -> qkv_proj -> rotary -> paged attention -> o_proj -> + x
               -> RMSNorm -> gate_up_proj -> SiLU(gate) * up -> down_proj -> + x
 q/k/v and gate/up are fused into one matmul each; the checkpoint's separate tensors are loaded
-into their slices (see MergedLinear).
+into their slices (see MergedLinear). The residual stream travels beside the hidden state so
+that each "+ x" is fused into the RMSNorm that follows it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from transformers import PretrainedConfig
 
 from pagedllm.attention import AttentionBackend, AttentionMetadata
 from pagedllm.model.layers.activation import SiluAndMul
-from pagedllm.model.layers.linear import MergedLinear
+from pagedllm.model.layers.linear import Linear, MergedLinear
 from pagedllm.model.layers.norm import RMSNorm
 from pagedllm.model.layers.rotary import RotaryEmbedding
 
@@ -47,7 +48,7 @@ class LlamaAttention(nn.Module):
         qkv_bias = getattr(config, "attention_bias", False) or getattr(config, "qkv_bias", False)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=qkv_bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size,
+        self.o_proj = Linear(q_size, config.hidden_size,
                                 bias=getattr(config, "attention_bias", False))
         self.rotary = rotary
         self.backend = backend
@@ -60,7 +61,7 @@ class LlamaAttention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
-        out = self.backend.forward(q, k, v.contiguous(), kv_cache, metadata, self.scale)
+        out = self.backend.forward(q, k, v, kv_cache, metadata, self.scale)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 
 
@@ -70,7 +71,7 @@ class LlamaMLP(nn.Module):
         size, bias = config.intermediate_size, getattr(config, "mlp_bias", False)
         self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=bias)
         self.act = SiluAndMul()
-        self.down_proj = nn.Linear(size, config.hidden_size, bias=bias)
+        self.down_proj = Linear(size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -85,9 +86,15 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions, hidden, kv_cache, metadata):
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), kv_cache, metadata)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, positions, hidden, residual, kv_cache, metadata):
+        """Returns (this layer's MLP output, the residual stream before it is added)."""
+        if residual is None:  # first layer: the embeddings are the residual stream
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -102,10 +109,10 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids, positions, kv_caches: list[KVCache], metadata):
-        hidden = self.embed_tokens(input_ids)
+        hidden, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden = layer(positions, hidden, kv_cache, metadata)
-        return self.norm(hidden)
+            hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
+        return self.norm(hidden, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -114,7 +121,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config, max_model_len, backend)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 
 from pagedllm.attention import AttentionBackend
+from pagedllm.model.layers.linear import prepare_for_inference
 from pagedllm.model.layers.rotary import RotaryEmbedding
 from pagedllm.model.registry import GGUF_ARCHITECTURES, resolve_model_class
 
@@ -159,6 +160,7 @@ def load_model(config: ModelConfig, backend: AttentionBackend, device: str) -> t
             model.load_weights(gguf_file.weights(config.hf_config))
     else:
         model.load_weights(hf_folder_weights(config.source.path))
+    prepare_for_inference(model)
     return model.eval()
 
 

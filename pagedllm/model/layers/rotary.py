@@ -12,6 +12,8 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from pagedllm.ops.cpu import kernels_for
+
 
 def rope_parameters(config: PretrainedConfig) -> dict:
     params = getattr(config, "rope_parameters", None) or {}
@@ -64,7 +66,11 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor,
                 key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """query/key: [tokens, heads, head_dim]."""
+        """query/key: [tokens, heads, head_dim]. On CPU they are rotated in place."""
+        ops = kernels_for(query, key)
+        if ops is not None and query.stride(1) == query.shape[2] == key.stride(1):
+            ops.rotary_embedding(positions, query, key, self.cos, self.sin)
+            return query, key
         cos = self.cos[positions].unsqueeze(1).to(query.dtype)
         sin = self.sin[positions].unsqueeze(1).to(query.dtype)
         return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
