@@ -49,6 +49,8 @@ class Sampler:
         self.generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch):
+        if is_plain_greedy(batch):  # argmax is the same in the model's dtype: skip the copy
+            return logits.argmax(dim=-1).tolist(), None
         logits = logits.float()
         logprob_rows = [i for i, k in enumerate(batch.num_logprobs) if k is not None]
         # Logprobs are the model's own distribution, before any processing (vLLM's default).
@@ -103,6 +105,13 @@ class Sampler:
             values = [float(chosen[row])] + (top_values[row, :k].tolist() if k else [])
             result.append(TokenLogprobs(ids, values, int(ranks[row])))
         return result
+
+
+def is_plain_greedy(batch: SamplingBatch) -> bool:
+    """Greedy rows only, no logprobs and nothing that changes logits."""
+    return (batch.all_greedy and all(k is None for k in batch.num_logprobs)
+            and batch.allowed is None and not any(batch.banned)
+            and batch.logit_bias is None and batch.penalties is None)
 
 
 def apply_logits_processors(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
