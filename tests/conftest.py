@@ -60,6 +60,7 @@ def assert_idle_and_free(engine_llm: LLM) -> None:
     assert engine.block_pool.num_free_blocks == engine.block_pool.num_blocks
     assert all(block.ref_cnt == 0 for block in engine.block_pool.blocks)
     assert not engine.output_processor.states
+    assert not engine.structured_output.active  # no grammar matcher outlives its request
 
 
 @pytest.fixture(scope="session")

@@ -46,6 +46,9 @@ class Request:
     # Parallel sampling (best_of > 1): the ids of the sequences to fork off this one once its
     # prompt is computed; they then share its blocks. Emptied by the fork.
     pending_fork_ids: list[str] = field(default_factory=list)
+    # Structured outputs: True while the request's grammar compiles off the step loop; the
+    # scheduler lets such a request wait without holding up the ones behind it.
+    waiting_for_grammar: bool = False
     stop_reason: int | str | None = None
     all_token_ids: list[int] = field(init=False)
 

@@ -4,7 +4,8 @@ Each step hands out at most `max_num_batched_tokens` tokens. Running requests co
 admission order; each gets all the tokens it still has to compute (one for a decode, a chunk for
 a prompt) as far as the budget lasts. Then waiting requests are admitted, oldest first, while the
 budget, the sequence cap and the free blocks allow. There is no separate prefill or decode phase:
-a request just has `num_computed_tokens` out of `num_tokens`.
+a request just has `num_computed_tokens` out of `num_tokens`. A waiting request whose
+structured-output grammar is still compiling is passed over until it has compiled.
 
 When a running request needs a block and none is free, the most recently admitted request is
 preempted: its blocks are freed and it goes back to the front of the waiting queue, to be
@@ -102,8 +103,12 @@ class Scheduler:
 
         # A step that had to preempt is short of memory: admitting more would only thrash.
         # (So a step never both swaps out and swaps in: no host block is freed and reused in it.)
+        compiling: list[Request] = []
         while not preempted and self.waiting and budget > 0 and self._has_seat():
             request = self.waiting.peek()
+            if request.waiting_for_grammar:  # set aside, so the requests behind it still run
+                compiling.append(self.waiting.pop())
+                continue
             num_new = self._admit(request, budget)
             if num_new is None:
                 break
@@ -112,6 +117,8 @@ class Scheduler:
             self._add_running(request)
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
+        for request in reversed(compiling):  # back where they were, in their order
+            self.waiting.add_preempted(request)
 
         finished, self._finished_since_last_step = self._finished_since_last_step, set()
         copies, self.kv.pending_copies = self.kv.pending_copies, []

@@ -13,7 +13,8 @@ from pagedllm.beam_search import BeamSearchParams
 from pagedllm.config import CacheConfig, EngineArgs, SchedulerConfig
 from pagedllm.core.block_pool import BlockPool
 from pagedllm.core.kv_cache_manager import KVCacheManager
-from pagedllm.core.request import RequestStatus
+from pagedllm.core.outputs import EngineCoreOutput
+from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.core.stats import KVCacheStats
 from pagedllm.engine.beam import BeamSearchManager
@@ -25,6 +26,7 @@ from pagedllm.logger import init_logger
 from pagedllm.model.loader import load_model, load_model_config
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.structured_output.manager import StructuredOutputManager
 from pagedllm.tokenizer import load_tokenizer
 from pagedllm.worker.kv_cache import (
     KVCacheShape,
@@ -36,6 +38,10 @@ from pagedllm.worker.model_runner import ModelRunner
 from pagedllm.worker.swap import SwapSpace
 
 logger = init_logger(__name__)
+
+# A step with nothing to run while grammars compile waits this long for one, instead of
+# spinning (and slowing the compiling thread); short, so adds and aborts are not held up.
+GRAMMAR_WAIT_S = 0.02
 
 
 @dataclass(slots=True)
@@ -91,6 +97,10 @@ class LLMEngine:
                                    self.cache_config.num_blocks * args.block_size,
                                    self.model_config.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.structured_output = StructuredOutputManager(self.tokenizer,
+                                                         self.model_config.vocab_size,
+                                                         self.model_config.eos_token_ids)
+        self.runner.mask_logits = self.structured_output.mask_logits
         self.beam_search = BeamSearchManager(self.scheduler, self.tokenizer,
                                              self.processor.eos_token_id)
         self.step_records: deque[StepRecord] = deque(maxlen=100_000)
@@ -138,9 +148,21 @@ class LLMEngine:
         request.priority = priority
         best_of = request.sampling_params.best_of
         request.pending_fork_ids = [sequence_id(request_id, i) for i in range(1, best_of)]
+        if request.sampling_params.structured_outputs is not None:
+            self._start_grammar(request)
         self.scheduler.add_request(request)
         self.output_processor.add_request(request_id, text, request.prompt_token_ids,
                                           request.sampling_params, request.arrival_time)
+
+    def _start_grammar(self, request: Request) -> None:
+        """Parse the request's constraint (ValueError if bad) and compile it off the step loop;
+        until it has compiled, the scheduler passes the request over."""
+        if request.request_id in self.scheduler.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        sequence_ids = [request.request_id, *request.pending_fork_ids]
+        ready = self.structured_output.add_request(request.request_id, sequence_ids,
+                                                   request.sampling_params.structured_outputs)
+        request.waiting_for_grammar = not ready
 
     def add_beam_search(self, request_id: str, prompt: PromptType, params: BeamSearchParams,
                         arrival_time: float | None = None, priority: int = 0) -> None:
@@ -158,6 +180,7 @@ class LLMEngine:
         self.beam_search.abort(ids)
         sequence_ids = self.output_processor.abort(ids)
         self.scheduler.finish_requests(ids + sequence_ids, RequestStatus.FINISHED_ABORTED)
+        self.structured_output.remove(ids + sequence_ids)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -174,18 +197,57 @@ class LLMEngine:
     # ---- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         started = time.perf_counter()
+        failed = self._start_compiled_grammars() if self.structured_output.has_pending else []
         scheduler_output = self.scheduler.schedule()
+        if not scheduler_output.scheduled and self.structured_output.has_pending:
+            self.structured_output.wait_for_compile(GRAMMAR_WAIT_S)
+        self.structured_output.start_bitmask(scheduler_output.scheduled)  # while the model runs
         runner_output = self.runner.execute(scheduler_output)
-        core_outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        core_outputs = failed + self.scheduler.update_from_output(scheduler_output, runner_output)
+        self._end_by_grammar(core_outputs)
         self.output_processor.add_prompt_logprobs(runner_output.prompt_logprobs)
         beams = [o for o in core_outputs if self.beam_search.owns(o.request_id)]
         if beams:
             core_outputs = [o for o in core_outputs if not self.beam_search.owns(o.request_id)]
         outputs, stopped = self.output_processor.process(core_outputs)
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        if self.structured_output.active:
+            ended = [o.request_id for o in core_outputs if o.finish_reason is not None]
+            self.structured_output.remove(ended + stopped)
         outputs += self.beam_search.process(beams)
         self._record(scheduler_output, time.perf_counter() - started)
         return outputs
+
+    def _start_compiled_grammars(self) -> list[EngineCoreOutput]:
+        """Let the requests whose grammar has compiled be scheduled; a compile that failed
+        (which parsing should have caught) ends its request's sequences with 'abort'."""
+        polled = self.structured_output.poll()
+        for request_id in polled.ready:
+            request = self.scheduler.requests.get(request_id)
+            if request is not None:
+                request.waiting_for_grammar = False
+        outputs = []
+        for request_id, sequence_ids in polled.failed.items():
+            self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ABORTED)
+            outputs += [EngineCoreOutput(s, [], [], finish_reason="abort") for s in sequence_ids]
+        return outputs
+
+    def _end_by_grammar(self, core_outputs: list[EngineCoreOutput]) -> None:
+        """Advance the grammars by this step's tokens. A terminated grammar ends its request
+        with "stop" (even under ignore_eos); a token the grammar rejects (possible only when
+        other constraints left no legal token) is dropped, and the request stops there."""
+        verdicts = self.structured_output.accept_tokens(core_outputs)
+        if not verdicts:
+            return
+        by_id = {o.request_id: o for o in core_outputs}
+        for verdict in verdicts:
+            output = by_id[verdict.request_id]
+            if verdict.rejected:
+                output.new_token_ids, output.new_logprobs = [], []
+            if output.finish_reason is None:
+                output.finish_reason = "stop"
+                self.scheduler.finish_requests([verdict.request_id],
+                                               RequestStatus.FINISHED_STOPPED)
 
     def _record(self, scheduler_output, duration: float) -> None:
         if not scheduler_output.scheduled:

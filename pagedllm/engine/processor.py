@@ -62,6 +62,9 @@ class Processor:
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
                 raise ValueError(f"{name} has token ids outside [0, {self.vocab_size}): {bad[:5]}")
+        if params.structured_outputs is not None and self.tokenizer is None:
+            raise ValueError("structured_outputs needs a tokenizer (the grammar is matched "
+                             "against token texts); this engine has skip_tokenizer_init=True")
         if params.bad_words:
             if self.tokenizer is None:
                 raise ValueError("bad_words needs a tokenizer")

@@ -7,6 +7,7 @@ computed only for the last row of each request whose chunk reaches its end.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,9 @@ class ModelRunner:
         self.device = torch.device(device)
         self.sampler = Sampler(seed, self.device)
         self.generators: dict[str, torch.Generator] = {}  # per seeded request, across steps
+        # Structured outputs: masks the logits rows of constrained sequences in place, given
+        # who samples from each row (StructuredOutputManager.mask_logits). Set by the engine.
+        self.mask_logits: Callable[[torch.Tensor, list[str]], None] | None = None
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -67,6 +71,8 @@ class ModelRunner:
         if not inputs.sampling:
             return ModelRunnerOutput([], [], prompt_logprobs=prompt_logprobs)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        if self.mask_logits is not None:
+            self.mask_logits(logits, inputs.sample_ids)
         batch = self.sampling_batch(inputs.sampling, inputs.sample_ids)
         token_ids, logprobs = self.sampler(logits, batch)
         return ModelRunnerOutput(inputs.sample_ids, token_ids, logprobs, prompt_logprobs)

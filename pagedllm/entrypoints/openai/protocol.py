@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs; the sampler's top-k cost grows with it
 MAX_N = 64  # completions per prompt (n, best_of): each is a sequence in the batch
@@ -59,6 +59,33 @@ class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(OpenAIBaseModel):
+    """OpenAI's `response_format.json_schema`; the schema is always enforced, `strict` or not."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(OpenAIBaseModel):
+    """vLLM's `structured_outputs` field: one of json, regex, choice, grammar, json_object."""
+
+    json_schema: str | dict[str, Any] | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    any_whitespace: bool = False
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
 class SamplingRequest(RequestModel):
     """Sampling fields of /v1/completions and /v1/chat/completions, with vLLM's extras."""
 
@@ -90,7 +117,14 @@ class SamplingRequest(RequestModel):
     cache_salt: str | None = None  # keeps this client's prefix-cache entries to itself
     use_beam_search: bool = False  # /v1/completions only; n (or best_of) is the beam width
     length_penalty: float = 1.0  # beam search only
-    response_format: dict[str, Any] | None = None
+    # Structured outputs: OpenAI's response_format, or vLLM's structured_outputs, or vLLM's
+    # older guided_* fields; at most one of them per request.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -98,12 +132,10 @@ class SamplingRequest(RequestModel):
 
     def unsupported(self) -> list[tuple[str, str]]:
         """(param, reason) for every field that asks for what the engine does not do yet."""
-        not_yet = "is not supported by this server yet"
-        checks = [
-            ("response_format", (self.response_format or {}).get("type", "text") != "text",
-             f"response_format {self.response_format} {not_yet} (only type 'text')"),
-        ]
-        return [(param, reason) for param, bad, reason in checks if bad]
+        if self.use_beam_search and self._structured_sources():
+            return [("use_beam_search", "beam search cannot be combined with structured "
+                                        "outputs (response_format, structured_outputs, guided_*)")]
+        return []
 
     def invalid(self) -> list[tuple[str, str]]:
         """(param, reason) for combinations that are wrong whatever the engine supports."""
@@ -116,7 +148,41 @@ class SamplingRequest(RequestModel):
             problems.append(("logit_bias", "logit_bias values must be in [-100, 100]"))
         if any(not k.lstrip("-").isdigit() for k in bias):
             problems.append(("logit_bias", "logit_bias keys must be token ids"))
+        sources = self._structured_sources()
+        if len(sources) > 1:
+            problems.append((sources[1], f"give one structured-output constraint, not several: "
+                                         f"got {', '.join(sources)}"))
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_schema" and (
+                fmt.json_schema is None or fmt.json_schema.json_schema is None):
+            problems.append(("response_format", "response_format of type json_schema needs "
+                                                "json_schema.schema"))
         return problems
+
+    def _structured_sources(self) -> list[str]:
+        """The fields of this request that ask for a structured output."""
+        sources = [name for name in ("structured_outputs", "guided_json", "guided_regex",
+                                     "guided_choice", "guided_grammar")
+                   if getattr(self, name) is not None]
+        if self.response_format is not None and self.response_format.type != "text":
+            sources.insert(0, "response_format")
+        return sources
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The one constraint asked for, in whichever field; ValueError if it is malformed."""
+        fmt, so = self.response_format, self.structured_outputs
+        if fmt is not None and fmt.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if fmt is not None and fmt.type == "json_schema":
+            return StructuredOutputsParams(json=fmt.json_schema.json_schema)
+        if so is not None:
+            return StructuredOutputsParams(json=so.json_schema, regex=so.regex, choice=so.choice,
+                                           grammar=so.grammar, json_object=so.json_object,
+                                           any_whitespace=so.any_whitespace)
+        guided = {"json": self.guided_json, "regex": self.guided_regex,
+                  "choice": self.guided_choice, "grammar": self.guided_grammar}
+        given = {name: value for name, value in guided.items() if value is not None}
+        return StructuredOutputsParams(**given) if given else None
 
     def to_sampling_params(self, output_kind: RequestOutputKind) -> SamplingParams:
         raise NotImplementedError  # each endpoint's request knows its max_tokens and logprobs
@@ -152,6 +218,7 @@ class SamplingRequest(RequestModel):
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
             allowed_token_ids=self.allowed_token_ids,
             bad_words=self.bad_words,
+            structured_outputs=self.structured_outputs_params(),
             output_kind=output_kind,
             **extra,
         )
