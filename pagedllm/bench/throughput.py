@@ -70,13 +70,21 @@ def run_pagedllm(llm, work: list[WorkItem]) -> ThroughputResult:
 
 
 def load_transformers_model(path: Path, dtype: torch.dtype):
-    """An HF folder, or a .gguf file that transformers dequantizes itself."""
+    """An HF folder, or a .gguf file read by transformers' GGUF loader and then rebuilt as a
+    plain dense model: left to itself transformers keeps GGUF weights quantized and runs its
+    dequantizing kernels, which is not the bf16 baseline users compare against."""
     from transformers import AutoModelForCausalLM
 
-    if path.suffix == ".gguf":
-        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                    dtype=dtype).eval()
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    if path.suffix != ".gguf":
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                  dtype=torch.float32)
+    config = loaded.config
+    del config.quantization_config
+    config.dtype = dtype
+    dense = type(loaded)(config)
+    dense.load_state_dict(loaded.state_dict())
+    return dense.to(dtype).eval()
 
 
 def run_transformers(model_path: Path, dtype: torch.dtype, work: list[WorkItem],
