@@ -6,13 +6,13 @@ KV block back in the free queue.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from pagedllm import LLM
+from pagedllm.config import cache_dir
 from pagedllm.model.loader import default_model_path
 
 _ENGINES: dict[tuple, LLM] = {}
@@ -67,20 +67,16 @@ def assert_idle_and_free(engine_llm: LLM) -> None:
 def reference_dir() -> Path:
     """The default model as an HF folder (safetensors + tokenizer), written by transformers'
     own GGUF loader once and cached on disk: the independent reference for our loaders."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from pagedllm.bench.throughput import load_transformers_model
 
     gguf_path = default_model_path()
     stat = gguf_path.stat()
-    root = Path(os.environ.get("PAGEDLLM_CACHE_DIR") or Path.home() / ".cache" / "pagedllm")
-    folder = root / "test-reference" / f"smollm2-{stat.st_size}-{stat.st_mtime_ns}"
+    folder = cache_dir() / "test-reference" / f"smollm2-{stat.st_size}-{stat.st_mtime_ns}"
     if not (folder / "config.json").is_file():
         tmp = folder.with_suffix(".tmp")
-        loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                      dtype=torch.float32)
-        config = loaded.config
-        del config.quantization_config  # the weights are plain float32 once dequantized
-        model = type(loaded)(config)
-        model.load_state_dict(loaded.state_dict())
+        model = load_transformers_model(gguf_path, torch.float32)  # plain float32, dequantized
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
