@@ -1,4 +1,4 @@
-"""The CPU backend: the PyTorch backend with decode attention done by a C++ kernel.
+"""The CPU backend: the PyTorch backend with decode attention and the K/V write in C++.
 
 The kernel (paged_decode_attention in pagedllm/csrc/cpu_ops.cpp) reads each decoding sequence's
 keys and values in place through its block table, so the decode path copies no cache memory;

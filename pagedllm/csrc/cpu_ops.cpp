@@ -2,8 +2,7 @@
 //
 // paged_decode_attention: one query token per sequence attends to its whole context, read in
 // place through the block table. Nothing is gathered into contiguous memory: every key and value
-// row is loaded once, converted to float in registers, and used by all the query heads of its
-// GQA group.
+// row is loaded once and used by all the query heads of its GQA group.
 //
 //   key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim]
 //   token t of a sequence lives at block block_table[t / block_size], row t % block_size
@@ -52,6 +51,21 @@ inline const T* cache_row(const T* cache, const int64_t* table, int64_t token,
   const int64_t block = table[token / p.block_size];
   const int64_t row = block * p.block_size + token % p.block_size;
   return cache + (row * p.num_kv_heads + kv_head) * p.head_dim;
+}
+
+// Softmax of each of `group` rows of `len` scores, in place.
+inline void softmax_rows(float* scores, int64_t group, int64_t len) {
+  for (int64_t g = 0; g < group; ++g) {
+    float* row = scores + g * len;
+    const float top = *std::max_element(row, row + len);
+    float sum = 0.f;
+    for (int64_t t = 0; t < len; ++t) {
+      row[t] = std::exp(row[t] - top);
+      sum += row[t];
+    }
+    const float inv = 1.f / sum;
+    for (int64_t t = 0; t < len; ++t) row[t] *= inv;
+  }
 }
 
 #ifdef __AVX512F__
@@ -153,10 +167,24 @@ void weigh_values_head(const DecodeProblem<T>& p, const int64_t* table, int64_t 
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + g * p.head_dim + c * kLanes, sums[g][c]);
 }
 
+// Both passes for kv heads [h0, h1) of one sequence, softmax between them.
 template <typename T, int C, int G>
 void attend_heads(const DecodeProblem<T>& p, const int64_t* table, int64_t h0, int64_t h1,
-                  int64_t len, const T* q_raw, const float* q, float* scores,
-                  float* acc);  // below
+                  int64_t len, const T* q_raw, const float* q, float* scores, float* acc) {
+  for (int64_t h = h0; h < h1; ++h) {
+    const int64_t row = (h - h0) * G;
+#ifdef __AVX512BF16__
+    if constexpr (std::is_same_v<T, c10::BFloat16> && C % 2 == 0) {
+      score_keys_head_bf16<C, G>(p, table, h, len, q_raw + row * p.head_dim, scores + row * len);
+    } else
+#endif
+    {
+      score_keys_head<T, C, G>(p, table, h, len, q + row * p.head_dim, scores + row * len);
+    }
+    softmax_rows(scores + row * len, G, len);
+    weigh_values_head<T, C, G>(p, table, h, len, scores + row * len, acc + row * p.head_dim);
+  }
+}
 
 // The (head_dim, group) shapes with a register-resident kernel; others take the scalar path.
 template <typename T>
@@ -190,28 +218,6 @@ HeadsKernel<T> vectorized_kernel(const DecodeProblem<T>& p) {
 }
 #endif
 
-#ifdef __AVX512F__
-// Softmax is between the two passes; see softmax_rows below.
-inline void softmax_rows(float* scores, int64_t group, int64_t len);
-
-template <typename T, int C, int G>
-void attend_heads(const DecodeProblem<T>& p, const int64_t* table, int64_t h0, int64_t h1,
-                  int64_t len, const T* q_raw, const float* q, float* scores, float* acc) {
-  for (int64_t h = h0; h < h1; ++h) {
-    const int64_t row = (h - h0) * G;
-#ifdef __AVX512BF16__
-    if constexpr (std::is_same_v<T, c10::BFloat16> && C % 2 == 0) {
-      score_keys_head_bf16<C, G>(p, table, h, len, q_raw + row * p.head_dim, scores + row * len);
-    } else
-#endif
-    {
-      score_keys_head<T, C, G>(p, table, h, len, q + row * p.head_dim, scores + row * len);
-    }
-    softmax_rows(scores + row * len, G, len);
-    weigh_values_head<T, C, G>(p, table, h, len, scores + row * len, acc + row * p.head_dim);
-  }
-}
-#endif
 
 template <typename T>
 void score_keys_scalar(const DecodeProblem<T>& p, const int64_t* table, int64_t h0, int64_t h1,
@@ -238,21 +244,6 @@ void weigh_values_scalar(const DecodeProblem<T>& p, const int64_t* table, int64_
     }
 }
 
-// Softmax of each group row in place; returns nothing, rows then sum to one.
-inline void softmax_rows(float* scores, int64_t group, int64_t len) {
-  for (int64_t g = 0; g < group; ++g) {
-    float* row = scores + g * len;
-    const float top = *std::max_element(row, row + len);
-    float sum = 0.f;
-    for (int64_t t = 0; t < len; ++t) {
-      row[t] = std::exp(row[t] - top);
-      sum += row[t];
-    }
-    const float inv = 1.f / sum;
-    for (int64_t t = 0; t < len; ++t) row[t] *= inv;
-  }
-}
-
 // One sequence, kv heads [h0, h1): its query heads are rows [h0 * group, h1 * group).
 template <typename T>
 void attend(const DecodeProblem<T>& p, int64_t seq, int64_t h0, int64_t h1,
@@ -277,8 +268,8 @@ void attend(const DecodeProblem<T>& p, int64_t seq, int64_t h0, int64_t h1,
   for (int64_t i = 0; i < rows * dim; ++i) out[i] = static_cast<T>(acc[i]);
 }
 
-// Work items are whole sequences (each block read once, front to back) unless there are too
-// few sequences to keep every thread busy; then each kv head is an item of its own.
+// Work items are whole sequences unless there are too few to keep every thread busy; then each
+// kv head is an item of its own.
 template <typename T>
 void run_decode(const DecodeProblem<T>& p, int64_t num_seqs) {
   const int64_t split = num_seqs < 2 * at::get_num_threads() ? p.num_kv_heads : 1;
