@@ -60,9 +60,14 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = self.normalize_qk(q, k)
         q, k = self.rotary(positions, q, k)
         out = self.backend.forward(q, k, v, kv_cache, metadata, self.scale)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+
+    def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hook before rotary: Llama leaves q/k as they are; Qwen3 RMS-normalizes each head."""
+        return q, k
 
 
 class LlamaMLP(nn.Module):

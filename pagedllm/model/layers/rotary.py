@@ -23,6 +23,13 @@ def rope_parameters(config: PretrainedConfig) -> dict:
     return params
 
 
+def partial_rotary_factor(config: PretrainedConfig) -> float:
+    """Share of each head that is rotated; transformers 5 keeps it in rope_parameters
+    (Phi-3/Phi-4-mini), older configs as a top-level attribute."""
+    params = getattr(config, "rope_parameters", None) or {}
+    return params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+
+
 def inverse_frequencies(config: PretrainedConfig, rotary_dim: int,
                         max_model_len: int) -> tuple[torch.Tensor, float]:
     params = rope_parameters(config)
@@ -49,7 +56,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config: PretrainedConfig, head_dim: int, max_model_len: int) -> None:
         super().__init__()
         self.config, self.max_model_len = config, max_model_len
-        self.rotary_dim = int(head_dim * getattr(config, "partial_rotary_factor", 1.0))
+        self.rotary_dim = int(head_dim * partial_rotary_factor(config))
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self.build_cache()

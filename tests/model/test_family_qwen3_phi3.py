@@ -1,0 +1,80 @@
+"""Qwen3 and Phi-3 on tiny random models built locally with transformers, through the engine
+with prefix caching and chunked prefill (a 16-token step budget splits the longer prompts)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_llm
+from transformers import AutoModelForCausalLM, Phi3Config, Qwen3Config
+
+from pagedllm import SamplingParams, TokensPrompt
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
+
+
+def longrope(rotary_dim: int, partial: float = 1.0) -> dict:
+    """Distinct short/long factors, so picking the wrong list would change the tokens; our
+    sequences stay below original_max_position_embeddings, where transformers uses 'short'."""
+    half = rotary_dim // 2
+    return {"rope_type": "longrope", "partial_rotary_factor": partial,
+            "short_factor": [1.0 + 0.25 * i for i in range(half)],
+            "long_factor": [4.0 + 2.0 * i for i in range(half)]}
+
+
+# Phi3Config's default special ids (32000) lie outside the tiny vocabulary.
+PHI3_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+FAMILIES = {
+    # head_dim 32 differs from hidden_size / heads (16): it must come from the config.
+    "qwen3": lambda: Qwen3Config(**TINY, head_dim=32, tie_word_embeddings=False),
+    "qwen3-tied": lambda: Qwen3Config(**TINY, head_dim=32, tie_word_embeddings=True),
+    "phi3": lambda: Phi3Config(**TINY, **PHI3_IDS),
+    "phi3-longrope": lambda: Phi3Config(**TINY, **PHI3_IDS,
+                                        original_max_position_embeddings=128,
+                                        rope_scaling=longrope(16)),
+    # transformers 5 keeps partial_rotary_factor inside rope_parameters.
+    "phi3-partial": lambda: Phi3Config(**TINY, **PHI3_IDS, partial_rotary_factor=0.5),
+    # Phi-4-mini style: only 3/4 of each head is rotated.
+    "phi3-longrope-partial": lambda: Phi3Config(**TINY, **PHI3_IDS,
+                                                original_max_position_embeddings=128,
+                                                rope_scaling=longrope(12, partial=0.75)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def tiny_model(request, tmp_path_factory):
+    torch.manual_seed(0)
+    config = FAMILIES[request.param]()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # larger weights make the random model's argmax decisive
+        for param in model.parameters():
+            param.mul_(4.0) if param.dim() > 1 else None
+    folder = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def transformers_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_matches_transformers(tiny_model):
+    folder, hf_model = tiny_model
+    llm = make_llm(model=str(folder), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20,
+                   enable_prefix_caching=True, max_num_batched_tokens=16)
+    # The last two share a 32-token prefix, so the second can reuse cached blocks.
+    shared = [42] * 20 + list(range(100, 112))
+    prompts = [[5, 17, 99, 3], [250, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], shared + [7],
+               shared + [8, 9, 10]]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, detokenize=False)
+    for _ in range(2):  # the second pass runs with every prompt's blocks already cached
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                               use_tqdm=False)
+        for prompt, output in zip(prompts, outputs):
+            assert output.outputs[0].token_ids == transformers_greedy(hf_model, prompt, 20)
