@@ -4,13 +4,21 @@ from __future__ import annotations
 
 from torch import nn
 
+from pagedllm.model.gpt2 import GPT2LMHeadModel
 from pagedllm.model.llama import LlamaForCausalLM
+from pagedllm.model.opt import OPTForCausalLM
+from pagedllm.model.phi3 import Phi3ForCausalLM
+from pagedllm.model.qwen3 import Qwen3ForCausalLM
 
 # model_type -> (class, config attributes the family implies)
 MODEL_REGISTRY: dict[str, tuple[type[nn.Module], dict]] = {
     "llama": (LlamaForCausalLM, {}),
+    "gpt2": (GPT2LMHeadModel, {}),
+    "opt": (OPTForCausalLM, {}),
     "mistral": (LlamaForCausalLM, {}),
     "qwen2": (LlamaForCausalLM, {"qkv_bias": True}),
+    "qwen3": (Qwen3ForCausalLM, {}),
+    "phi3": (Phi3ForCausalLM, {}),
 }
 
 # GGUF general.architecture -> HF model_type
