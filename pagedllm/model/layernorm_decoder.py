@@ -18,6 +18,7 @@ from transformers.activations import ACT2FN
 
 from pagedllm.attention import AttentionBackend, AttentionMetadata
 from pagedllm.model.layers.linear import Linear, MergedLinear
+from pagedllm.model.weights import copy_checked
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -176,17 +177,6 @@ class LayerNormDecoderForCausalLM(nn.Module):
             return f"{fused}.{param_name}"
         copy_checked(params, name, tensor)
         return name
-
-
-def copy_checked(params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> None:
-    if name not in params:
-        raise ValueError(f"checkpoint has an unexpected weight {name!r}")
-    param = params[name]
-    if param.shape != tensor.shape:
-        raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, "
-                         f"expected {tuple(param.shape)}")
-    with torch.no_grad():
-        param.copy_(tensor)
 
 
 def rename_pieces(name: str, table: dict[str, str]) -> str:

@@ -20,6 +20,7 @@ from pagedllm.model.layers.activation import SiluAndMul
 from pagedllm.model.layers.linear import Linear, MergedLinear
 from pagedllm.model.layers.norm import RMSNorm
 from pagedllm.model.layers.rotary import RotaryEmbedding
+from pagedllm.model.weights import copy_checked
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -160,12 +161,5 @@ class LlamaForCausalLM(nn.Module):
                 module_name, param_name = fused_name.rsplit(".", 1)
                 self.get_submodule(module_name).load_shard(param_name, shard, tensor)
                 return fused_name
-        if name not in params:
-            raise ValueError(f"checkpoint has an unexpected weight {name!r}")
-        param = params[name]
-        if param.shape != tensor.shape:
-            raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, "
-                             f"expected {tuple(param.shape)}")
-        with torch.no_grad():
-            param.copy_(tensor)
+        copy_checked(params, name, tensor)
         return name
