@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import make_llm
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from tiny_models import save_tiny_model, transformers_greedy
+from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
 from pagedllm import SamplingParams, TokensPrompt
 
@@ -23,15 +23,8 @@ FAMILIES = {
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def tiny_model(request, tmp_path_factory):
-    torch.manual_seed(0)
-    config = FAMILIES[request.param]()
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():  # larger weights make the random model's argmax decisive
-        for param in model.parameters():
-            param.mul_(4.0) if param.dim() > 1 else None
     folder = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(folder)
-    return folder, model
+    return folder, save_tiny_model(FAMILIES[request.param](), folder)
 
 
 def test_greedy_matches_transformers(tiny_model):
@@ -42,9 +35,4 @@ def test_greedy_matches_transformers(tiny_model):
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
                            use_tqdm=False)
     for prompt, output in zip(prompts, outputs):
-        ids = torch.tensor([prompt])
-        with torch.inference_mode():
-            expected = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                         max_new_tokens=20, min_new_tokens=20, eos_token_id=None,
-                                         pad_token_id=0)
-        assert output.outputs[0].token_ids == expected[0, len(prompt):].tolist()
+        assert output.outputs[0].token_ids == transformers_greedy(hf_model, prompt, 20)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_llm
-from transformers import AutoModelForCausalLM, GPT2Config, OPTConfig
+from tiny_models import save_tiny_model, transformers_greedy
+from transformers import GPT2Config, OPTConfig
 
 from pagedllm import SamplingParams, TokensPrompt
 
@@ -30,24 +31,12 @@ MAX_TOKENS = 20
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def tiny_model(request, tmp_path_factory):
-    torch.manual_seed(0)
-    config = FAMILIES[request.param]()
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():  # larger weights make the random model's argmax decisive
-        for param in model.parameters():
-            param.mul_(4.0) if param.dim() > 1 else None
     folder = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(folder)
-    return folder, model
+    return folder, save_tiny_model(FAMILIES[request.param](), folder)
 
 
 def reference_tokens(hf_model, prompt: list[int]) -> list[int]:
-    ids = torch.tensor([prompt])
-    with torch.inference_mode():
-        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS,
-                                eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    return transformers_greedy(hf_model, prompt, MAX_TOKENS)
 
 
 def test_greedy_matches_transformers(tiny_model):

@@ -4,9 +4,9 @@ with prefix caching and chunked prefill (a 16-token step budget splits the longe
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import make_llm
-from transformers import AutoModelForCausalLM, Phi3Config, Qwen3Config
+from tiny_models import save_tiny_model, transformers_greedy
+from transformers import Phi3Config, Qwen3Config
 
 from pagedllm import SamplingParams, TokensPrompt
 
@@ -44,24 +44,8 @@ FAMILIES = {
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def tiny_model(request, tmp_path_factory):
-    torch.manual_seed(0)
-    config = FAMILIES[request.param]()
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():  # larger weights make the random model's argmax decisive
-        for param in model.parameters():
-            param.mul_(4.0) if param.dim() > 1 else None
     folder = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(folder)
-    return folder, model
-
-
-def transformers_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                             eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    return folder, save_tiny_model(FAMILIES[request.param](), folder)
 
 
 def test_greedy_matches_transformers(tiny_model):
