@@ -49,5 +49,13 @@ class AttentionBackend(abc.ABC):
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         metadata: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
+        soft_cap: float | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-        ...
+        """Causal attention of every new token over its sequence's context.
+
+        sliding_window: a query at position i sees only keys at positions j with
+            i - sliding_window < j <= i (the window counts the query itself), as in transformers.
+        soft_cap: scores (after scaling) become soft_cap * tanh(score / soft_cap) before the
+            softmax (Gemma 2).
+        """

@@ -25,11 +25,12 @@ class CpuAttentionBackend(TorchAttentionBackend):
             return super().write_kv(kv_cache, key, value, slot_mapping)
         self.ops.write_kv(key, value, kv_cache[0], kv_cache[1], slot_mapping)
 
-    def _decode(self, query, kv_cache, metadata: AttentionMetadata, scale):
+    def _decode(self, query, kv_cache, metadata: AttentionMetadata, scale, sliding_window=None,
+                soft_cap=None):
         if query.dtype not in KERNEL_DTYPES:
-            return super()._decode(query, kv_cache, metadata, scale)
+            return super()._decode(query, kv_cache, metadata, scale, sliding_window, soft_cap)
         out = torch.empty_like(query)
         self.ops.paged_decode_attention(out, query.contiguous(), kv_cache[0], kv_cache[1],
                                         metadata.decode_block_tables, metadata.decode_seq_lens,
-                                        scale)
+                                        scale, sliding_window or 0, soft_cap or 0.0)
         return out

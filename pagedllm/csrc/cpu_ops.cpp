@@ -9,6 +9,8 @@
 //
 // Each sequence (or, with few sequences, each of its kv heads) is one work item and makes two
 // passes over its context: scores = q . k for every token (then softmax), and out = sum p * v.
+// With a sliding window the context is only the last `window` tokens, [len - window, len); with
+// a soft cap each score becomes cap * tanh(score / cap) before the softmax (Gemma 2).
 //
 // The elementwise kernels (rms_norm, fused_add_rms_norm, silu_and_mul, rotary_embedding,
 // write_kv) each replace a chain of small PyTorch ops whose per-op dispatch and extra memory
@@ -42,7 +44,15 @@ struct DecodeProblem {
   T* out;                // [num_seqs, num_heads, head_dim]
   int64_t num_heads, num_kv_heads, head_dim, block_size, max_blocks;
   float scale;
+  int64_t window;  // 0: the whole context
+  float soft_cap;  // 0: none
 };
+
+// The tokens a sequence of `len` attends to: [first, len).
+template <typename T>
+inline int64_t first_token(const DecodeProblem<T>& p, int64_t len) {
+  return p.window > 0 && len > p.window ? len - p.window : 0;
+}
 
 // Row `token` of head `kv_head` in a sequence's paged cache.
 template <typename T>
@@ -53,8 +63,10 @@ inline const T* cache_row(const T* cache, const int64_t* table, int64_t token,
   return cache + (row * p.num_kv_heads + kv_head) * p.head_dim;
 }
 
-// Softmax of each of `group` rows of `len` scores, in place.
-inline void softmax_rows(float* scores, int64_t group, int64_t len) {
+// Softmax of each of `group` rows of `len` scores, in place, after the optional soft cap.
+inline void softmax_rows(float* scores, int64_t group, int64_t len, float soft_cap) {
+  if (soft_cap > 0.f)
+    for (int64_t i = 0; i < group * len; ++i) scores[i] = soft_cap * std::tanh(scores[i] / soft_cap);
   for (int64_t g = 0; g < group; ++g) {
     float* row = scores + g * len;
     const float top = *std::max_element(row, row + len);
@@ -81,14 +93,15 @@ constexpr int64_t kLanes = 16;
 // One kv head of one sequence, with its G query heads and head_dim = C * 16 known at compile
 // time, so the queries and the output accumulators live in registers for the whole pass.
 // scores (G rows of len) = q . k, then softmax (by the caller), then out = sum w * v.
+// Tokens [first, first + len) of the sequence fill score columns [0, len).
 template <typename T, int C, int G>
-void score_keys_head(const DecodeProblem<T>& p, const int64_t* table, int64_t h, int64_t len,
-                     const float* q, float* scores) {
+void score_keys_head(const DecodeProblem<T>& p, const int64_t* table, int64_t h, int64_t first,
+                     int64_t len, const float* q, float* scores) {
   __m512 qv[G][C];
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < C; ++c) qv[g][c] = _mm512_loadu_ps(q + g * p.head_dim + c * kLanes);
   for (int64_t t = 0; t < len; ++t) {
-    const T* k = cache_row(p.key_cache, table, t, p, h);
+    const T* k = cache_row(p.key_cache, table, first + t, p, h);
     __m512 row[C];
     for (int c = 0; c < C; ++c) row[c] = load16(k + c * kLanes);
     for (int g = 0; g < G; ++g) {
@@ -121,7 +134,7 @@ inline __m512 fold16(const __m512* v) {
 // in a bf16 matmul), sixteen tokens at a time, then scaled.
 template <int C, int G>
 void score_keys_head_bf16(const DecodeProblem<c10::BFloat16>& p, const int64_t* table, int64_t h,
-                          int64_t len, const c10::BFloat16* q_raw, float* scores) {
+                          int64_t first, int64_t len, const c10::BFloat16* q_raw, float* scores) {
   constexpr int kPairs = C / 2;  // 32 bf16 per load
   __m512bh qv[G][kPairs];
   for (int g = 0; g < G; ++g)
@@ -131,7 +144,7 @@ void score_keys_head_bf16(const DecodeProblem<c10::BFloat16>& p, const int64_t* 
   for (int64_t t0 = 0; t0 < len; t0 += 16) {
     const int n = static_cast<int>(std::min<int64_t>(16, len - t0));
     const c10::BFloat16* rows[16];
-    for (int i = 0; i < n; ++i) rows[i] = cache_row(p.key_cache, table, t0 + i, p, h);
+    for (int i = 0; i < n; ++i) rows[i] = cache_row(p.key_cache, table, first + t0 + i, p, h);
     for (int g = 0; g < G; ++g) {
       __m512 parts[16];
       for (int i = 0; i < 16; ++i) {
@@ -149,13 +162,13 @@ void score_keys_head_bf16(const DecodeProblem<c10::BFloat16>& p, const int64_t* 
 #endif
 
 template <typename T, int C, int G>
-void weigh_values_head(const DecodeProblem<T>& p, const int64_t* table, int64_t h, int64_t len,
-                       const float* weights, float* acc) {
+void weigh_values_head(const DecodeProblem<T>& p, const int64_t* table, int64_t h, int64_t first,
+                       int64_t len, const float* weights, float* acc) {
   __m512 sums[G][C];
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < C; ++c) sums[g][c] = _mm512_setzero_ps();
   for (int64_t t = 0; t < len; ++t) {
-    const T* v = cache_row(p.value_cache, table, t, p, h);
+    const T* v = cache_row(p.value_cache, table, first + t, p, h);
     __m512 row[C];
     for (int c = 0; c < C; ++c) row[c] = load16(v + c * kLanes);
     for (int g = 0; g < G; ++g) {
@@ -170,26 +183,29 @@ void weigh_values_head(const DecodeProblem<T>& p, const int64_t* table, int64_t 
 // Both passes for kv heads [h0, h1) of one sequence, softmax between them.
 template <typename T, int C, int G>
 void attend_heads(const DecodeProblem<T>& p, const int64_t* table, int64_t h0, int64_t h1,
-                  int64_t len, const T* q_raw, const float* q, float* scores, float* acc) {
+                  int64_t first, int64_t len, const T* q_raw, const float* q, float* scores,
+                  float* acc) {
   for (int64_t h = h0; h < h1; ++h) {
     const int64_t row = (h - h0) * G;
 #ifdef __AVX512BF16__
     if constexpr (std::is_same_v<T, c10::BFloat16> && C % 2 == 0) {
-      score_keys_head_bf16<C, G>(p, table, h, len, q_raw + row * p.head_dim, scores + row * len);
+      score_keys_head_bf16<C, G>(p, table, h, first, len, q_raw + row * p.head_dim,
+                                 scores + row * len);
     } else
 #endif
     {
-      score_keys_head<T, C, G>(p, table, h, len, q + row * p.head_dim, scores + row * len);
+      score_keys_head<T, C, G>(p, table, h, first, len, q + row * p.head_dim, scores + row * len);
     }
-    softmax_rows(scores + row * len, G, len);
-    weigh_values_head<T, C, G>(p, table, h, len, scores + row * len, acc + row * p.head_dim);
+    softmax_rows(scores + row * len, G, len, p.soft_cap);
+    weigh_values_head<T, C, G>(p, table, h, first, len, scores + row * len,
+                               acc + row * p.head_dim);
   }
 }
 
 // The (head_dim, group) shapes with a register-resident kernel; others take the scalar path.
 template <typename T>
 using HeadsKernel = void (*)(const DecodeProblem<T>&, const int64_t*, int64_t, int64_t, int64_t,
-                             const T*, const float*, float*, float*);
+                             int64_t, const T*, const float*, float*, float*);
 
 template <typename T, int C>
 HeadsKernel<T> kernel_for_group(int64_t group) {
@@ -221,11 +237,11 @@ HeadsKernel<T> vectorized_kernel(const DecodeProblem<T>& p) {
 
 template <typename T>
 void score_keys_scalar(const DecodeProblem<T>& p, const int64_t* table, int64_t h0, int64_t h1,
-                       int64_t len, const float* q, float* scores) {
+                       int64_t first, int64_t len, const float* q, float* scores) {
   const int64_t group = p.num_heads / p.num_kv_heads, dim = p.head_dim;
   for (int64_t t = 0; t < len; ++t)
     for (int64_t g = 0; g < (h1 - h0) * group; ++g) {
-      const T* k = cache_row(p.key_cache, table, t, p, h0 + g / group);
+      const T* k = cache_row(p.key_cache, table, first + t, p, h0 + g / group);
       float s = 0.f;
       for (int64_t d = 0; d < dim; ++d) s += q[g * dim + d] * to_float(k[d]);
       scores[g * len + t] = s;
@@ -234,12 +250,12 @@ void score_keys_scalar(const DecodeProblem<T>& p, const int64_t* table, int64_t 
 
 template <typename T>
 void weigh_values_scalar(const DecodeProblem<T>& p, const int64_t* table, int64_t h0, int64_t h1,
-                         int64_t len, const float* weights, float* acc) {
+                         int64_t first, int64_t len, const float* weights, float* acc) {
   const int64_t group = p.num_heads / p.num_kv_heads, dim = p.head_dim;
   std::fill(acc, acc + (h1 - h0) * group * dim, 0.f);
   for (int64_t t = 0; t < len; ++t)
     for (int64_t g = 0; g < (h1 - h0) * group; ++g) {
-      const T* v = cache_row(p.value_cache, table, t, p, h0 + g / group);
+      const T* v = cache_row(p.value_cache, table, first + t, p, h0 + g / group);
       for (int64_t d = 0; d < dim; ++d) acc[g * dim + d] += weights[g * len + t] * to_float(v[d]);
     }
 }
@@ -249,20 +265,21 @@ template <typename T>
 void attend(const DecodeProblem<T>& p, int64_t seq, int64_t h0, int64_t h1,
             std::vector<float>& scores, std::vector<float>& q, std::vector<float>& acc) {
   const int64_t dim = p.head_dim, group = p.num_heads / p.num_kv_heads;
-  const int64_t rows = (h1 - h0) * group, len = p.seq_lens[seq];
+  const int64_t rows = (h1 - h0) * group, first = first_token(p, p.seq_lens[seq]);
+  const int64_t len = p.seq_lens[seq] - first;  // tokens attended to
   const int64_t* table = p.block_tables + seq * p.max_blocks;
   const T* q_src = p.query + (seq * p.num_heads + h0 * group) * dim;
   for (int64_t i = 0; i < rows * dim; ++i) q[i] = to_float(q_src[i]) * p.scale;
   scores.resize(rows * len);
 #ifdef __AVX512F__
   if (const HeadsKernel<T> kernel = vectorized_kernel(p)) {
-    kernel(p, table, h0, h1, len, q_src, q.data(), scores.data(), acc.data());
+    kernel(p, table, h0, h1, first, len, q_src, q.data(), scores.data(), acc.data());
   } else
 #endif
   {
-    score_keys_scalar(p, table, h0, h1, len, q.data(), scores.data());
-    softmax_rows(scores.data(), rows, len);
-    weigh_values_scalar(p, table, h0, h1, len, scores.data(), acc.data());
+    score_keys_scalar(p, table, h0, h1, first, len, q.data(), scores.data());
+    softmax_rows(scores.data(), rows, len, p.soft_cap);
+    weigh_values_scalar(p, table, h0, h1, first, len, scores.data(), acc.data());
   }
   T* out = p.out + (seq * p.num_heads + h0 * group) * dim;
   for (int64_t i = 0; i < rows * dim; ++i) out[i] = static_cast<T>(acc[i]);
@@ -287,17 +304,19 @@ void run_decode(const DecodeProblem<T>& p, int64_t num_seqs) {
 template <typename T>
 void decode_typed(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                   const at::Tensor& value_cache, const at::Tensor& block_tables,
-                  const at::Tensor& seq_lens, double scale) {
+                  const at::Tensor& seq_lens, double scale, int64_t window, double soft_cap) {
   DecodeProblem<T> p{query.data_ptr<T>(), key_cache.data_ptr<T>(), value_cache.data_ptr<T>(),
                      block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
                      out.data_ptr<T>(), query.size(1), key_cache.size(2), query.size(2),
-                     key_cache.size(1), block_tables.size(1), static_cast<float>(scale)};
+                     key_cache.size(1), block_tables.size(1), static_cast<float>(scale),
+                     window, static_cast<float>(soft_cap)};
   run_decode(p, query.size(0));
 }
 
 void paged_decode_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& key_cache,
                             const at::Tensor& value_cache, const at::Tensor& block_tables,
-                            const at::Tensor& seq_lens, double scale) {
+                            const at::Tensor& seq_lens, double scale, int64_t window,
+                            double soft_cap) {
   TORCH_CHECK(query.is_contiguous() && out.is_contiguous(), "query and out must be contiguous");
   TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong,
@@ -306,9 +325,11 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& query, const at::T
   TORCH_CHECK(query.scalar_type() == key_cache.scalar_type(), "query and cache dtypes differ");
   TORCH_CHECK(query.size(1) % key_cache.size(2) == 0, "heads must be a multiple of kv heads");
   if (query.scalar_type() == at::kFloat) {
-    decode_typed<float>(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
+    decode_typed<float>(out, query, key_cache, value_cache, block_tables, seq_lens, scale, window,
+                        soft_cap);
   } else if (query.scalar_type() == at::kBFloat16) {
-    decode_typed<c10::BFloat16>(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
+    decode_typed<c10::BFloat16>(out, query, key_cache, value_cache, block_tables, seq_lens, scale,
+                                window, soft_cap);
   } else {
     TORCH_CHECK(false, "paged_decode_attention supports float32 and bfloat16, got ",
                 query.scalar_type());

@@ -72,11 +72,12 @@ def test_decode_kernel_rejects_mismatched_inputs(ops):
     out = torch.empty_like(query)
     with pytest.raises(RuntimeError, match="dtypes differ"):
         ops.paged_decode_attention(out, query.bfloat16(), key_cache, value_cache,
-                                   metadata.decode_block_tables, metadata.decode_seq_lens, 1.0)
+                                   metadata.decode_block_tables, metadata.decode_seq_lens, 1.0,
+                                   0, 0.0)
     with pytest.raises(RuntimeError, match="int64"):
         ops.paged_decode_attention(out, query, key_cache, value_cache,
                                    metadata.decode_block_tables.int(), metadata.decode_seq_lens,
-                                   1.0)
+                                   1.0, 0, 0.0)
 
 
 def torch_reference_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
