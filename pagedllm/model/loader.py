@@ -91,7 +91,7 @@ def load_model_config(model: str | None, dtype: str = "auto", max_model_len: int
         with GGUFFile(source.path) as gguf_file:
             hf_config = gguf_file.hf_config()
     else:
-        hf_config = AutoConfig.from_pretrained(source.path)
+        hf_config = text_model_config(AutoConfig.from_pretrained(source.path))
     resolve_model_class(hf_config.model_type)  # fail early on an unsupported family
     limit = getattr(hf_config, "max_position_embeddings", None) or 2048
     if max_model_len is not None and max_model_len > limit:
@@ -103,6 +103,19 @@ def load_model_config(model: str | None, dtype: str = "auto", max_model_len: int
         max_model_len=max_model_len or limit,
         eos_token_ids=_eos_token_ids(source, hf_config),
     )
+
+
+# image-and-text checkpoints whose text model we serve on its own (text prompts only)
+MULTIMODAL_WITH_TEXT_MODEL = {"gemma3"}
+
+
+def text_model_config(hf_config: PretrainedConfig) -> PretrainedConfig:
+    if hf_config.model_type not in MULTIMODAL_WITH_TEXT_MODEL:
+        return hf_config
+    text_config = hf_config.get_text_config()
+    if getattr(text_config, "dtype", None) is None:  # the dtype is saved on the outer config
+        text_config.dtype = hf_config.dtype
+    return text_config
 
 
 def resolve_dtype(requested: str, hf_config: PretrainedConfig, device: str,
@@ -200,14 +213,34 @@ GGUF_LAYER_NAMES = {
 }
 
 
-def gguf_to_hf_name(name: str) -> str:
+QK_NORM_NAMES = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+# Gemma 2/3 norm on both sides of attention and of the MLP; llama.cpp's "ffn_norm" is the one
+# before the MLP, which HF calls pre_feedforward_layernorm in these families.
+GEMMA_SANDWICH_NAMES = {
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+# per architecture, what differs from the Llama table
+GGUF_LAYER_NAME_OVERRIDES = {
+    "qwen3": QK_NORM_NAMES,
+    "gemma2": GEMMA_SANDWICH_NAMES,
+    "gemma3": GEMMA_SANDWICH_NAMES | QK_NORM_NAMES,
+}
+# Gemma in llama.cpp: the "1 +" of its (1 + w) RMSNorm is folded into the stored weights, and
+# queries are scaled by 1/sqrt(head_dim) (the file has no query_pre_attn_scalar).
+GGUF_GEMMA_ARCHS = {"gemma2", "gemma3"}
+
+
+def gguf_to_hf_name(name: str, arch: str = "llama") -> str:
     stem, suffix = name.rsplit(".", 1)
     if stem in GGUF_GLOBAL_NAMES:
         return f"{GGUF_GLOBAL_NAMES[stem]}.{suffix}"
+    layer_names = GGUF_LAYER_NAMES | GGUF_LAYER_NAME_OVERRIDES.get(arch, {})
     parts = stem.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in GGUF_LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{GGUF_LAYER_NAMES[parts[2]]}.{suffix}"
-    raise ValueError(f"unknown GGUF tensor {name!r}")
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in layer_names:
+        return f"model.layers.{parts[1]}.{layer_names[parts[2]]}.{suffix}"
+    raise ValueError(f"unknown GGUF tensor {name!r} for architecture {arch!r}")
 
 
 def unpermute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -276,6 +309,7 @@ class GGUFFile:
             bos_token_id=self.field("tokenizer.ggml.bos_token_id"),
             eos_token_id=self.field("tokenizer.ggml.eos_token_id"),
         )
+        kwargs |= self._optional_fields(a)
         scaling = self.field(f"{a}.rope.scaling.type")
         if scaling and scaling != "none":
             kwargs["rope_scaling"] = {
@@ -286,12 +320,29 @@ class GGUFFile:
             }
         return AutoConfig.for_model(GGUF_ARCHITECTURES[a], **kwargs)
 
+    def _optional_fields(self, a: str) -> dict:
+        """Keys only some architectures write; what GGUF leaves out (Gemma 3's layer pattern,
+        local rope base, query scale) takes the HF config class's defaults, as transformers'
+        own GGUF loader does."""
+        optional = {
+            "sliding_window": f"{a}.attention.sliding_window",
+            "attn_logit_softcapping": f"{a}.attn_logit_softcapping",
+            "final_logit_softcapping": f"{a}.final_logit_softcapping",
+        }
+        found = {key: value for key, field in optional.items()
+                 if (value := self.field(field)) is not None}
+        if a in GGUF_GEMMA_ARCHS:
+            found["query_pre_attn_scalar"] = self.field(f"{a}.attention.key_length")
+        return found
+
     def weights(self, config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
         permuted = self.arch == "llama"  # llama.cpp permutes q/k only for this architecture
         for tensor in self.reader.tensors:
-            name = gguf_to_hf_name(tensor.name)
+            name = gguf_to_hf_name(tensor.name, self.arch)
             array = self._gguf.quants.dequantize(tensor.data, tensor.tensor_type)
             weight = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32).copy())
+            if self.arch in GGUF_GEMMA_ARCHS and name.endswith("norm.weight"):
+                weight -= 1.0
             if permuted and ".q_proj." in name:
                 weight = unpermute_rotary_rows(weight, config.num_attention_heads)
             elif permuted and ".k_proj." in name:

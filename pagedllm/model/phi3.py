@@ -5,7 +5,8 @@ tensor, named like our MergedLinear modules and in the same row order, so the ge
 copies each in whole (the q_proj/gate_proj shard rules match only ".q_proj." etc., never the
 fused names). Rope variants (longrope, and the older "su"/"yarn" names that transformers maps
 to it) and partial_rotary_factor (Phi-4-mini rotates 3/4 of each head) are handled by the
-shared RotaryEmbedding. Sliding windows, as everywhere in this engine, are not applied.
+shared RotaryEmbedding. config.sliding_window, when set, applies to every layer (as in
+transformers; see llama.sliding_windows).
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ from pagedllm.model.llama import LlamaAttention, LlamaForCausalLM
 
 class Qwen3Attention(LlamaAttention):
     def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding,
-                 backend: AttentionBackend) -> None:
-        super().__init__(config, rotary, backend)
+                 backend: AttentionBackend, sliding_window: int | None = None) -> None:
+        super().__init__(config, rotary, backend, sliding_window)
         # Named as in the checkpoint so that the generic loader fills them.
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -40,4 +40,4 @@ class Qwen3ForCausalLM(LlamaForCausalLM):
         # backend (models are built on 'meta', so the discarded modules cost nothing).
         for layer in self.model.layers:
             old = layer.self_attn
-            layer.self_attn = Qwen3Attention(config, old.rotary, old.backend)
+            layer.self_attn = Qwen3Attention(config, old.rotary, old.backend, old.sliding_window)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from pagedllm.model.gemma import Gemma2ForCausalLM, GemmaForCausalLM
+from pagedllm.model.gemma3 import Gemma3ForCausalLM
 from pagedllm.model.gpt2 import GPT2LMHeadModel
 from pagedllm.model.llama import LlamaForCausalLM
 from pagedllm.model.opt import OPTForCausalLM
@@ -19,10 +21,14 @@ MODEL_REGISTRY: dict[str, tuple[type[nn.Module], dict]] = {
     "qwen2": (LlamaForCausalLM, {"qkv_bias": True}),
     "qwen3": (Qwen3ForCausalLM, {}),
     "phi3": (Phi3ForCausalLM, {}),
+    "gemma": (GemmaForCausalLM, {}),
+    "gemma2": (Gemma2ForCausalLM, {}),
+    "gemma3_text": (Gemma3ForCausalLM, {}),
 }
 
 # GGUF general.architecture -> HF model_type
-GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
+                      "gemma2": "gemma2", "gemma3": "gemma3_text"}
 
 
 def resolve_model_class(model_type: str) -> tuple[type[nn.Module], dict]:

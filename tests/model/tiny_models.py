@@ -9,15 +9,21 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 
-def save_tiny_model(config: PretrainedConfig, folder: Path):
+def save_tiny_model(config: PretrainedConfig, folder: Path, norm_noise: float = 0.0):
     """A float32 model from `config` with its matrices scaled up (a larger spread makes the
-    random model's argmax decisive), saved with save_pretrained; returns the model."""
+    random model's argmax decisive), saved with save_pretrained; returns the model.
+
+    norm_noise > 0 adds that much Gaussian noise to every norm weight, which transformers
+    initialises to a constant (zero for Gemma's (1 + w) norms, where a constant would hide how
+    the weight is applied)."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
-        for param in model.parameters():
+        for name, param in model.named_parameters():
             if param.dim() > 1:
                 param.mul_(4.0)
+            elif norm_noise and "norm" in name:
+                param.add_(torch.randn_like(param) * norm_noise)
     model.save_pretrained(folder)
     return model
 
@@ -30,3 +36,18 @@ def transformers_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
                              max_new_tokens=max_tokens, min_new_tokens=max_tokens,
                              eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
+
+
+def assert_logprobs_match(model, prompt: list[int], completion, atol: float = 1e-3) -> None:
+    """Every logprob the engine returned along `completion` (the sampled token's and the top
+    ones a request with SamplingParams(logprobs=k) asked for) equals transformers' float32
+    log-softmax at the same step, from one forward pass over prompt + completion."""
+    full = prompt + list(completion.token_ids)
+    with torch.inference_mode():
+        logits = model(torch.tensor([full])).logits[0].float()
+    reference = torch.log_softmax(logits, dim=-1)[len(prompt) - 1 : -1]
+    assert completion.logprobs is not None and len(completion.logprobs) == len(reference)
+    worst = max(abs(entry.logprob - row[token_id].item())
+                for row, entries in zip(reference, completion.logprobs)
+                for token_id, entry in entries.items())
+    assert worst <= atol, f"logprobs differ from transformers' by up to {worst:.2e}"

@@ -16,3 +16,22 @@ class SiluAndMul(nn.Module):
             return out
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+
+# transformers' activation names -> F.gelu's `approximate`
+GELU_APPROXIMATIONS = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu": "none"}
+
+
+class GeluAndMul(nn.Module):
+    """GeGLU on a fused gate_up projection: gelu(gate) * up (Gemma's MLP)."""
+
+    def __init__(self, activation: str = "gelu_pytorch_tanh") -> None:
+        super().__init__()
+        if activation not in GELU_APPROXIMATIONS:
+            raise ValueError(f"unsupported gated activation {activation!r}; "
+                             f"supported: {', '.join(GELU_APPROXIMATIONS)}")
+        self.approximate = GELU_APPROXIMATIONS[activation]
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.gelu(gate, approximate=self.approximate) * up

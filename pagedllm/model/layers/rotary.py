@@ -15,34 +15,43 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from pagedllm.ops.cpu import kernels_for
 
 
-def rope_parameters(config: PretrainedConfig) -> dict:
+def rope_parameters(config: PretrainedConfig, layer_type: str | None = None) -> dict:
+    """The rope settings of one layer type. Models whose layer types rotate differently (Gemma 3:
+    a local base for "sliding_attention", scaling on "full_attention") keep one dict per type in
+    transformers 5's rope_parameters; everyone else has a single flat dict."""
     params = getattr(config, "rope_parameters", None) or {}
+    if layer_type is not None:
+        params = params[layer_type]
     if "rope_theta" not in params:  # older configs keep theta beside rope_scaling
         params = {**(getattr(config, "rope_scaling", None) or {}),
                   "rope_theta": getattr(config, "rope_theta", 10000.0)}
     return params
 
 
-def partial_rotary_factor(config: PretrainedConfig) -> float:
+def partial_rotary_factor(config: PretrainedConfig, layer_type: str | None = None) -> float:
     """Share of each head that is rotated; transformers 5 keeps it in rope_parameters
     (Phi-3/Phi-4-mini), older configs as a top-level attribute."""
     params = getattr(config, "rope_parameters", None) or {}
+    if layer_type is not None:
+        params = params[layer_type]
     return params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
 
 
-def inverse_frequencies(config: PretrainedConfig, rotary_dim: int,
-                        max_model_len: int) -> tuple[torch.Tensor, float]:
-    params = rope_parameters(config)
+def inverse_frequencies(config: PretrainedConfig, rotary_dim: int, max_model_len: int,
+                        layer_type: str | None = None) -> tuple[torch.Tensor, float]:
+    params = rope_parameters(config, layer_type)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim
         return 1.0 / (params["rope_theta"] ** exponents), 1.0
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"unsupported rope type {rope_type!r}; known: {sorted(ROPE_INIT_FUNCTIONS)}")
+    # transformers' functions read the nested dict themselves when told the layer type.
+    kwargs = {} if layer_type is None else {"layer_type": layer_type}
     if rope_type == "dynamic":
         # Dynamic NTK with its base fixed for the longest sequence served (as vLLM does).
-        return ROPE_INIT_FUNCTIONS[rope_type](config, None, seq_len=max_model_len)
-    return ROPE_INIT_FUNCTIONS[rope_type](config, None)
+        kwargs["seq_len"] = max_model_len
+    return ROPE_INIT_FUNCTIONS[rope_type](config, None, **kwargs)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -53,17 +62,19 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Neox-style rotation (the halves of each head are rotated together), as in HF Llama."""
 
-    def __init__(self, config: PretrainedConfig, head_dim: int, max_model_len: int) -> None:
+    def __init__(self, config: PretrainedConfig, head_dim: int, max_model_len: int,
+                 layer_type: str | None = None) -> None:
         super().__init__()
-        self.config, self.max_model_len = config, max_model_len
-        self.rotary_dim = int(head_dim * partial_rotary_factor(config))
+        self.config, self.max_model_len, self.layer_type = config, max_model_len, layer_type
+        self.rotary_dim = int(head_dim * partial_rotary_factor(config, layer_type))
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self.build_cache()
 
     def build_cache(self, device: torch.device | str | None = None) -> None:
         """(Re)compute cos/sin in float32; called again after the model moves off 'meta'."""
-        inv_freq, scaling = inverse_frequencies(self.config, self.rotary_dim, self.max_model_len)
+        inv_freq, scaling = inverse_frequencies(self.config, self.rotary_dim, self.max_model_len,
+                                              self.layer_type)
         positions = torch.arange(self.max_model_len, dtype=torch.float)
         freqs = torch.outer(positions, inv_freq)
         angles = torch.cat((freqs, freqs), dim=-1)

@@ -1,0 +1,110 @@
+"""GGUF files of the newer families, read back by pagedllm and compared with the model they came
+from.
+
+Each tiny transformers model is written the way llama.cpp's converter writes it: tensor names
+from gguf-py's own HF -> GGUF name map (not our loader's table), metadata through GGUFWriter,
+and Gemma's norm weights stored with the 1 of (1 + w) folded in. The engine then loads the .gguf
+and must produce the original model's greedy tokens.
+"""
+
+from __future__ import annotations
+
+import gguf
+import pytest
+from conftest import make_llm
+from tiny_models import save_tiny_model, transformers_greedy
+from transformers import Gemma2Config, Gemma3TextConfig, PretrainedConfig, Qwen2Config, Qwen3Config
+
+from pagedllm import SamplingParams, TokensPrompt
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=512, max_position_embeddings=256, head_dim=16)
+# GGUF carries no query scale for Gemma; llama.cpp (and our loader) use 1/sqrt(head_dim).
+GEMMA = dict(TINY, query_pre_attn_scalar=16, sliding_window=8)
+FAMILIES = {
+    "qwen2": (gguf.MODEL_ARCH.QWEN2, lambda: Qwen2Config(**TINY, num_hidden_layers=2)),
+    "qwen3": (gguf.MODEL_ARCH.QWEN3, lambda: Qwen3Config(**TINY, num_hidden_layers=2)),
+    "gemma2": (gguf.MODEL_ARCH.GEMMA2, lambda: Gemma2Config(
+        **GEMMA, num_hidden_layers=2, attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
+    # six layers: Gemma 3's default pattern puts one global layer after five local ones
+    "gemma3": (gguf.MODEL_ARCH.GEMMA3, lambda: Gemma3TextConfig(**GEMMA, num_hidden_layers=6)),
+}
+NORMS_STORED_PLUS_ONE = {gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3}
+
+
+def write_gguf(model, arch: gguf.MODEL_ARCH, path) -> None:
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    write_metadata(writer, config)
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        tensor = tensor.float()
+        if arch in NORMS_STORED_PLUS_ONE and hf_name.endswith("norm.weight"):
+            tensor = tensor + 1
+        writer.add_tensor(names.get_name(hf_name, try_suffixes=(".weight", ".bias")),
+                          tensor.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def write_metadata(writer: gguf.GGUFWriter, config: PretrainedConfig) -> None:
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    rope = config.rope_parameters
+    writer.add_rope_freq_base(rope["full_attention"]["rope_theta"] if "full_attention" in rope
+                              else rope["rope_theta"])
+    if getattr(config, "sliding_window", None):
+        writer.add_sliding_window(config.sliding_window)
+    if getattr(config, "attn_logit_softcapping", None):
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+    if getattr(config, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def tiny_gguf(request, tmp_path_factory):
+    arch, make_config = FAMILIES[request.param]
+    folder = tmp_path_factory.mktemp(f"gguf-{request.param}")
+    model = save_tiny_model(make_config(), folder)
+    path = folder / f"{request.param}.gguf"
+    write_gguf(model, arch, path)
+    return path, model
+
+
+def test_gguf_greedy_matches_the_source_model(tiny_gguf):
+    path, hf_model = tiny_gguf
+    llm = make_llm(model=str(path), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20,
+                   enable_prefix_caching=True, max_num_batched_tokens=16)
+    # the 30-token prompt runs past Gemma's 8-token window
+    prompts = [[5, 17, 99, 3], [250, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
+               list(range(40, 70))]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, detokenize=False)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                           use_tqdm=False)
+    for prompt, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == transformers_greedy(hf_model, prompt, 12)
+
+
+def test_unknown_gguf_architecture_lists_the_supported_ones(tmp_path):
+    writer = gguf.GGUFWriter(str(tmp_path / "x.gguf"), "mamba")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    from pagedllm.model.loader import load_model_config
+
+    with pytest.raises(ValueError, match="'mamba' is not supported.*gemma3.*qwen3"):
+        load_model_config(str(tmp_path / "x.gguf"))
