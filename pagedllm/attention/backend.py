@@ -38,6 +38,14 @@ class AttentionMetadata:
     prefills: list[PrefillChunk]
     block_size: int
 
+    def sequence_length_per_token(self, num_tokens: int) -> torch.Tensor:
+        """[num_tokens] the length of each token's sequence once this step's tokens are in."""
+        lengths = torch.empty(num_tokens, dtype=torch.long, device=self.slot_mapping.device)
+        lengths[: self.num_decodes] = self.decode_seq_lens
+        for chunk in self.prefills:
+            lengths[chunk.query_start : chunk.query_start + chunk.query_len] = chunk.context_len
+        return lengths
+
 
 class AttentionBackend(abc.ABC):
     @abc.abstractmethod

@@ -146,6 +146,8 @@ class LlamaModel(nn.Module):
             for rotary, window in zip(rotaries, sliding_windows(config), strict=True)
         )
         self.norm = self.layer_class.norm_class(config.hidden_size, config.rms_norm_eps)
+        # which cos/sin row each token reads (LongRoPE switches tables with sequence length)
+        self.rotary_rows = rotaries[0].table_rows
 
     def layer_rotaries(self, config: PretrainedConfig,
                        max_model_len: int) -> list[RotaryEmbedding]:
@@ -157,6 +159,7 @@ class LlamaModel(nn.Module):
         return self.embed_tokens(input_ids)
 
     def forward(self, input_ids, positions, kv_caches: list[KVCache], metadata):
+        positions = self.rotary_rows(positions, metadata)
         hidden, residual = self.embed(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)

@@ -62,3 +62,22 @@ def test_greedy_matches_transformers(tiny_model):
                                use_tqdm=False)
         for prompt, output in zip(prompts, outputs):
             assert output.outputs[0].token_ids == transformers_greedy(hf_model, prompt, 20)
+
+
+def test_longrope_switches_to_long_factors_past_the_original_length(tmp_path):
+    """Past original_max_position_embeddings (24 here) transformers rotates with long_factor:
+    a whole prompt longer than that from its first token, and a shorter one from the decode step
+    that crosses it (earlier keys stay cached as they were rotated)."""
+    config = Phi3Config(**TINY, **PHI3_IDS, original_max_position_embeddings=24,
+                        rope_scaling=longrope(16))
+    hf_model = save_tiny_model(config, tmp_path)
+    # a budget of 64 tokens prefills each prompt in one pass, as transformers does
+    llm = make_llm(model=str(tmp_path), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20,
+                   max_num_batched_tokens=64)
+    prompts = [[(11 * i + 3) % 500 for i in range(10)], [(7 * i + 5) % 500 for i in range(30)]]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, detokenize=False,
+                            logprobs=0)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                           use_tqdm=False)
+    for prompt, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == transformers_greedy(hf_model, prompt, 24)

@@ -3,6 +3,15 @@
 The inverse frequencies come from transformers' own rope functions (linear, dynamic, yarn,
 longrope, llama3, ...), so a config means exactly what it means there; cos/sin are then cached
 for every position up to max_model_len and looked up by position ids.
+
+LongRoPE (Phi-3) has two sets of frequencies: "short" while a sequence is at most
+original_max_position_embeddings long, "long" beyond. As in transformers, the choice is made per
+forward pass of a sequence, from its length after that pass: the table holds both sets,
+
+    rows [0, max_model_len): short      rows [max_model_len, 2 * max_model_len): long
+
+and `table_rows` shifts the positions of the sequences past the original length into the second
+half. Keys already cached keep the rotation they were written with, as in transformers' cache.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from pagedllm.attention.backend import AttentionMetadata
 from pagedllm.ops.cpu import kernels_for
 
 
@@ -71,16 +81,37 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self.build_cache()
 
+    @property
+    def long_after(self) -> int | None:
+        """LongRoPE's original_max_position_embeddings when long sequences rotate differently."""
+        params = rope_parameters(self.config, self.layer_type)
+        if params.get("rope_type", params.get("type")) != "longrope":
+            return None
+        original = (params.get("original_max_position_embeddings")
+                    or getattr(self.config, "original_max_position_embeddings", None))
+        return original if original and original < self.max_model_len else None
+
     def build_cache(self, device: torch.device | str | None = None) -> None:
         """(Re)compute cos/sin in float32; called again after the model moves off 'meta'."""
-        inv_freq, scaling = inverse_frequencies(self.config, self.rotary_dim, self.max_model_len,
-                                              self.layer_type)
+        tables = [inverse_frequencies(self.config, self.rotary_dim, self.max_model_len,
+                                      self.layer_type)]
+        if self.long_after is not None:  # transformers picks long_factor when seq_len exceeds it
+            tables.append(ROPE_INIT_FUNCTIONS["longrope"](self.config, None,
+                                                          seq_len=self.long_after + 1))
         positions = torch.arange(self.max_model_len, dtype=torch.float)
-        freqs = torch.outer(positions, inv_freq)
-        angles = torch.cat((freqs, freqs), dim=-1)
+        angles = [torch.cat((f, f), dim=-1) for f in (torch.outer(positions, inv_freq)
+                                                      for inv_freq, _ in tables)]
         device = device or self.cos.device
-        self.cos = (angles.cos() * scaling).to(device)
-        self.sin = (angles.sin() * scaling).to(device)
+        self.cos = torch.cat([a.cos() * scaling for a, (_, scaling) in zip(angles, tables)]).to(device)
+        self.sin = torch.cat([a.sin() * scaling for a, (_, scaling) in zip(angles, tables)]).to(device)
+
+    def table_rows(self, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """The cos/sin row of each token: its position, moved to the long half of a LongRoPE
+        table when its sequence is longer than the original context after this step."""
+        if self.long_after is None:
+            return positions
+        lengths = metadata.sequence_length_per_token(positions.shape[0])
+        return positions + (lengths > self.long_after) * self.max_model_len
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor,
                 key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
