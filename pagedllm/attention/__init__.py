@@ -4,9 +4,15 @@ from pagedllm.attention.backend import AttentionBackend, AttentionMetadata, Pref
 
 
 def get_attention_backend(device: str) -> AttentionBackend:
-    """The C++ kernels on CPU where they build; plain PyTorch otherwise."""
+    """The C++ kernels on CPU where they build, the Triton kernels on CUDA; plain PyTorch
+    otherwise."""
     from pagedllm.attention.torch_backend import TorchAttentionBackend
 
+    if str(device).startswith("cuda"):
+        # imported here: triton is an optional dependency (the `cuda` extra), unused on CPU
+        from pagedllm.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend()
     if str(device).startswith("cpu"):
         from pagedllm.ops.cpu import cpu_ops
 
