@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from pagedllm.bench.dataset import synthetic_token_workload
-from pagedllm.bench.throughput import run_pagedllm, run_transformers
+from pagedllm.bench.throughput import load_transformers_model, run_pagedllm, run_transformers
 
 
 def measure_level(args: argparse.Namespace, level: int) -> dict:
@@ -31,7 +31,7 @@ def measure_level(args: argparse.Namespace, level: int) -> dict:
     hf_path, dtype = Path(args.hf_model) if args.hf_model else config.source.path, config.dtype
     del llm
     gc.collect()
-    theirs = run_transformers(hf_path, dtype, work, level)
+    theirs = run_transformers(load_transformers_model(hf_path, dtype), work, level)
     print(f"N={level:<4} pagedllm {ours.output_tokens_per_s:7.1f} out tok/s   "
           f"transformers {theirs.output_tokens_per_s:7.1f} out tok/s")
     return {"concurrency": level, "pagedllm": ours.as_dict(), "transformers": theirs.as_dict()}

@@ -13,6 +13,8 @@ from typing import Any
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PREEMPTION_MODES = ("recompute", "swap")
 SCHEDULING_POLICIES = ("fcfs", "priority")
+LOAD_FORMATS = ("auto", "dummy")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 CPU_DEFAULT_KV_CACHE_BYTES = 4 << 30  # vLLM's CPU backend also defaults to 4 GiB
 
 
@@ -44,14 +46,22 @@ class EngineArgs:
     tokenizer: str | None = _opt("tokenizer folder or hub id (default: the model's)")
     revision: str | None = _opt("hub revision to download")
     dtype: str = _opt("weights and activations dtype", "auto", choices=DTYPES)
-    device: str = _opt("cpu or cuda", "cpu")
+    device: str = _opt("auto (cuda when a GPU is available, else cpu), cpu, cuda or cuda:N", "auto")
+    load_format: str = _opt(
+        "auto: the checkpoint's weights; dummy: random weights built from config.json alone, "
+        "for benchmarks of real shapes without the checkpoint", "auto", choices=LOAD_FORMATS)
     seed: int = _opt("seed for requests that do not set their own", 0)
     max_model_len: int | None = _opt("longest prompt + output (default: from the model)")
     block_size: int = _opt("tokens per KV-cache block", 16)
     kv_cache_memory_bytes: int | None = _opt(
         "bytes for the KV cache, e.g. 2GiB (default: 4GiB on CPU)", cli_name="kv-cache-memory",
         parse=parse_bytes)
-    gpu_memory_utilization: float = _opt("fraction of GPU memory to use (CUDA only)", 0.9)
+    gpu_memory_utilization: float = _opt(
+        "share of the GPU's memory the engine may fill: weights, activations, CUDA graphs and "
+        "the KV cache, which gets the rest (CUDA only; ignored with --kv-cache-memory)", 0.9)
+    enforce_eager: bool = _opt(
+        "run decode steps eagerly instead of replaying CUDA graphs (the CPU always runs eagerly)",
+        False)
     max_num_seqs: int = _opt("most sequences running at once", 256)
     max_num_batched_tokens: int = _opt("token budget of one engine step", 2048)
     skip_tokenizer_init: bool = _opt("run on token ids only, without a tokenizer", False)
@@ -89,6 +99,7 @@ class EngineArgs:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        self._check_device_options()
         if self.kv_cache_memory_bytes is not None:
             self.kv_cache_memory_bytes = parse_bytes(self.kv_cache_memory_bytes)
         positive = ("block_size", "max_num_seqs", "max_num_batched_tokens")
@@ -98,6 +109,16 @@ class EngineArgs:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
         self._check_scheduling()
+
+    def _check_device_options(self) -> None:
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, "
+                             f"got {self.load_format!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("gpu_memory_utilization must be in (0, 1], got "
+                             f"{self.gpu_memory_utilization}")
 
     def _check_scheduling(self) -> None:
         if self.preemption_mode not in PREEMPTION_MODES:

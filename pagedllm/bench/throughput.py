@@ -4,11 +4,17 @@ Both engines get the same token-id prompts and must produce exactly `output_len`
 (EOS ignored), so they do the same work; only requested output tokens are counted. The prompts
 are random tokens (`--input-len`, `--output-len`, `--range-ratio`, `--seed`) or a JSONL dataset
 (`--dataset`, format in bench/dataset.py).
+
+With `--load-format dummy` the engine has random weights (model/dummy.py), and so does the
+transformers baseline, built from the same config with transformers' own random init: the same
+shapes and work per token, not the same numbers. The baseline runs on the engine's device.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
 import json
 import resource
 import time
@@ -69,6 +75,17 @@ def run_pagedllm(llm, work: list[WorkItem]) -> ThroughputResult:
                             sum(len(w.prompt_token_ids) for w in work), produced)
 
 
+def random_transformers_model(config, dtype: torch.dtype, device: str):
+    """A transformers model of `config`'s shape with transformers' random init, built on the
+    device (initializing billions of weights on the CPU would take minutes)."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(config)
+    config.dtype = dtype
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
 def load_transformers_model(path: Path, dtype: torch.dtype):
     """An HF folder, or a .gguf file read by transformers' GGUF loader and then rebuilt as a
     plain dense model: left to itself transformers keeps GGUF weights quantized and runs its
@@ -87,11 +104,10 @@ def load_transformers_model(path: Path, dtype: torch.dtype):
     return dense.to(dtype).eval()
 
 
-def run_transformers(model_path: Path, dtype: torch.dtype, work: list[WorkItem],
-                     batch_size: int) -> ThroughputResult:
+def run_transformers(model, work: list[WorkItem], batch_size: int) -> ThroughputResult:
     """Batched, left-padded, sorted by length; each batch runs to its longest output and only the
     requested tokens are counted."""
-    model = load_transformers_model(model_path, dtype)
+    device = model.device
     order = sorted(work, key=lambda w: len(w.prompt_token_ids))
     started = time.perf_counter()
     for i in range(0, len(order), batch_size):
@@ -105,21 +121,33 @@ def run_transformers(model_path: Path, dtype: torch.dtype, work: list[WorkItem],
             mask[row, width - n :] = 1
         new = max(w.output_len for w in batch)
         with torch.inference_mode():
-            model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                           do_sample=False, pad_token_id=0)
+            model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
+                           min_new_tokens=new, do_sample=False, pad_token_id=0)
+    synchronize(device)
     elapsed = time.perf_counter() - started
     return ThroughputResult(f"transformers(bs={batch_size})", len(work), elapsed,
                             sum(len(w.prompt_token_ids) for w in work),
                             sum(w.output_len for w in work))
 
 
-def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """What a large square matmul reaches here: the arithmetic ceiling for the ratio below."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work, so that a timer reads what it did (no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_gflops(dtype: torch.dtype, device: str = "cpu", size: int = 2048,
+                       repeats: int = 5) -> float:
+    """What a large square matmul reaches on the device: the arithmetic ceiling for the ratio
+    below."""
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
     torch.matmul(a, b)
+    synchronize(device)
     started = time.perf_counter()
     for _ in range(repeats):
         torch.matmul(a, b)
+    synchronize(device)
     return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
 
 
@@ -139,7 +167,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--hf-batch-sizes", type=lambda s: [int(x) for x in s.split(",")],
                         default=[16, 64], help="transformers batch sizes to try; the best counts")
     parser.add_argument("--hf-model", default=None,
-                        help="HF folder or .gguf for the baseline (default: the engine's model)")
+                        help="HF folder or .gguf for the baseline (default: the engine's model; "
+                             "with --load-format dummy, only its config is read)")
     parser.add_argument("--output-json", default=None)
     EngineArgs.add_cli_args(parser)
     parser.set_defaults(handler=main)
@@ -158,15 +187,22 @@ def main(args: argparse.Namespace) -> int:
     first_step = engine.num_steps
     results = [run_pagedllm(llm, work)]
     kv_cache = kv_cache_report(engine, first_step)
+    model_config, device, capture_s = engine.model_config, engine.device, engine.cuda_graph_capture_s
     if args.baseline == "hf":
-        hf_path = Path(args.hf_model) if args.hf_model else engine.model_config.source.path
-        results += [run_transformers(hf_path, engine.model_config.dtype, work, bs)
-                    for bs in args.hf_batch_sizes]
+        # On a GPU the engine holds most of the memory (KV cache): release it first.
+        del llm, engine
+        release_device_memory(device)
+        model = transformers_baseline(args, model_config, device)
+        results += [run_transformers(model, work, bs) for bs in args.hf_batch_sizes]
+        del model
     report = {
         "config": {k: v for k, v in vars(args).items() if k != "handler"},
+        "weights": args.load_format if args.load_format == "dummy" else "checkpoint",
+        "device": device,
         "startup_s": startup,
+        "cuda_graph_capture_s": capture_s,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "matmul_peak_gflops": matmul_peak_gflops(engine.model_config.dtype),
+        "matmul_peak_gflops": matmul_peak_gflops(model_config.dtype, device),
         "results": [r.as_dict() for r in results],
         "kv_cache": kv_cache,
     }
@@ -179,6 +215,29 @@ def main(args: argparse.Namespace) -> int:
         with open(args.output_json, "w") as handle:
             json.dump(report, handle, indent=2, default=str)
     return 0
+
+
+def release_device_memory(device: str) -> None:
+    """Collect what was dropped (the engine has reference cycles) and hand the allocator's
+    cached blocks back to the GPU."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def transformers_baseline(args: argparse.Namespace, model_config, device: str):
+    """The baseline model on the engine's device: the checkpoint, or with dummy weights a
+    random model of the same config."""
+    from pagedllm.model.loader import load_model_config
+
+    dtype = model_config.dtype
+    if args.load_format == "dummy":
+        config = model_config.hf_config
+        if args.hf_model:
+            config = load_model_config(args.hf_model, args.dtype, device=device).hf_config
+        return random_transformers_model(config, dtype, device)
+    hf_path = Path(args.hf_model) if args.hf_model else model_config.source.path
+    return load_transformers_model(hf_path, dtype).to(device)
 
 
 def build_workload(args: argparse.Namespace, llm,
@@ -211,6 +270,9 @@ def kv_cache_report(engine, first_step: int) -> dict:
 
 
 def print_table(report: dict) -> None:
+    if report["weights"] == "dummy":
+        print("weights: random (load format dummy); the transformers baseline has random weights "
+              "of its own: the same shapes and work per token, not the same values")
     print(f"{'engine':<22}{'req/s':>9}{'out tok/s':>12}{'total tok/s':>13}{'seconds':>10}")
     for r in report["results"]:
         print(f"{r['engine']:<22}{r['requests_per_s']:>9.2f}{r['output_tokens_per_s']:>12.1f}"

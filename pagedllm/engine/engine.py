@@ -23,17 +23,19 @@ from pagedllm.engine.output import OutputProcessor, sequence_id
 from pagedllm.engine.processor import Processor
 from pagedllm.inputs import PromptType
 from pagedllm.logger import init_logger
-from pagedllm.model.loader import load_model, load_model_config
+from pagedllm.model.loader import ModelSource, load_model, load_model_config
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.structured_output.manager import StructuredOutputManager
 from pagedllm.tokenizer import load_tokenizer
+from pagedllm.worker.cuda_graph import capture_sizes
 from pagedllm.worker.kv_cache import (
     KVCacheShape,
     allocate_kv_caches,
     describe_plan,
     kv_cache_budget,
 )
+from pagedllm.worker.memory_plan import GiB, GpuMemoryPlan, plan_gpu_memory
 from pagedllm.worker.model_runner import ModelRunner
 from pagedllm.worker.swap import SwapSpace
 
@@ -42,6 +44,8 @@ logger = init_logger(__name__)
 # A step with nothing to run while grammars compile waits this long for one, instead of
 # spinning (and slowing the compiling thread); short, so adds and aborts are not held up.
 GRAMMAR_WAIT_S = 0.02
+# Any of these next to config.json means the folder has a tokenizer of its own.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 @dataclass(slots=True)
@@ -72,16 +76,23 @@ class LLMEngine:
         started = time.perf_counter()
         self.args = args
         self.device = _resolve_device(args.device)
+        on_cuda = self.device.startswith("cuda")
+        if ":" in self.device:
+            torch.cuda.set_device(self.device)  # graphs capture on the current device
         self.model_config = load_model_config(args.model, args.dtype, args.max_model_len,
                                               args.revision, self.device)
-        self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(
-            self.model_config.source, args.tokenizer, args.revision)
-        model = load_model(self.model_config, get_attention_backend(self.device), self.device)
-        self.cache_config = self._plan_kv_cache()
+        self.tokenizer = self._load_tokenizer()
+        model, weights_bytes = self._load_model()
+        # Decode steps replay CUDA graphs at these batch sizes; none on the CPU or when eager.
+        self.cuda_graph_sizes = ([] if not on_cuda or args.enforce_eager else
+                                 capture_sizes(args.max_num_seqs, args.max_num_batched_tokens))
+        self.memory_plan: GpuMemoryPlan | None = None
+        self.cache_config = self._plan_kv_cache(model, weights_bytes)
         kv_caches = allocate_kv_caches(self.kv_shape, self.cache_config.num_blocks, self.device)
         swap_space = self._plan_swap_space(kv_caches)
         self.runner = ModelRunner(model, kv_caches, args.block_size, self.device, args.seed,
                                   self.model_config.vocab_size, swap_space)
+        self.cuda_graph_capture_s = self._capture_cuda_graphs() if self.cuda_graph_sizes else 0.0
         self.block_pool = BlockPool(self.cache_config.num_blocks, args.enable_prefix_caching)
         self.host_block_pool = (BlockPool(swap_space.num_blocks, enable_caching=False)
                                 if swap_space else None)
@@ -113,17 +124,62 @@ class LLMEngine:
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
         return cls(args)
 
-    def _plan_kv_cache(self) -> CacheConfig:
-        self.kv_shape = KVCacheShape.from_config(self.model_config.hf_config,
-                                                 self.args.block_size, self.model_config.dtype)
-        budget = kv_cache_budget(self.device, self.args.kv_cache_memory_bytes,
-                                 self.args.gpu_memory_utilization)
+    def _load_tokenizer(self):
+        args = self.args
+        if args.skip_tokenizer_init:
+            return None
+        if (args.load_format == "dummy" and args.tokenizer is None
+                and not _has_tokenizer(self.model_config.source)):
+            logger.warning("%s has no tokenizer: running on token ids only, as with "
+                           "skip_tokenizer_init (give one with tokenizer=...)",
+                           self.model_config.source.path)
+            return None
+        return load_tokenizer(self.model_config.source, args.tokenizer, args.revision)
+
+    def _load_model(self) -> tuple[torch.nn.Module, int]:
+        """The model, and the device memory its weights took (0 on the CPU)."""
+        on_cuda = self.device.startswith("cuda")
+        before = torch.cuda.memory_allocated(self.device) if on_cuda else 0
+        model = load_model(self.model_config, get_attention_backend(self.device), self.device,
+                           self.args.load_format)
+        after = torch.cuda.memory_allocated(self.device) if on_cuda else 0
+        return model, after - before
+
+    def _plan_kv_cache(self, model: torch.nn.Module, weights_bytes: int) -> CacheConfig:
+        args = self.args
+        self.kv_shape = KVCacheShape.from_config(self.model_config.hf_config, args.block_size,
+                                                 self.model_config.dtype)
+        if args.kv_cache_memory_bytes is None and self.device.startswith("cuda"):
+            self.memory_plan = plan_gpu_memory(
+                model, self.kv_shape, weights_bytes, args.gpu_memory_utilization,
+                args.max_num_batched_tokens, args.max_num_seqs, self.model_config.max_model_len,
+                self.cuda_graph_sizes, torch.device(self.device))
+            logger.info(self.memory_plan.describe())
+            budget = self.memory_plan.kv_cache
+        else:
+            budget = kv_cache_budget(args.kv_cache_memory_bytes)
         num_blocks = budget // self.kv_shape.bytes_per_block
         if num_blocks < 1:
+            hint = (" (raise gpu_memory_utilization, or lower max_num_batched_tokens or "
+                    "max_num_seqs)" if self.memory_plan else "")
             raise ValueError(f"KV-cache memory of {budget} bytes holds no block; one block needs "
-                             f"{self.kv_shape.bytes_per_block} bytes")
+                             f"{self.kv_shape.bytes_per_block} bytes{hint}")
         logger.info(describe_plan(self.kv_shape, num_blocks, self.model_config.max_model_len))
-        return CacheConfig(self.args.block_size, num_blocks, self.kv_shape.bytes_per_block)
+        return CacheConfig(args.block_size, num_blocks, self.kv_shape.bytes_per_block)
+
+    def _capture_cuda_graphs(self) -> float:
+        """Capture the decode graphs and report their time and memory (measured, beside the
+        plan's estimate)."""
+        sizes = self.cuda_graph_sizes
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        seconds = self.runner.capture_decode_graphs(sizes, self.model_config.max_model_len)
+        torch.cuda.empty_cache()  # the eager warm-ups' cached blocks are not the graphs'
+        used = free_before - torch.cuda.mem_get_info(self.device)[0]
+        estimate = (f", estimated {self.memory_plan.cuda_graphs / GiB:.2f} GiB"
+                    if self.memory_plan else "")
+        logger.info("CUDA graphs: captured %d decode batch sizes (1 to %d) in %.1f s; they "
+                    "take %.2f GiB%s", len(sizes), sizes[-1], seconds, used / GiB, estimate)
+        return seconds
 
     def _plan_swap_space(self, kv_caches) -> SwapSpace | None:
         if self.args.preemption_mode != "swap":
@@ -271,11 +327,17 @@ class LLMEngine:
         ))
 
 
+def _has_tokenizer(source: ModelSource) -> bool:
+    """A GGUF file carries its vocabulary; a folder needs tokenizer files of its own."""
+    return source.is_gguf or any((source.path / name).is_file() for name in TOKENIZER_FILES)
+
+
 def _resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for, but no CUDA GPU is available")
+        raise ValueError(f"device {device!r} was asked for, but no CUDA GPU is available "
+                         f"(torch {torch.__version__}); use device='cpu' or 'auto'")
     if device != "cpu" and not device.startswith("cuda"):
         raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
     return device

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 
 from pagedllm.attention import AttentionBackend
+from pagedllm.model.dummy import initialize_dummy_weights
 from pagedllm.model.layers.linear import prepare_for_inference
 from pagedllm.model.layers.rotary import RotaryEmbedding
 from pagedllm.model.registry import GGUF_ARCHITECTURES, resolve_model_class
@@ -156,7 +157,9 @@ def _as_list(value) -> list[int]:
 
 
 # ---- weights ---------------------------------------------------------------------------------
-def load_model(config: ModelConfig, backend: AttentionBackend, device: str) -> torch.nn.Module:
+def load_model(config: ModelConfig, backend: AttentionBackend, device: str,
+               load_format: str = "auto") -> torch.nn.Module:
+    """load_format "dummy" fills random weights instead of reading any (model/dummy.py)."""
     model_class, implied = resolve_model_class(config.hf_config.model_type)
     for key, value in implied.items():
         setattr(config.hf_config, key, value)
@@ -168,7 +171,9 @@ def load_model(config: ModelConfig, backend: AttentionBackend, device: str) -> t
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.build_cache(device)
-    if config.source.is_gguf:
+    if load_format == "dummy":
+        initialize_dummy_weights(model)
+    elif config.source.is_gguf:
         with GGUFFile(config.source.path) as gguf_file:
             model.load_weights(gguf_file.weights(config.hf_config))
     else:

@@ -44,14 +44,10 @@ class KVCacheShape:
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * element
 
 
-def kv_cache_budget(device: str, memory_bytes: int | None, gpu_memory_utilization: float) -> int:
-    if memory_bytes is not None:
-        return memory_bytes
-    if device.startswith("cuda"):
-        free, total = torch.cuda.mem_get_info()
-        used = total - free
-        return max(0, int(total * gpu_memory_utilization) - used)
-    return CPU_DEFAULT_KV_CACHE_BYTES
+def kv_cache_budget(memory_bytes: int | None) -> int:
+    """The budget the user gave, or the CPU's default. On CUDA without one, the budget is what
+    the memory plan leaves (worker/memory_plan.py)."""
+    return CPU_DEFAULT_KV_CACHE_BYTES if memory_bytes is None else memory_bytes
 
 
 def allocate_kv_caches(shape: KVCacheShape, num_blocks: int,

@@ -2,7 +2,8 @@
 
 The batch has no padding: every scheduled token is one row. Decodes go first (one row each),
 then each prefill chunk as a run of rows; see attention/backend.py for the layout. Logits are
-computed only for the last row of each request whose chunk reaches its end.
+computed only for the last row of each request whose chunk reaches its end. (A decode-only step
+replayed as a CUDA graph is padded inside worker/cuda_graph.py; only its real rows come back.)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pagedllm.attention import AttentionMetadata, PrefillChunk
 from pagedllm.core.kv_cache_manager import cdiv
 from pagedllm.core.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from pagedllm.model.layers.sampler import Penalties, Sampler, SamplingBatch
+from pagedllm.worker.cuda_graph import DecodeGraphs
 from pagedllm.worker.swap import SwapSpace
 
 
@@ -55,6 +57,7 @@ class ModelRunner:
         # Structured outputs: masks the logits rows of constrained sequences in place, given
         # who samples from each row (StructuredOutputManager.mask_logits). Set by the engine.
         self.mask_logits: Callable[[torch.Tensor, list[str]], None] | None = None
+        self.decode_graphs: DecodeGraphs | None = None  # set by capture_decode_graphs (CUDA)
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -65,7 +68,7 @@ class ModelRunner:
         if not scheduler_output.scheduled:
             return ModelRunnerOutput([], [])
         inputs = self.prepare_inputs(scheduler_output.scheduled)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
+        hidden = self.forward(inputs)
         prompt_logprobs = {r.request_id: (r.first_position, self._prompt_logprobs(hidden, r))
                            for r in inputs.prompt_logprob_rows}
         if not inputs.sampling:
@@ -76,6 +79,24 @@ class ModelRunner:
         batch = self.sampling_batch(inputs.sampling, inputs.sample_ids)
         token_ids, logprobs = self.sampler(logits, batch)
         return ModelRunnerOutput(inputs.sample_ids, token_ids, logprobs, prompt_logprobs)
+
+    def forward(self, inputs: ModelInputs) -> torch.Tensor:
+        """The final hidden states: a decode-only step that fits a captured CUDA graph replays
+        it (padded to the graph's size); every other step runs the model eagerly."""
+        graphs = self.decode_graphs
+        size = graphs.size_for(inputs.metadata) if graphs is not None else None
+        if size is None:
+            return self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
+        return graphs.run(inputs.input_ids, inputs.positions, inputs.metadata, size)
+
+    def capture_decode_graphs(self, sizes: list[int], max_model_len: int) -> float:
+        """Capture the decode forward at every batch size of `sizes` (once, at start-up, after
+        the KV cache exists); returns the seconds it took."""
+        graphs = DecodeGraphs(self.model, self.kv_caches, sizes, max_model_len, self.block_size,
+                              self.device)
+        seconds = graphs.capture()
+        self.decode_graphs = graphs
+        return seconds
 
     def _prompt_logprobs(self, hidden: torch.Tensor, rows: PromptLogprobRows):
         count = len(rows.targets)
