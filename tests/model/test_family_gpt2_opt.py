@@ -1,4 +1,5 @@
-"""GPT-2 and OPT on tiny random models built locally with transformers: greedy tokens must match.
+"""GPT-2 and OPT on tiny random models built locally with transformers: greedy tokens and their
+logprobs must match.
 
 Prompts of different lengths go through a small token budget, so prefill is chunked and the
 learned position lookup is checked at chunk boundaries; prefix caching is on.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_llm
-from tiny_models import save_tiny_model, transformers_greedy
+from tiny_models import assert_logprobs_match, save_tiny_model, transformers_greedy
 from transformers import GPT2Config, OPTConfig
 
 from pagedllm import SamplingParams, TokensPrompt
@@ -39,16 +40,17 @@ def reference_tokens(hf_model, prompt: list[int]) -> list[int]:
     return transformers_greedy(hf_model, prompt, MAX_TOKENS)
 
 
-def test_greedy_matches_transformers(tiny_model):
+def test_greedy_and_logprobs_match_transformers(tiny_model):
     folder, hf_model = tiny_model
     llm = make_llm(model=str(folder), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20,
                    enable_prefix_caching=True, max_num_batched_tokens=16)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True,
-                            detokenize=False)
+                            detokenize=False, logprobs=2)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params,
                            use_tqdm=False)
     for prompt, output in zip(PROMPTS, outputs):
         assert output.outputs[0].token_ids == reference_tokens(hf_model, prompt)
+        assert_logprobs_match(hf_model, prompt, output.outputs[0])
 
 
 def test_checkpoint_names_without_prefix_load(tiny_model):
