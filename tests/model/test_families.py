@@ -8,11 +8,8 @@ queries see only part of their context and the window's edge crosses block bound
 from __future__ import annotations
 
 import pytest
-from conftest import make_llm
-from tiny_models import assert_logprobs_match, save_tiny_model, transformers_greedy
+from tiny_models import assert_matches_transformers, save_tiny_model, tiny_engine
 from transformers import LlamaConfig, MistralConfig, Qwen2Config
-
-from pagedllm import SamplingParams, TokensPrompt
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
@@ -40,13 +37,4 @@ def tiny_model(request, tmp_path_factory):
 
 def test_greedy_and_logprobs_match_transformers(tiny_model):
     folder, hf_model = tiny_model
-    llm = make_llm(model=str(folder), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20,
-                   enable_prefix_caching=True, max_num_batched_tokens=16)
-    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, detokenize=False,
-                            logprobs=3)
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params,
-                           use_tqdm=False)
-    for prompt, output in zip(PROMPTS, outputs):
-        completion = output.outputs[0]
-        assert completion.token_ids == transformers_greedy(hf_model, prompt, 20)
-        assert_logprobs_match(hf_model, prompt, completion)
+    assert_matches_transformers(tiny_engine(folder), hf_model, PROMPTS, 20, logprobs=3)

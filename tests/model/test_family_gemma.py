@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_llm
-from tiny_models import assert_logprobs_match, save_tiny_model, transformers_greedy
+from tiny_models import assert_matches_transformers, save_tiny_model, tiny_engine
 from transformers import Gemma2Config, Gemma3Config, Gemma3TextConfig, GemmaConfig
 from transformers.models.gemma.modeling_gemma import GemmaTextScaledWordEmbedding
 
-from pagedllm import SamplingParams, TokensPrompt
 from pagedllm.model.gemma import rounded
 
 # head_dim 32 differs from hidden_size / heads (16), and query_pre_attn_scalar (24) from
@@ -56,17 +54,9 @@ def tiny_model(request, tmp_path_factory):
 
 def test_greedy_and_logprobs_match_transformers(tiny_model):
     folder, hf_model = tiny_model
-    llm = make_llm(model=str(folder), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20,
-                   enable_prefix_caching=True, max_num_batched_tokens=16)
-    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, detokenize=False,
-                            logprobs=3)
+    llm = tiny_engine(folder)
     for _ in range(2):  # the second pass runs with every prompt's blocks already cached
-        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params,
-                               use_tqdm=False)
-        for prompt, output in zip(PROMPTS, outputs):
-            completion = output.outputs[0]
-            assert completion.token_ids == transformers_greedy(hf_model, prompt, 20)
-            assert_logprobs_match(hf_model, prompt, completion)
+        assert_matches_transformers(llm, hf_model, PROMPTS, 20, logprobs=3)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -91,13 +81,6 @@ def test_multimodal_gemma3_checkpoint_gives_its_text_model(tmp_path):
                           vision_config=vision, mm_tokens_per_image=4, image_token_index=500,
                           boi_token_index=501, eoi_token_index=502)
     hf_model = save_tiny_model(config, tmp_path, norm_noise=0.3)
-    llm = make_llm(model=str(tmp_path), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20,
-                   enable_prefix_caching=True, max_num_batched_tokens=16)
+    llm = tiny_engine(tmp_path)
     assert llm.llm_engine.model_config.hf_config.model_type == "gemma3_text"
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, detokenize=False,
-                            logprobs=0)
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS[-2:]], params,
-                           use_tqdm=False)
-    for prompt, output in zip(PROMPTS[-2:], outputs):
-        assert output.outputs[0].token_ids == transformers_greedy(hf_model, prompt, 8)
-        assert_logprobs_match(hf_model, prompt, output.outputs[0])
+    assert_matches_transformers(llm, hf_model, PROMPTS[-2:], 8, logprobs=0)

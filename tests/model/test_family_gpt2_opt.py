@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_llm
-from tiny_models import assert_logprobs_match, save_tiny_model, transformers_greedy
+from tiny_models import assert_matches_transformers, save_tiny_model, tiny_engine
 from transformers import GPT2Config, OPTConfig
-
-from pagedllm import SamplingParams, TokensPrompt
 
 OPT_TINY = dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                 vocab_size=512, max_position_embeddings=256)
@@ -36,29 +33,15 @@ def tiny_model(request, tmp_path_factory):
     return folder, save_tiny_model(FAMILIES[request.param](), folder)
 
 
-def reference_tokens(hf_model, prompt: list[int]) -> list[int]:
-    return transformers_greedy(hf_model, prompt, MAX_TOKENS)
-
-
 def test_greedy_and_logprobs_match_transformers(tiny_model):
     folder, hf_model = tiny_model
-    llm = make_llm(model=str(folder), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20,
-                   enable_prefix_caching=True, max_num_batched_tokens=16)
-    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True,
-                            detokenize=False, logprobs=2)
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params,
-                           use_tqdm=False)
-    for prompt, output in zip(PROMPTS, outputs):
-        assert output.outputs[0].token_ids == reference_tokens(hf_model, prompt)
-        assert_logprobs_match(hf_model, prompt, output.outputs[0])
+    assert_matches_transformers(tiny_engine(folder), hf_model, PROMPTS, MAX_TOKENS, logprobs=2)
 
 
 def test_checkpoint_names_without_prefix_load(tiny_model):
     """Original GPT-2/OPT conversions have no `transformer.` / `model.` prefix."""
     folder, hf_model = tiny_model
-    llm = make_llm(model=str(folder), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20,
-                   enable_prefix_caching=True, max_num_batched_tokens=16)
-    ours = loaded_model(llm)
+    ours = loaded_model(tiny_engine(folder))
     state = {name.removeprefix("transformer.").removeprefix("model."): tensor
              for name, tensor in hf_model.state_dict().items()}
     if "h.0.attn.c_attn.weight" in state:  # old GPT-2 files also hold the causal-mask buffers
@@ -72,9 +55,7 @@ def test_checkpoint_names_without_prefix_load(tiny_model):
 
 def test_missing_and_unexpected_weights_raise(tiny_model):
     folder, hf_model = tiny_model
-    llm = make_llm(model=str(folder), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20,
-                   enable_prefix_caching=True, max_num_batched_tokens=16)
-    ours = loaded_model(llm)
+    ours = loaded_model(tiny_engine(folder))
     state = dict(hf_model.state_dict())
     with pytest.raises(ValueError, match="missing"):
         ours.load_weights(list(state.items())[1:])
@@ -85,13 +66,8 @@ def test_missing_and_unexpected_weights_raise(tiny_model):
 def test_bfloat16_first_tokens_match(tiny_model):
     """bf16 on CPU runs the packed oneDNN weights; the decisive first token must still agree."""
     folder, hf_model = tiny_model
-    llm = make_llm(model=str(folder), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20,
-                   dtype="bfloat16", max_num_batched_tokens=16)
-    params = SamplingParams(temperature=0, max_tokens=1, detokenize=False)
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params,
-                           use_tqdm=False)
-    for prompt, output in zip(PROMPTS, outputs):
-        assert output.outputs[0].token_ids == reference_tokens(hf_model, prompt)[:1]
+    llm = tiny_engine(folder, dtype="bfloat16", enable_prefix_caching=False)
+    assert_matches_transformers(llm, hf_model, PROMPTS, 1)
 
 
 def loaded_model(llm) -> torch.nn.Module:

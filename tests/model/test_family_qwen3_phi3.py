@@ -4,11 +4,8 @@ with prefix caching and chunked prefill (a 16-token step budget splits the longe
 from __future__ import annotations
 
 import pytest
-from conftest import make_llm
-from tiny_models import assert_logprobs_match, save_tiny_model, transformers_greedy
+from tiny_models import assert_matches_transformers, save_tiny_model, tiny_engine
 from transformers import Phi3Config, Qwen3Config
-
-from pagedllm import SamplingParams, TokensPrompt
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
@@ -50,20 +47,13 @@ def tiny_model(request, tmp_path_factory):
 
 def test_greedy_and_logprobs_match_transformers(tiny_model):
     folder, hf_model = tiny_model
-    llm = make_llm(model=str(folder), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20,
-                   enable_prefix_caching=True, max_num_batched_tokens=16)
+    llm = tiny_engine(folder)
     # The last two share a 32-token prefix, so the second can reuse cached blocks.
     shared = [42] * 20 + list(range(100, 112))
     prompts = [[5, 17, 99, 3], [250, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], shared + [7],
                shared + [8, 9, 10]]
-    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, detokenize=False,
-                            logprobs=2)
     for _ in range(2):  # the second pass runs with every prompt's blocks already cached
-        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
-                               use_tqdm=False)
-        for prompt, output in zip(prompts, outputs):
-            assert output.outputs[0].token_ids == transformers_greedy(hf_model, prompt, 20)
-            assert_logprobs_match(hf_model, prompt, output.outputs[0])
+        assert_matches_transformers(llm, hf_model, prompts, 20, logprobs=2)
 
 
 def test_longrope_switches_to_long_factors_past_the_original_length(tmp_path):
@@ -74,13 +64,8 @@ def test_longrope_switches_to_long_factors_past_the_original_length(tmp_path):
                         rope_scaling=longrope(16))
     hf_model = save_tiny_model(config, tmp_path)
     # a budget of 64 tokens prefills each prompt in one pass, as transformers does
-    llm = make_llm(model=str(tmp_path), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20,
-                   max_num_batched_tokens=64)
+    llm = tiny_engine(tmp_path, enable_prefix_caching=False, max_num_batched_tokens=64)
     prompts = [[(11 * i + 3) % 500 for i in range(10)], [(7 * i + 5) % 500 for i in range(30)]]
     # (no one-pass logprob reference here: one forward over prompt + completion would rotate
     # every position with long factors, unlike the step-by-step generation it should mirror)
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, detokenize=False)
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
-                           use_tqdm=False)
-    for prompt, output in zip(prompts, outputs):
-        assert output.outputs[0].token_ids == transformers_greedy(hf_model, prompt, 24)
+    assert_matches_transformers(llm, hf_model, prompts, 24)

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import gguf
 import pytest
-from conftest import make_llm
-from tiny_models import save_tiny_model, transformers_greedy
+from tiny_models import assert_matches_transformers, save_tiny_model, tiny_engine
 from transformers import Gemma2Config, Gemma3TextConfig, PretrainedConfig, Qwen2Config, Qwen3Config
-
-from pagedllm import SamplingParams, TokensPrompt
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=512, max_position_embeddings=256, head_dim=16)
@@ -85,16 +82,10 @@ def tiny_gguf(request, tmp_path_factory):
 
 def test_gguf_greedy_matches_the_source_model(tiny_gguf):
     path, hf_model = tiny_gguf
-    llm = make_llm(model=str(path), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20,
-                   enable_prefix_caching=True, max_num_batched_tokens=16)
     # the 30-token prompt runs past Gemma's 8-token window
     prompts = [[5, 17, 99, 3], [250, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
                list(range(40, 70))]
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, detokenize=False)
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
-                           use_tqdm=False)
-    for prompt, output in zip(prompts, outputs):
-        assert output.outputs[0].token_ids == transformers_greedy(hf_model, prompt, 12)
+    assert_matches_transformers(tiny_engine(path), hf_model, prompts, 12)
 
 
 def test_unknown_gguf_architecture_lists_the_supported_ones(tmp_path):

@@ -6,7 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from conftest import make_llm
 from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from pagedllm import LLM, SamplingParams, TokensPrompt
 
 
 def save_tiny_model(config: PretrainedConfig, folder: Path, norm_noise: float = 0.0):
@@ -51,3 +54,26 @@ def assert_logprobs_match(model, prompt: list[int], completion, atol: float = 1e
                 for row, entries in zip(reference, completion.logprobs)
                 for token_id, entry in entries.items())
     assert worst <= atol, f"logprobs differ from transformers' by up to {worst:.2e}"
+
+
+def tiny_engine(folder: Path, **overrides) -> LLM:
+    """An engine on a tiny model on token ids, with prefix caching and a 16-token step budget,
+    so prompts longer than that are prefilled in chunks."""
+    settings = dict(model=str(folder), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20,
+                    enable_prefix_caching=True, max_num_batched_tokens=16)
+    return make_llm(**(settings | overrides))
+
+
+def assert_matches_transformers(llm: LLM, model, prompts: list[list[int]], max_tokens: int,
+                                logprobs: int | None = None) -> None:
+    """The engine's greedy tokens for each prompt are transformers' and, when `logprobs` is
+    given, so are their logprobs (assert_logprobs_match)."""
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
+                            detokenize=False, logprobs=logprobs)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                           use_tqdm=False)
+    for prompt, output in zip(prompts, outputs):
+        completion = output.outputs[0]
+        assert completion.token_ids == transformers_greedy(model, prompt, max_tokens)
+        if logprobs is not None:
+            assert_logprobs_match(model, prompt, completion)
