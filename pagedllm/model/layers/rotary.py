@@ -64,6 +64,18 @@ def inverse_frequencies(config: PretrainedConfig, rotary_dim: int, max_model_len
     return ROPE_INIT_FUNCTIONS[rope_type](config, None, **kwargs)
 
 
+def longrope_switch_length(config: PretrainedConfig, layer_type: str | None,
+                           max_model_len: int) -> int | None:
+    """LongRoPE's original_max_position_embeddings, past which a sequence rotates with the long
+    factors; None when the model does not switch (or cannot reach that length)."""
+    params = rope_parameters(config, layer_type)
+    if params.get("rope_type", params.get("type")) != "longrope":
+        return None
+    original = (params.get("original_max_position_embeddings")
+                or getattr(config, "original_max_position_embeddings", None))
+    return original if original and original < max_model_len else None
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     first, second = x.chunk(2, dim=-1)
     return torch.cat((-second, first), dim=-1)
@@ -77,19 +89,11 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.config, self.max_model_len, self.layer_type = config, max_model_len, layer_type
         self.rotary_dim = int(head_dim * partial_rotary_factor(config, layer_type))
+        # fixed by the config; read on every forward pass, so worked out once here
+        self.long_after = longrope_switch_length(config, layer_type, max_model_len)
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self.build_cache()
-
-    @property
-    def long_after(self) -> int | None:
-        """LongRoPE's original_max_position_embeddings when long sequences rotate differently."""
-        params = rope_parameters(self.config, self.layer_type)
-        if params.get("rope_type", params.get("type")) != "longrope":
-            return None
-        original = (params.get("original_max_position_embeddings")
-                    or getattr(self.config, "original_max_position_embeddings", None))
-        return original if original and original < self.max_model_len else None
 
     def build_cache(self, device: torch.device | str | None = None) -> None:
         """(Re)compute cos/sin in float32; called again after the model moves off 'meta'."""
