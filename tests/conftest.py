@@ -20,6 +20,8 @@ os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else 
 from pagedllm import LLM
 from pagedllm.config import cache_dir
 from pagedllm.model.loader import default_model_path
+from pagedllm.ops.cpu import cpu_ops
+from pagedllm.platform.cpu import ISA_ENV, ISA_LEVELS, cpu_info
 
 _ENGINES: dict[tuple, LLM] = {}
 
@@ -42,10 +44,41 @@ def make_llm(**kwargs) -> LLM:
     """One engine per distinct configuration for the whole session (start-up costs seconds)."""
     kwargs.setdefault("dtype", "float32")
     kwargs.setdefault("kv_cache_memory_bytes", 256 << 20)
-    key = tuple(sorted(kwargs.items()))
+    key = (*sorted(kwargs.items()), cpu_info().isa)  # a forced kernel level builds its own
     if key not in _ENGINES:
         _ENGINES[key] = LLM(**kwargs)
     return _ENGINES[key]
+
+
+def skip_unless_cpu_runs(level: str) -> None:
+    if not cpu_info().can_run(level):
+        pytest.skip(f"this CPU ({cpu_info().native_isa}) cannot execute {level} code")
+
+
+@pytest.fixture(scope="session", params=ISA_LEVELS)
+def ops(request):
+    """The C++ kernels built for each level this CPU executes (the others skip, with why)."""
+    skip_unless_cpu_runs(request.param)
+    module = cpu_ops(request.param)
+    if module is None:
+        pytest.skip("the C++ kernels cannot be built on this machine")
+    assert module.level == request.param
+    return module
+
+
+@pytest.fixture
+def force_cpu_isa(monkeypatch):
+    """force_cpu_isa(level): the probe reports `level` until the test ends, as
+    PAGEDLLM_CPU_ISA=level would (below avx512 that also means no oneDNN bf16)."""
+
+    def force(level: str) -> None:
+        skip_unless_cpu_runs(level)
+        monkeypatch.setenv(ISA_ENV, level)
+        cpu_info.cache_clear()
+
+    yield force
+    monkeypatch.undo()
+    cpu_info.cache_clear()
 
 
 @pytest.fixture(scope="session")

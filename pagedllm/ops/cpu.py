@@ -1,17 +1,21 @@
-"""The C++ CPU kernels (pagedllm/csrc/cpu_ops.cpp), compiled on first use and cached.
+"""The C++ CPU kernels (pagedllm/csrc/), built once per ISA level and loaded by the CPU probe.
 
-torch.utils.cpp_extension builds the source once per machine (under a minute on two cores) into
-$PAGEDLLM_CACHE_DIR/torch_extensions and reuses the build while the source is unchanged. The
-build targets the machine it runs on (-march=native: AVX-512 where there is AVX-512).
+Every .cpp in csrc/ is compiled with one level's flags into its own module
+(`pagedllm_cpu_ops_<level>`), so a single install serves AVX-512, AVX2 and other CPUs alike:
+`cpu_ops()` loads the level `platform.cpu.cpu_info()` picks, `cpu_ops(level)` any level this CPU
+executes (tests compare every one with the PyTorch reference). torch.utils.cpp_extension builds
+a level on first use (about a minute on two cores) under $PAGEDLLM_CACHE_DIR/torch_extensions
+and reuses it while the sources are unchanged; `make install` builds the machine's own level.
 
 Where no compiler is available `cpu_ops()` returns None and callers keep their pure-PyTorch
-path; PAGEDLLM_CPU_KERNELS=0 forces that path (tests use it to compare the two).
+path; PAGEDLLM_CPU_KERNELS=0 forces that path.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import platform
 from pathlib import Path
 from types import ModuleType
 
@@ -19,32 +23,62 @@ import torch
 
 from pagedllm.config import cache_dir
 from pagedllm.logger import init_logger
+from pagedllm.platform.cpu import ISA_LEVELS, cpu_info
 
 logger = init_logger(__name__)
 
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "cpu_ops.cpp"
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+SOURCE_DIR = Path(__file__).resolve().parent.parent / "csrc"
+COMMON_FLAGS = ["-O3", "-ffast-math", "-fopenmp"]
+_AVX2 = ["-mavx2", "-mfma", "-mf16c"]
+_AVX512 = [*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+ISA_FLAGS = {
+    "portable": [],  # the compiler's baseline for this architecture (SSE2 on x86-64)
+    "avx2": _AVX2,
+    "avx512": _AVX512,
+    "avx512_bf16": [*_AVX512, "-mavx512bf16"],
+}
 
 
 def kernels_enabled() -> bool:
     return os.environ.get("PAGEDLLM_CPU_KERNELS", "1") != "0"
 
 
-@functools.cache
-def cpu_ops() -> ModuleType | None:
-    """The compiled module, or None when kernels are disabled or cannot be built here."""
+def sources() -> list[str]:
+    return sorted(str(path) for path in SOURCE_DIR.glob("*.cpp"))
+
+
+def cpu_ops(level: str | None = None) -> ModuleType | None:
+    """The kernels built for `level` (default: the probe's), or None when kernels are disabled
+    or cannot be built here. A level this CPU cannot execute is a ValueError, never a load."""
     if not kernels_enabled():
         return None
+    level = level or cpu_info().isa
+    if level not in ISA_LEVELS:
+        raise ValueError(f"unknown kernel level {level!r}; choose from {', '.join(ISA_LEVELS)}")
+    if not cpu_info().can_run(level):
+        raise ValueError(f"this CPU ({cpu_info().native_isa}) cannot run {level} kernels")
+    return _build(level)
+
+
+@functools.cache
+def _build(level: str) -> ModuleType | None:
     from torch.utils.cpp_extension import load
 
-    build_dir = cache_dir() / "torch_extensions"
+    name = f"pagedllm_cpu_ops_{level}"
+    build_dir = cache_dir() / "torch_extensions" / name
     build_dir.mkdir(parents=True, exist_ok=True)
+    flags = COMMON_FLAGS + (ISA_FLAGS[level] if _is_x86() else [])
     try:
-        return load(name="pagedllm_cpu_ops", sources=[str(SOURCE)], extra_cflags=FLAGS,
-                    extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
+        return load(name=name, sources=sources(), extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                    extra_include_paths=[str(SOURCE_DIR)], build_directory=str(build_dir),
+                    verbose=False)
     except (OSError, RuntimeError, ImportError) as exc:  # no compiler, headers or ninja
-        logger.warning("CPU kernels unavailable, using the PyTorch path: %s", exc)
+        logger.warning("CPU kernels (%s) unavailable, using the PyTorch path: %s", level, exc)
         return None
+
+
+def _is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
 
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -55,4 +89,3 @@ def kernels_for(*tensors) -> ModuleType | None:
     if all(t.device.type == "cpu" and t.dtype in KERNEL_DTYPES for t in tensors):
         return cpu_ops()
     return None
-

@@ -1,6 +1,7 @@
-"""The C++ decode-attention kernel against the PyTorch backend, on random paged caches.
+"""The C++ kernels against the PyTorch reference, for every kernel level this CPU executes
+(the `ops` fixture in tests/conftest.py: portable, AVX2, AVX-512, AVX-512 with bf16).
 
-Block tables are shuffled so that a sequence's blocks are scattered through the pool, and the
+Decode attention runs on random paged caches. Block tables are shuffled so that a sequence's blocks are scattered through the pool, and the
 lengths end mid-block, on a block boundary and at a single token.
 """
 
@@ -12,17 +13,8 @@ import torch
 from pagedllm.attention.backend import AttentionMetadata
 from pagedllm.attention.cpu_backend import CpuAttentionBackend
 from pagedllm.attention.torch_backend import TorchAttentionBackend
-from pagedllm.ops.cpu import cpu_ops
 
 BLOCK_SIZE = 16
-
-
-@pytest.fixture(scope="module")
-def ops():
-    module = cpu_ops()
-    if module is None:
-        pytest.skip("the C++ kernels cannot be built on this machine")
-    return module
 
 
 def random_decode_batch(seq_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
@@ -43,10 +35,10 @@ def random_decode_batch(seq_lens: list[int], num_heads: int, num_kv_heads: int, 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [
-    (9, 3, 64),  # SmolLM2's GQA shape: the AVX-512 path
+    (9, 3, 64),  # SmolLM2's GQA shape: the register-blocked path
     (4, 4, 32),  # no grouping
     (8, 1, 128),  # multi-query, wide heads
-    (6, 2, 24),  # head_dim not a multiple of 16: the scalar path
+    (6, 2, 24),  # head_dim not a multiple of the vector width: the plain loop
 ])
 def test_decode_kernel_matches_torch(ops, dtype, tolerance, num_heads, num_kv_heads, head_dim):
     seq_lens = [1, 15, 16, 17, 40, 100]
@@ -56,6 +48,20 @@ def test_decode_kernel_matches_torch(ops, dtype, tolerance, num_heads, num_kv_he
     actual = CpuAttentionBackend(ops)._decode(query, kv_cache, metadata, head_dim**-0.5)
     assert actual.dtype == dtype and actual.shape == query.shape
     torch.testing.assert_close(actual.float(), expected.float(), atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (6, 2, 24)])
+@pytest.mark.parametrize("window,soft_cap", [(5, 0.0), (0, 3.0), (12, 2.0)])
+def test_decode_kernel_window_and_soft_cap(ops, num_heads, num_kv_heads, head_dim, window,
+                                           soft_cap):
+    seq_lens = [1, 4, 5, 6, 17, 40]
+    query, kv_cache, metadata = random_decode_batch(seq_lens, num_heads, num_kv_heads, head_dim,
+                                                    torch.float32)
+    query = query * 4  # scores large enough for the cap to bend them
+    args = (query, kv_cache, metadata, head_dim**-0.5, window or None, soft_cap or None)
+    expected = TorchAttentionBackend()._decode(*args)
+    actual = CpuAttentionBackend(ops)._decode(*args)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("num_seqs", [1, 2, 33])  # one sequence splits its kv heads over threads
@@ -85,13 +91,15 @@ def torch_reference_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> t
     return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+@pytest.mark.parametrize("hidden", [96, 100])  # 100: a tail past the last whole vector
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_kernels_match_torch(ops, dtype):
-    x = torch.randn(37, 96).to(dtype)
-    residual = torch.randn(37, 96).to(dtype)
-    weight = (torch.rand(96) + 0.5).to(dtype)
-    # float32 sums may be ordered differently, which can move a bf16 result by one ulp
-    tolerance = 1e-6 if dtype == torch.float32 else 8e-3
+def test_rms_norm_kernels_match_torch(ops, dtype, hidden):
+    x = torch.randn(37, hidden).to(dtype)
+    residual = torch.randn(37, hidden).to(dtype)
+    weight = (torch.rand(hidden) + 0.5).to(dtype)
+    # float32 sums may be ordered differently, which can move round(x / rms) by one bf16 ulp;
+    # times w and rounded again that is up to two ulps of the output
+    tolerance = 1e-6 if dtype == torch.float32 else 1.6e-2
     out = torch.empty_like(x)
     ops.rms_norm(out, x, weight, 1e-5)
     torch.testing.assert_close(out, torch_reference_norm(x, weight, 1e-5), atol=0, rtol=tolerance)
@@ -103,10 +111,12 @@ def test_rms_norm_kernels_match_torch(ops, dtype):
     torch.testing.assert_close(x, expected, atol=0, rtol=tolerance)
 
 
+@pytest.mark.parametrize("width", [80, 77])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_silu_and_mul_matches_torch(ops, dtype):
-    gate_up = (torch.randn(19, 2 * 80) * 4).to(dtype)
-    out = torch.empty(19, 80, dtype=dtype)
+def test_silu_and_mul_matches_torch(ops, dtype, width):
+    gate_up = (torch.randn(19, 2 * width) * 4).to(dtype)
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, -87.5, 0.0])  # exp's clamps and zero
+    out = torch.empty(19, width, dtype=dtype)
     ops.silu_and_mul(out, gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     # bf16: one ulp either way where the two exp implementations round a value differently
@@ -114,24 +124,27 @@ def test_silu_and_mul_matches_torch(ops, dtype):
     torch.testing.assert_close(out, torch.nn.functional.silu(gate) * up, atol=1e-6, rtol=tolerance)
 
 
+@pytest.mark.parametrize("head_dim", [16, 64])  # half a head below and above a vector's width
 @pytest.mark.parametrize("rotary_fraction", [1.0, 0.5])
-def test_rotary_kernel_rotates_fused_qkv_in_place(ops, rotary_fraction):
+def test_rotary_kernel_rotates_fused_qkv_in_place(ops, rotary_fraction, head_dim):
     from transformers import LlamaConfig
 
     from pagedllm.model.layers.rotary import RotaryEmbedding
 
-    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+    config = LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=2,
                          partial_rotary_factor=rotary_fraction)
-    rotary = RotaryEmbedding(config, head_dim=16, max_model_len=64)
+    rotary = RotaryEmbedding(config, head_dim=head_dim, max_model_len=64)
     positions = torch.tensor([0, 5, 63, 7])
-    qkv = torch.randn(4, (4 + 2 + 2) * 16)  # q | k | v rows, as the fused projection makes them
-    q, k = qkv[:, :64].view(4, 4, 16), qkv[:, 64:96].view(4, 2, 16)
+    # q | k | v rows, as the fused projection makes them
+    qkv = torch.randn(4, (4 + 2 + 2) * head_dim)
+    q_end, k_end = 4 * head_dim, 6 * head_dim
+    q, k = qkv[:, :q_end].view(4, 4, head_dim), qkv[:, q_end:k_end].view(4, 2, head_dim)
     expected_q, expected_k = (t.clone() for t in rotary_reference(rotary, positions, q, k))
-    values_before = qkv[:, 96:].clone()
+    values_before = qkv[:, k_end:].clone()
     ops.rotary_embedding(positions, q, k, rotary.cos, rotary.sin)
     torch.testing.assert_close(q, expected_q, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(k, expected_k, atol=1e-6, rtol=1e-5)
-    assert torch.equal(qkv[:, 96:], values_before)
+    assert torch.equal(qkv[:, k_end:], values_before)
 
 
 def rotary_reference(rotary, positions, q, k):

@@ -1,0 +1,21 @@
+// The Python module of one kernel build. pagedllm/ops/cpu.py compiles every .cpp here once per
+// ISA level, each build under its own module name; `level` says which build this is.
+#include <torch/extension.h>
+
+#include "kernels.h"
+#include "vec.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace pagedllm;
+  m.attr("level") = vec::kLevel;
+  m.attr("lanes") = vec::kLanes;
+  m.def("paged_decode_attention", &paged_decode_attention,
+        "decode attention over a paged KV cache, in place (CPU)");
+  m.def("rms_norm", &rms_norm, "out = RMSNorm(x) * weight");
+  m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x; x = RMSNorm(residual) * weight");
+  m.def("silu_and_mul", &silu_and_mul, "out = silu(gate) * up");
+  m.def("rotary_embedding", &rotary_embedding, "neox rotary on query and key, in place");
+  m.def("write_kv", &write_kv, "copy new key/value rows into their cache slots");
+  m.def("bf16_linear", &bf16_linear, "out = x @ weight.T + bias, bf16 stored, float32 computed",
+        py::arg("out"), py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
+}

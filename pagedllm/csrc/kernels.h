@@ -1,0 +1,30 @@
+// The kernels each build exports (bindings.cpp names them for Python). Every kernel takes
+// float32 or bfloat16 tensors and checks its inputs with a message naming the problem.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace pagedllm {
+
+// decode_attention.cpp
+void paged_decode_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& key_cache,
+                            const at::Tensor& value_cache, const at::Tensor& block_tables,
+                            const at::Tensor& seq_lens, double scale, int64_t window,
+                            double soft_cap);
+
+// elementwise.cpp
+void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps);
+void fused_add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& weight, double eps);
+void silu_and_mul(at::Tensor out, const at::Tensor& gate_up);
+void rotary_embedding(const at::Tensor& positions, at::Tensor query, at::Tensor key,
+                      const at::Tensor& cos, const at::Tensor& sin);
+void write_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor key_cache,
+              at::Tensor value_cache, const at::Tensor& slot_mapping);
+
+// linear.cpp
+void bf16_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& weight,
+                 const std::optional<at::Tensor>& bias);
+
+}  // namespace pagedllm
