@@ -56,7 +56,9 @@ def instrument(llm: LLM, timings: Timings) -> None:
     time_method(engine.scheduler, "schedule", "scheduler", timings)
     time_method(engine.output_processor, "process", "detokenize and stop checks", timings)
     time_method(backend, "_decode", "decode attention", timings)
-    time_method(backend, "_prefill", "prefill attention", timings)
+    time_method(backend, "_prefill", "prefill attention (PyTorch)", timings)
+    if hasattr(backend, "_prefill_chunks"):  # the CPU backend's one-call prefill kernel
+        time_method(backend, "_prefill_chunks", "prefill attention (C++ kernel)", timings)
     time_method(backend, "write_kv", "K/V write", timings)
     time_class_method(linear.Linear, "forward", "linear layers (incl. lm_head)", timings)
     time_class_method(norm.RMSNorm, "forward", "RMSNorm", timings)

@@ -11,6 +11,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("lanes") = vec::kLanes;
   m.def("paged_decode_attention", &paged_decode_attention,
         "decode attention over a paged KV cache, in place (CPU)");
+  m.def("paged_prefill_attention", &paged_prefill_attention,
+        "every prefill chunk's attention over a paged KV cache, in place (CPU)");
   m.def("rms_norm", &rms_norm, "out = RMSNorm(x) * weight");
   m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x; x = RMSNorm(residual) * weight");
   m.def("silu_and_mul", &silu_and_mul, "out = silu(gate) * up");

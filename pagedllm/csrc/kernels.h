@@ -14,6 +14,12 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& query, const at::T
                             const at::Tensor& seq_lens, double scale, int64_t window,
                             double soft_cap);
 
+// prefill_attention.cpp
+void paged_prefill_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& key_cache,
+                             const at::Tensor& value_cache, const at::Tensor& chunks,
+                             const at::Tensor& block_tables, double scale, int64_t window,
+                             double soft_cap);
+
 // elementwise.cpp
 void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps);
 void fused_add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& weight, double eps);

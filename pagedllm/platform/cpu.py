@@ -46,6 +46,7 @@ class CpuInfo:
     isa: str  # the kernel level in use: native_isa, or lower when forced
     native_isa: str  # the highest level this CPU executes
     onednn_bf16: bool  # oneDNN packs and multiplies bf16 weights at speed (at this level)
+    amx_bf16: bool  # AMX tiles run oneDNN's bf16 matmuls (Sapphire Rapids on, at avx512_bf16)
     num_cores: int  # cores this process may run on
 
     def can_run(self, level: str) -> bool:
@@ -55,6 +56,7 @@ class CpuInfo:
         forced = f" (forced by {ISA_ENV}; the CPU has {self.native_isa})" \
             if self.isa != self.native_isa else ""
         bf16 = "oneDNN bf16" if self.onednn_bf16 else "bf16 weights computed in float32"
+        bf16 += " (AMX)" if self.amx_bf16 else ""
         return f"CPU kernels: {self.isa}{forced}; {bf16}; {self.num_cores} cores"
 
 
@@ -94,7 +96,9 @@ def probe(flags: frozenset[str], forced: str | None = None) -> CpuInfo:
     onednn = any(needed <= flags for needed in ONEDNN_BF16_FLAGS)
     if isa != native and not isa.startswith("avx512"):
         onednn = False  # stand in for a CPU without AVX-512
-    return CpuInfo(isa=isa, native_isa=native, onednn_bf16=onednn, num_cores=_num_cores())
+    amx = "amx_bf16" in flags and isa == "avx512_bf16"
+    return CpuInfo(isa=isa, native_isa=native, onednn_bf16=onednn, amx_bf16=amx,
+                   num_cores=_num_cores())
 
 
 def _num_cores() -> int:

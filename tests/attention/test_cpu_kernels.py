@@ -1,8 +1,9 @@
 """The C++ kernels against the PyTorch reference, for every kernel level this CPU executes
 (the `ops` fixture in tests/conftest.py: portable, AVX2, AVX-512, AVX-512 with bf16).
 
-Decode attention runs on random paged caches. Block tables are shuffled so that a sequence's blocks are scattered through the pool, and the
-lengths end mid-block, on a block boundary and at a single token.
+Decode attention runs on random paged caches. Block tables are shuffled so that a sequence's
+blocks are scattered through the pool, and the lengths end mid-block, on a block boundary and at
+a single token.
 """
 
 from __future__ import annotations

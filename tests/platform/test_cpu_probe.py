@@ -11,6 +11,7 @@ from pagedllm.platform.cpu import probe
 AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"})  # AMD Zen 3
 AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}  # Skylake-X
 ZEN4 = AVX512 | {"avx512_bf16", "avx512_vnni"}
+SAPPHIRE_RAPIDS = ZEN4 | {"amx_tile", "amx_bf16", "amx_int8"}
 
 
 @pytest.fixture
@@ -30,6 +31,11 @@ def test_level_and_onednn_follow_the_flags(on_x86, flags, level, onednn):
     info = probe(flags)
     assert (info.isa, info.native_isa, info.onednn_bf16) == (level, level, onednn)
     assert info.num_cores >= 1
+
+
+def test_amx_counts_only_at_the_avx512_bf16_level(on_x86):
+    assert probe(SAPPHIRE_RAPIDS).amx_bf16 and not probe(ZEN4).amx_bf16
+    assert not probe(SAPPHIRE_RAPIDS, "avx512").amx_bf16
 
 
 def test_other_architectures_are_portable(monkeypatch):
