@@ -18,7 +18,6 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 from pagedllm import LLM
-from pagedllm.config import cache_dir
 from pagedllm.model.loader import default_model_path
 from pagedllm.ops.cpu import cpu_ops
 from pagedllm.platform.cpu import ISA_ENV, ISA_LEVELS, cpu_info
@@ -106,21 +105,9 @@ def assert_idle_and_free(engine_llm: LLM) -> None:
 def reference_dir() -> Path:
     """The default model as an HF folder (safetensors + tokenizer), written by transformers'
     own GGUF loader once and cached on disk: the independent reference for our loaders."""
-    from transformers import AutoTokenizer
+    from pagedllm.bench.throughput import dense_hf_folder
 
-    from pagedllm.bench.throughput import load_transformers_model
-
-    gguf_path = default_model_path()
-    stat = gguf_path.stat()
-    folder = cache_dir() / "test-reference" / f"smollm2-{stat.st_size}-{stat.st_mtime_ns}"
-    if not (folder / "config.json").is_file():
-        tmp = folder.with_suffix(".tmp")
-        model = load_transformers_model(gguf_path, torch.float32)  # plain float32, dequantized
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        tmp.rename(folder)
-    return folder
+    return dense_hf_folder(default_model_path())
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ from pagedllm.bench.dataset import (
     synthetic_token_workload,
     with_token_ids,
 )
-from pagedllm.config import EngineArgs
+from pagedllm.config import EngineArgs, cache_dir
 
 DEFAULT_NUM_PROMPTS = 64
 
@@ -102,6 +102,22 @@ def load_transformers_model(path: Path, dtype: torch.dtype):
     dense = type(loaded)(config)
     dense.load_state_dict(loaded.state_dict())
     return dense.to(dtype).eval()
+
+
+def dense_hf_folder(gguf_path: Path) -> Path:
+    """The GGUF model as a plain float32 HF folder (safetensors + tokenizer), written once by
+    transformers' own GGUF loader and cached: what another engine (or a test's reference) loads
+    when it should see the same weights as ours."""
+    from transformers import AutoTokenizer
+
+    stat = gguf_path.stat()
+    folder = cache_dir() / "dense-hf" / f"{gguf_path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    if not (folder / "config.json").is_file():
+        tmp = folder.with_suffix(".tmp")
+        load_transformers_model(gguf_path, torch.float32).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(tmp)
+        tmp.rename(folder)
+    return folder
 
 
 def run_transformers(model, work: list[WorkItem], batch_size: int) -> ThroughputResult:
