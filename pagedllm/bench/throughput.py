@@ -30,6 +30,7 @@ from pagedllm.bench.dataset import (
     with_token_ids,
 )
 from pagedllm.config import EngineArgs, cache_dir
+from pagedllm.platform.cpu import cpu_info
 
 DEFAULT_NUM_PROMPTS = 64
 
@@ -155,7 +156,10 @@ def synchronize(device: torch.device | str) -> None:
 def matmul_peak_gflops(dtype: torch.dtype, device: str = "cpu", size: int = 2048,
                        repeats: int = 5) -> float:
     """What a large square matmul reaches on the device: the arithmetic ceiling for the ratio
-    below."""
+    below. In the dtype the linear layers compute in: float32 for bf16 weights on a CPU whose
+    oneDNN cannot run bf16 (model/layers/linear.py), where a bf16 matmul would crawl."""
+    if device == "cpu" and dtype == torch.bfloat16 and not cpu_info().onednn_bf16:
+        dtype = torch.float32
     a = torch.randn(size, size, dtype=dtype, device=device)
     b = torch.randn(size, size, dtype=dtype, device=device)
     torch.matmul(a, b)

@@ -123,10 +123,12 @@ def text_model_config(hf_config: PretrainedConfig) -> PretrainedConfig:
 def resolve_dtype(requested: str, hf_config: PretrainedConfig, device: str,
                   is_gguf: bool = False) -> torch.dtype:
     """"auto": the checkpoint's own dtype; for GGUF's quantized blocks, which have none, the
-    fastest exact-enough float the device computes natively (bf16 where supported)."""
+    fastest exact-enough float the device computes natively (bf16 where supported). A CPU whose
+    oneDNN cannot run bf16 runs float32: bf16 weights computed in float32 work there but were
+    slower end to end (docs/benchmarks.md, "bf16 or float32 by CPU")."""
     if requested != "auto":
         return getattr(torch, requested)
-    if is_gguf:
+    if is_gguf or (device == "cpu" and not bf16_is_native(device)):
         return torch.bfloat16 if bf16_is_native(device) else torch.float32
     stored = getattr(hf_config, "dtype", None)
     if isinstance(stored, str):

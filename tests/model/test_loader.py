@@ -19,6 +19,7 @@ from pagedllm.model.loader import (
     default_model_path,
     load_model,
     load_model_config,
+    resolve_dtype,
     resolve_model_source,
     unpermute_rotary_rows,
 )
@@ -129,3 +130,15 @@ def test_dtype_auto_and_explicit(reference_dir):
     native = torch.bfloat16 if bf16_is_native("cpu") else torch.float32
     assert load_model_config(None).dtype == native  # GGUF: the fastest native float
     assert load_model_config(str(reference_dir), "bfloat16").dtype == torch.bfloat16
+
+
+def test_dtype_auto_keeps_bf16_checkpoints_only_where_the_cpu_runs_bf16(force_cpu_isa):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(dtype="bfloat16")
+    native = torch.bfloat16 if bf16_is_native("cpu") else torch.float32
+    assert resolve_dtype("auto", config, "cpu") == native
+    force_cpu_isa("avx2")  # no oneDNN bf16: float32 measured faster
+    assert resolve_dtype("auto", config, "cpu") == torch.float32
+    assert resolve_dtype("auto", config, "cpu", is_gguf=True) == torch.float32
+    assert resolve_dtype("bfloat16", config, "cpu") == torch.bfloat16  # asked for: it runs
