@@ -331,16 +331,8 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& query, const at::T
   TORCH_CHECK(block_tables.is_contiguous() && seq_lens.is_contiguous(), "tables must be contiguous");
   TORCH_CHECK(query.scalar_type() == key_cache.scalar_type(), "query and cache dtypes differ");
   TORCH_CHECK(query.size(1) % key_cache.size(2) == 0, "heads must be a multiple of kv heads");
-  if (query.scalar_type() == at::kFloat) {
-    decode_typed<float>(out, query, key_cache, value_cache, block_tables, seq_lens, scale, window,
-                        soft_cap);
-  } else if (query.scalar_type() == at::kBFloat16) {
-    decode_typed<bf16>(out, query, key_cache, value_cache, block_tables, seq_lens, scale, window,
-                       soft_cap);
-  } else {
-    TORCH_CHECK(false, "paged_decode_attention supports float32 and bfloat16, got ",
-                query.scalar_type());
-  }
+  PAGEDLLM_DISPATCH(query.scalar_type(), "paged_decode_attention", decode_typed, out, query,
+                    key_cache, value_cache, block_tables, seq_lens, scale, window, soft_cap);
 }
 
 }  // namespace pagedllm

@@ -170,16 +170,6 @@ void write_kv_typed(const at::Tensor& key, const at::Tensor& value, at::Tensor& 
   }
 }
 
-// Dispatch on float32 / bfloat16; anything else is an error the caller avoids by checking first.
-#define PAGEDLLM_DISPATCH(dtype, NAME, ...)                                            \
-  if ((dtype) == at::kFloat) {                                                         \
-    NAME<float>(__VA_ARGS__);                                                          \
-  } else if ((dtype) == at::kBFloat16) {                                               \
-    NAME<bf16>(__VA_ARGS__);                                                           \
-  } else {                                                                             \
-    TORCH_CHECK(false, #NAME " supports float32 and bfloat16, got ", (dtype));         \
-  }
-
 void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.stride(-1) == 1, name, " must be contiguous in its last dimension");
 }
@@ -190,7 +180,7 @@ void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, dou
   TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && weight.is_contiguous(),
               "rms_norm needs contiguous tensors");
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "rms_norm weight and input dtypes differ");
-  PAGEDLLM_DISPATCH(x.scalar_type(), rms_norm_typed, out, x, weight, eps);
+  PAGEDLLM_DISPATCH(x.scalar_type(), "rms_norm", rms_norm_typed, out, x, weight, eps);
 }
 
 void fused_add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& weight, double eps) {
@@ -198,14 +188,15 @@ void fused_add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& wei
               "fused_add_rms_norm needs contiguous tensors");
   TORCH_CHECK(weight.scalar_type() == x.scalar_type() && residual.scalar_type() == x.scalar_type(),
               "fused_add_rms_norm dtypes differ");
-  PAGEDLLM_DISPATCH(x.scalar_type(), fused_add_rms_norm_typed, x, residual, weight, eps);
+  PAGEDLLM_DISPATCH(x.scalar_type(), "fused_add_rms_norm", fused_add_rms_norm_typed, x, residual,
+                    weight, eps);
 }
 
 void silu_and_mul(at::Tensor out, const at::Tensor& gate_up) {
   TORCH_CHECK(out.is_contiguous() && gate_up.is_contiguous(), "silu_and_mul needs contiguous tensors");
   TORCH_CHECK(gate_up.size(-1) == 2 * out.size(-1), "gate_up must be twice as wide as out");
   TORCH_CHECK(gate_up.scalar_type() == out.scalar_type(), "silu_and_mul dtypes differ");
-  PAGEDLLM_DISPATCH(out.scalar_type(), silu_and_mul_typed, out, gate_up);
+  PAGEDLLM_DISPATCH(out.scalar_type(), "silu_and_mul", silu_and_mul_typed, out, gate_up);
 }
 
 void rotary_embedding(const at::Tensor& positions, at::Tensor query, at::Tensor key,
@@ -219,7 +210,8 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor query, at::Tensor 
                   cos.is_contiguous() && sin.is_contiguous(),
               "cos/sin tables must be contiguous float32");
   TORCH_CHECK(query.scalar_type() == key.scalar_type(), "query and key dtypes differ");
-  PAGEDLLM_DISPATCH(query.scalar_type(), rotary_typed, positions, query, key, cos, sin);
+  PAGEDLLM_DISPATCH(query.scalar_type(), "rotary_embedding", rotary_typed, positions, query, key,
+                    cos, sin);
 }
 
 void write_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor key_cache,
@@ -230,7 +222,7 @@ void write_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor key_cac
   TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong, "slot_mapping must be int64");
   TORCH_CHECK(key.scalar_type() == key_cache.scalar_type(), "key and cache dtypes differ");
-  PAGEDLLM_DISPATCH(key.scalar_type(), write_kv_typed, key, value, key_cache, value_cache,
+  PAGEDLLM_DISPATCH(key.scalar_type(), "write_kv", write_kv_typed, key, value, key_cache, value_cache,
                     slot_mapping);
 }
 

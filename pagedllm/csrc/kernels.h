@@ -6,6 +6,17 @@
 
 #include <optional>
 
+// Calls NAME<float> or NAME<c10::BFloat16> by `dtype`; any other dtype is an error naming the
+// kernel (callers that can be handed other dtypes check first and keep their PyTorch path).
+#define PAGEDLLM_DISPATCH(dtype, KERNEL, NAME, ...)                                    \
+  if ((dtype) == at::kFloat) {                                                         \
+    NAME<float>(__VA_ARGS__);                                                          \
+  } else if ((dtype) == at::kBFloat16) {                                               \
+    NAME<c10::BFloat16>(__VA_ARGS__);                                                  \
+  } else {                                                                             \
+    TORCH_CHECK(false, KERNEL " supports float32 and bfloat16, got ", (dtype));        \
+  }
+
 namespace pagedllm {
 
 // decode_attention.cpp

@@ -443,16 +443,8 @@ void paged_prefill_attention(at::Tensor out, const at::Tensor& query, const at::
               "heads must be a multiple of kv heads");
   TORCH_CHECK(window >= 0 && soft_cap >= 0, "window and soft_cap must be >= 0 (0: none)");
   check_chunks(chunks, block_tables, query.size(0), key_cache.size(0), key_cache.size(1));
-  if (query.scalar_type() == at::kFloat) {
-    prefill_typed<float>(out, query, key_cache, value_cache, chunks, block_tables, scale, window,
-                         soft_cap);
-  } else if (query.scalar_type() == at::kBFloat16) {
-    prefill_typed<bf16>(out, query, key_cache, value_cache, chunks, block_tables, scale, window,
-                        soft_cap);
-  } else {
-    TORCH_CHECK(false, "paged_prefill_attention supports float32 and bfloat16, got ",
-                query.scalar_type());
-  }
+  PAGEDLLM_DISPATCH(query.scalar_type(), "paged_prefill_attention", prefill_typed, out, query,
+                    key_cache, value_cache, chunks, block_tables, scale, window, soft_cap);
 }
 
 }  // namespace pagedllm

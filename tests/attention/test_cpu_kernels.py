@@ -165,3 +165,14 @@ def test_write_kv_kernel_fills_slots(ops):
     assert torch.equal(value_cache.view(-1, 2, 8)[slots], value)
     untouched = [s for s in range(16) if s not in slots.tolist()]
     assert not key_cache.view(-1, 2, 8)[untouched].any()
+
+
+def test_kernels_name_themselves_when_handed_another_dtype(ops):
+    x = torch.randn(2, 8, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="rms_norm supports float32 and bfloat16"):
+        ops.rms_norm(torch.empty_like(x), x, torch.ones(8, dtype=torch.float64), 1e-5)
+    query, (key_cache, value_cache), metadata = random_decode_batch([5], 4, 2, 32, torch.float64)
+    with pytest.raises(RuntimeError, match="paged_decode_attention supports float32 and bfloat16"):
+        ops.paged_decode_attention(torch.empty_like(query), query, key_cache, value_cache,
+                                   metadata.decode_block_tables, metadata.decode_seq_lens, 1.0,
+                                   0, 0.0)
