@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from pagedllm.config import EngineArgs
@@ -95,26 +94,8 @@ def add_bench_parser(commands) -> None:
         kind.add_parser(kinds)
 
 
-# OpenMP's idle workers spin by default: right offline, where nothing else wants the cores, but
-# a server's HTTP event loop needs them between steps, and the spinning took them: batch-1 time
-# per token through the server fell from 38 to 26 ms with PASSIVE (20 ms offline), and 32
-# streams went 7 % faster (docs/benchmarks.md). libgomp reads the policy once, when torch loads
-# it, which importing pagedllm already did; so `pagedllm serve` restarts itself once with the
-# policy set. A policy the user set is kept.
-SERVER_OMP_POLICY = "PASSIVE"
-
-
-def restart_with_server_omp_policy() -> None:
-    env = os.environ | {"OMP_WAIT_POLICY": SERVER_OMP_POLICY}
-    os.execve(sys.executable, [sys.executable, "-m", "pagedllm.entrypoints.cli", *sys.argv[1:]],
-              env)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from_command_line = argv is None
-    if from_command_line and args.handler is run_serve and "OMP_WAIT_POLICY" not in os.environ:
-        restart_with_server_omp_policy()
     try:
         return args.handler(args)
     except ValueError as exc:

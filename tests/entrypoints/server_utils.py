@@ -77,7 +77,6 @@ def launch_server(log_dir: Path, *args: str, api_key: str | None = None) -> Serv
     log_path = log_dir / f"server-{port}.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("PAGEDLLM_API_KEY", None)
-    env.pop("OMP_WAIT_POLICY", None)  # the server's own default is what the tests see
     # Output goes to a file: a pipe nobody reads would fill up and block the server.
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
