@@ -39,7 +39,9 @@ ISA_FLAGS = {
 }
 
 
+@functools.cache
 def kernels_enabled() -> bool:
+    """PAGEDLLM_CPU_KERNELS, read once per process: this is asked on every kernel call."""
     return os.environ.get("PAGEDLLM_CPU_KERNELS", "1") != "0"
 
 
@@ -50,14 +52,13 @@ def sources() -> list[str]:
 def cpu_ops(level: str | None = None) -> ModuleType | None:
     """The kernels built for `level` (default: the probe's), or None when kernels are disabled
     or cannot be built here. A level this CPU cannot execute is a ValueError, never a load."""
-    if not kernels_enabled():
-        return None
-    level = level or cpu_info().isa
-    if level not in ISA_LEVELS:
+    if level is None:  # every layer's hot path: the probe's level, already checked by the probe
+        level = cpu_info().isa
+    elif level not in ISA_LEVELS:
         raise ValueError(f"unknown kernel level {level!r}; choose from {', '.join(ISA_LEVELS)}")
-    if not cpu_info().can_run(level):
+    elif not cpu_info().can_run(level):
         raise ValueError(f"this CPU ({cpu_info().native_isa}) cannot run {level} kernels")
-    return _build(level)
+    return _build(level) if kernels_enabled() else None
 
 
 @functools.cache
