@@ -128,8 +128,9 @@ def resolve_dtype(requested: str, hf_config: PretrainedConfig, device: str,
     slower end to end (docs/benchmarks.md, "bf16 or float32 by CPU")."""
     if requested != "auto":
         return getattr(torch, requested)
-    if is_gguf or (device == "cpu" and not bf16_is_native(device)):
-        return torch.bfloat16 if bf16_is_native(device) else torch.float32
+    native_bf16 = bf16_is_native(device)
+    if is_gguf or (device == "cpu" and not native_bf16):
+        return torch.bfloat16 if native_bf16 else torch.float32
     stored = getattr(hf_config, "dtype", None)
     if isinstance(stored, str):
         stored = getattr(torch, stored, None)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import os
-import platform
 from pathlib import Path
 from types import ModuleType
 
@@ -23,7 +22,7 @@ import torch
 
 from pagedllm.config import cache_dir
 from pagedllm.logger import init_logger
-from pagedllm.platform.cpu import ISA_LEVELS, cpu_info
+from pagedllm.platform.cpu import ISA_LEVELS, cpu_info, is_x86
 
 logger = init_logger(__name__)
 
@@ -68,7 +67,7 @@ def _build(level: str) -> ModuleType | None:
     name = f"pagedllm_cpu_ops_{level}"
     build_dir = cache_dir() / "torch_extensions" / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    flags = COMMON_FLAGS + (ISA_FLAGS[level] if _is_x86() else [])
+    flags = COMMON_FLAGS + (ISA_FLAGS[level] if is_x86() else [])
     try:
         return load(name=name, sources=sources(), extra_cflags=flags, extra_ldflags=["-fopenmp"],
                     extra_include_paths=[str(SOURCE_DIR)], build_directory=str(build_dir),
@@ -76,10 +75,6 @@ def _build(level: str) -> ModuleType | None:
     except (OSError, RuntimeError, ImportError) as exc:  # no compiler, headers or ninja
         logger.warning("CPU kernels (%s) unavailable, using the PyTorch path: %s", level, exc)
         return None
-
-
-def _is_x86() -> bool:
-    return platform.machine().lower() in ("x86_64", "amd64")
 
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)

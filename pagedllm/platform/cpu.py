@@ -72,9 +72,14 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def is_x86() -> bool:
+    """x86-64: the only architecture with levels above portable (and their compiler flags)."""
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 def native_level(flags: frozenset[str]) -> str:
     """The highest level whose flags (and every lower level's) the CPU has."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    if not is_x86():
         return "portable"
     level = "portable"
     for candidate in ISA_LEVELS[1:]:
