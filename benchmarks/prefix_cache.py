@@ -17,7 +17,7 @@ import statistics
 import time
 
 from pagedllm.config import EngineArgs
-from pagedllm.engine.engine import LLMEngine
+from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 

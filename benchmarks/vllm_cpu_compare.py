@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from pagedllm.bench.throughput import dense_hf_folder
-from pagedllm.model.loader import default_model_path
+from pagedllm.model.source import default_model_path
 from pagedllm.platform.cpu import cpu_info
 
 DEFAULT_VENV = Path.home() / ".cache" / "peers" / "vllm-venv"

@@ -1,7 +1,7 @@
 """pagedllm: high-throughput LLM inference and serving on PagedAttention."""
 
-from pagedllm.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from pagedllm.config import EngineArgs
+from pagedllm.engine.beam_ranking import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from pagedllm.entrypoints.llm import LLM
 from pagedllm.inputs import TextPrompt, TokensPrompt
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput

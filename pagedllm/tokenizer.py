@@ -16,7 +16,7 @@ import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pagedllm.config import cache_dir
-from pagedllm.model.loader import ModelSource
+from pagedllm.model.source import ModelSource
 
 
 def load_tokenizer(source: ModelSource, tokenizer: str | None = None,

@@ -18,7 +18,7 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 from pagedllm import LLM
-from pagedllm.model.loader import default_model_path
+from pagedllm.model.source import default_model_path
 from pagedllm.ops.cpu import cpu_ops
 from pagedllm.platform.cpu import ISA_ENV, ISA_LEVELS, cpu_info
 

@@ -44,10 +44,7 @@ from dataclasses import dataclass
 
 from pagedllm.core.block_pool import BlockPool, KVCacheBlock
 from pagedllm.core.request import Request
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from pagedllm.utils import cdiv
 
 
 def hash_block(parent: bytes | None, token_ids: list[int], extra: bytes = b"") -> bytes:

@@ -30,15 +30,15 @@ from collections.abc import Iterable
 
 from pagedllm.config import SchedulerConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
-from pagedllm.core.outputs import (
+from pagedllm.core.request import Request, RequestStatus
+from pagedllm.core.request_queue import make_request_queue, priority_key
+from pagedllm.core.stats import KVCacheStats
+from pagedllm.core.step_io import (
     EngineCoreOutput,
     ModelRunnerOutput,
     ScheduledRequest,
     SchedulerOutput,
 )
-from pagedllm.core.request import Request, RequestStatus
-from pagedllm.core.request_queue import make_request_queue, priority_key
-from pagedllm.core.stats import KVCacheStats
 
 
 class Scheduler:

@@ -9,14 +9,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from pagedllm.beam_search import (
+from pagedllm.config import EngineArgs
+from pagedllm.engine.beam_ranking import (
     BeamSearchOutput,
     BeamSearchParams,
     BeamSearchSequence,
     beam_score,
 )
-from pagedllm.config import EngineArgs
-from pagedllm.engine.engine import LLMEngine
+from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.inputs import PromptType
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
@@ -74,7 +74,7 @@ class LLM:
 
     def beam_search(self, prompts: Sequence[PromptType],
                     params: BeamSearchParams) -> list[BeamSearchOutput]:
-        """Beam search per prompt, inside the engine (engine/beam.py): beams fork from each
+        """Beam search per prompt, inside the engine (engine/beam_search.py): beams fork from each
         other and share blocks copy-on-write. Sequences come back best first."""
         engine = self.llm_engine
         request_ids: list[str] = []

@@ -27,7 +27,7 @@ from pagedllm.attention import AttentionBackend
 from pagedllm.model.gemma import Gemma2DecoderLayer, GemmaAttention, GemmaForCausalLM, GemmaModel
 from pagedllm.model.layers.norm import GemmaRMSNorm
 from pagedllm.model.layers.rotary import RotaryEmbedding
-from pagedllm.model.llama import head_dim_of
+from pagedllm.utils import head_dim_of
 
 # multimodal checkpoint prefix -> ours; weights under SKIPPED_PREFIXES belong to the vision side
 TEXT_PREFIXES = {

@@ -26,6 +26,7 @@ from pagedllm.model.layers.linear import Linear, MergedLinear
 from pagedllm.model.layers.norm import RMSNorm
 from pagedllm.model.layers.rotary import RotaryEmbedding
 from pagedllm.model.weights import copy_checked
+from pagedllm.utils import head_dim_of
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -37,10 +38,6 @@ STACKED_PARAMS = {
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
-
-
-def head_dim_of(config: PretrainedConfig) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def sliding_windows(config: PretrainedConfig) -> list[int | None]:

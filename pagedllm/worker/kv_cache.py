@@ -18,7 +18,7 @@ import torch
 from transformers import PretrainedConfig
 
 from pagedllm.config import CPU_DEFAULT_KV_CACHE_BYTES
-from pagedllm.model.llama import head_dim_of
+from pagedllm.utils import head_dim_of
 
 # glibc serves allocations above its mmap threshold (at most 32 MiB) with fresh mmap pages.
 LAZY_ZERO_MIN_BYTES = 64 << 20

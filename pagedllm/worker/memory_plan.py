@@ -23,10 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from pagedllm.attention import AttentionMetadata, PrefillChunk
-from pagedllm.core.kv_cache_manager import cdiv
+from pagedllm.utils import GiB, cdiv
 from pagedllm.worker.kv_cache import KVCacheShape, allocate_kv_caches
 
-GiB = 2**30
 # Beyond their pool, each captured graph holds its executable graph on the device (a few
 # hundred kernel nodes); measured graphs of a 1 B model take well under this.
 GRAPH_OVERHEAD_BYTES = 4 << 20

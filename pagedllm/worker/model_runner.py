@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from pagedllm.attention import AttentionMetadata, PrefillChunk
-from pagedllm.core.kv_cache_manager import cdiv
-from pagedllm.core.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from pagedllm.core.step_io import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from pagedllm.model.layers.sampler import Penalties, Sampler, SamplingBatch
+from pagedllm.utils import cdiv
 from pagedllm.worker.cuda_graph import DecodeGraphs
 from pagedllm.worker.swap import SwapSpace
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import zlib
 from array import array
 
-from pagedllm.core.outputs import ModelRunnerOutput, SchedulerOutput
+from pagedllm.core.step_io import ModelRunnerOutput, SchedulerOutput
 
 EMPTY = -1
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pagedllm.config import SchedulerConfig
 from pagedllm.core.block_pool import BlockPool
 from pagedllm.core.kv_cache_manager import KVCacheManager, hash_block
-from pagedllm.core.outputs import ModelRunnerOutput
 from pagedllm.core.request import Request
 from pagedllm.core.scheduler import Scheduler
+from pagedllm.core.step_io import ModelRunnerOutput
 from pagedllm.sampling_params import SamplingParams
 
 BS = 4

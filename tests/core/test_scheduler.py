@@ -7,9 +7,9 @@ import zlib
 from pagedllm.config import SchedulerConfig
 from pagedllm.core.block_pool import BlockPool
 from pagedllm.core.kv_cache_manager import KVCacheManager
-from pagedllm.core.outputs import ModelRunnerOutput
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler
+from pagedllm.core.step_io import ModelRunnerOutput
 from pagedllm.sampling_params import SamplingParams
 
 

@@ -9,7 +9,7 @@ from worker.helpers import write_config_only_model
 
 from pagedllm import LLM
 from pagedllm.config import EngineArgs
-from pagedllm.engine.engine import _resolve_device
+from pagedllm.engine.llm_engine import _resolve_device
 from pagedllm.entrypoints.cli import build_parser, main
 
 

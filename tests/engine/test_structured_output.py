@@ -17,7 +17,7 @@ from conftest import make_llm
 from structured_output.schemas import SCHEMAS
 
 from pagedllm import RequestOutputKind, SamplingParams, StructuredOutputsParams
-from pagedllm.engine.engine import GRAMMAR_WAIT_S
+from pagedllm.engine.llm_engine import GRAMMAR_WAIT_S
 
 BLOCK_BYTES = 737280  # one 16-token block of the bundled model in float32
 

@@ -16,13 +16,12 @@ from pagedllm.attention import get_attention_backend
 from pagedllm.model.loader import (
     GGUFFile,
     bf16_is_native,
-    default_model_path,
     load_model,
     load_model_config,
     resolve_dtype,
-    resolve_model_source,
     unpermute_rotary_rows,
 )
+from pagedllm.model.source import default_model_path, resolve_model_source
 
 
 @pytest.fixture(scope="module")

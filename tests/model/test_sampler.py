@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import MinPLogitsWarper, RepetitionPenaltyLogitsProcessor
 
-from pagedllm.core.outputs import ScheduledRequest
+from pagedllm.core.step_io import ScheduledRequest
 from pagedllm.model.layers.sampler import Sampler, apply_logits_processors
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.worker.model_runner import ModelRunner

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams, TokensPrompt
-from pagedllm.core.outputs import ScheduledRequest
+from pagedllm.core.step_io import ScheduledRequest
 from pagedllm.worker.cuda_graph import capture_sizes
 from pagedllm.worker.swap import SwapSpace
 

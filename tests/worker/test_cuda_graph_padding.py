@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from pagedllm.attention.triton_backend import TritonAttentionBackend  # noqa: E402
-from pagedllm.core.outputs import ScheduledRequest  # noqa: E402
+from pagedllm.core.step_io import ScheduledRequest  # noqa: E402
 from pagedllm.model.loader import load_model, load_model_config  # noqa: E402
 from pagedllm.sampling_params import SamplingParams  # noqa: E402
 from pagedllm.worker.cuda_graph import DecodeGraphs  # noqa: E402

@@ -21,7 +21,7 @@ from fastapi.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pagedllm.config import EngineArgs
-from pagedllm.engine.async_engine import AsyncLLM
+from pagedllm.engine.async_llm import AsyncLLM
 from pagedllm.entrypoints.openai.cli_args import resolve_api_key
 from pagedllm.entrypoints.openai.errors import error_response, install_error_handlers
 from pagedllm.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics

@@ -19,7 +19,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from pagedllm.engine.async_engine import AsyncLLM, RequestStats
+from pagedllm.engine.async_llm import AsyncLLM, RequestStats
 
 PREFIX = "pagedllm:"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

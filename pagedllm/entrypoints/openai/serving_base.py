@@ -7,7 +7,7 @@ import uuid
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from pagedllm.engine.async_engine import AsyncLLM, EngineDeadError, NewRequest, OutputStream
+from pagedllm.engine.async_llm import AsyncLLM, EngineDeadError, NewRequest, OutputStream
 from pagedllm.entrypoints.openai.errors import OpenAIError
 from pagedllm.entrypoints.openai.protocol import SamplingRequest
 from pagedllm.entrypoints.openai.serving_models import ServedModels

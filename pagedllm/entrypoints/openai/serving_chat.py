@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import Response
 
-from pagedllm.engine.async_engine import (
+from pagedllm.engine.async_llm import (
     EngineDeadError,
     EngineStepError,
     NewRequest,

@@ -11,13 +11,13 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
-from pagedllm.beam_search import BeamSearchParams
-from pagedllm.engine.async_engine import (
+from pagedllm.engine.async_llm import (
     EngineDeadError,
     EngineStepError,
     NewRequest,
     OutputStream,
 )
+from pagedllm.engine.beam_ranking import BeamSearchParams
 from pagedllm.entrypoints.openai.errors import OpenAIError, error_body
 from pagedllm.entrypoints.openai.logprobs import completion_logprobs
 from pagedllm.entrypoints.openai.protocol import (
@@ -127,7 +127,8 @@ class OpenAIServingCompletion(OpenAIServing):
 
     async def _beam_search(self, request: CompletionRequest, request_id: str, model: str,
                            prompts: list[PromptType]) -> Response:
-        """One engine beam search per prompt (engine/beam.py); its n best beams are the choices."""
+        """One engine beam search per prompt (engine/beam_search.py); its n best beams are the
+        choices."""
         try:
             params = BeamSearchParams(beam_width=max(request.n, request.best_of or 1),
                                       max_tokens=request.max_tokens or 16,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pagedllm.core.outputs import TokenLogprobs
+from pagedllm.core.step_io import TokenLogprobs
 
 
 @dataclass

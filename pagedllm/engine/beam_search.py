@@ -19,10 +19,10 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from pagedllm.beam_search import BeamSearchParams, BeamSearchSequence, BeamState
-from pagedllm.core.outputs import EngineCoreOutput, TokenLogprobs
 from pagedllm.core.request import RequestStatus
 from pagedllm.core.scheduler import Scheduler
+from pagedllm.core.step_io import EngineCoreOutput, TokenLogprobs
+from pagedllm.engine.beam_ranking import BeamSearchParams, BeamSearchSequence, BeamState
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 

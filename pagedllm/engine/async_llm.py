@@ -27,10 +27,10 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pagedllm.beam_search import BeamSearchParams
 from pagedllm.config import EngineArgs
 from pagedllm.core.stats import KVCacheStats
-from pagedllm.engine.engine import LLMEngine, StepRecord
+from pagedllm.engine.beam_ranking import BeamSearchParams
+from pagedllm.engine.llm_engine import LLMEngine, StepRecord
 from pagedllm.inputs import PromptType
 from pagedllm.logger import init_logger
 from pagedllm.outputs import CompletionOutput, RequestOutput

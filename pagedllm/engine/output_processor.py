@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from pagedllm.core.outputs import EngineCoreOutput, TokenLogprobs
+from pagedllm.core.step_io import EngineCoreOutput, TokenLogprobs
 from pagedllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 

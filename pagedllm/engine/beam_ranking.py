@@ -4,7 +4,7 @@ Each step every live beam offers its top 2W continuations (W = beam_width). Cand
 by cumulative logprob; a candidate ending in EOS among the top W becomes a finished hypothesis
 scored `cum_logprob / generated_len ** length_penalty`; the W best others live on. The search
 ends after max_tokens steps or when no live beam can beat the W finished ones, and the best W
-hypotheses come back, best first. engine/beam.py runs it inside the engine, with beams as
+hypotheses come back, best first. engine/beam_search.py runs it inside the engine, with beams as
 requests that fork from each other.
 """
 

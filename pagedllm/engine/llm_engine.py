@@ -9,18 +9,18 @@ from dataclasses import dataclass
 import torch
 
 from pagedllm.attention import get_attention_backend
-from pagedllm.beam_search import BeamSearchParams
 from pagedllm.config import CacheConfig, EngineArgs, SchedulerConfig
 from pagedllm.core.block_pool import BlockPool
 from pagedllm.core.kv_cache_manager import KVCacheManager
-from pagedllm.core.outputs import EngineCoreOutput
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.core.stats import KVCacheStats
-from pagedllm.engine.beam import BeamSearchManager
-from pagedllm.engine.beam import step_params as beam_step_params
-from pagedllm.engine.output import OutputProcessor, sequence_id
-from pagedllm.engine.processor import Processor
+from pagedllm.core.step_io import EngineCoreOutput
+from pagedllm.engine.beam_ranking import BeamSearchParams
+from pagedllm.engine.beam_search import BeamSearchManager
+from pagedllm.engine.beam_search import step_params as beam_step_params
+from pagedllm.engine.input_processor import Processor
+from pagedllm.engine.output_processor import OutputProcessor, sequence_id
 from pagedllm.inputs import PromptType
 from pagedllm.logger import init_logger
 from pagedllm.model.loader import ModelSource, load_model, load_model_config
@@ -222,7 +222,7 @@ class LLMEngine:
 
     def add_beam_search(self, request_id: str, prompt: PromptType, params: BeamSearchParams,
                         arrival_time: float | None = None, priority: int = 0) -> None:
-        """Queue a beam search (engine/beam.py); its one RequestOutput comes when it ends, with
+        """Queue a beam search (engine/beam_search.py); its one RequestOutput comes when it ends, with
         the beams best first as `outputs`."""
         first_id = f"{request_id}#beam0"
         request, text = self.processor.process(first_id, prompt, beam_step_params(params),

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from pagedllm import RequestOutputKind, SamplingParams
-from pagedllm.engine.async_engine import (
+from pagedllm.engine.async_llm import (
     AsyncLLM,
     EngineDeadError,
     EngineStepError,
