@@ -1,17 +1,35 @@
-"""What the completion and chat handlers share: checks, SamplingParams, handing requests over."""
+"""What the completion and chat handlers share: checks, SamplingParams, handing requests over,
+and reading the engine's outputs back as a stream (`stream`) or a whole response (`collect`),
+with one error handling and one usage count for both."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from pagedllm.engine.async_llm import AsyncLLM, EngineDeadError, NewRequest, OutputStream
+from pagedllm.engine.async_llm import (
+    AsyncLLM,
+    EngineDeadError,
+    EngineStepError,
+    NewRequest,
+    OutputStream,
+)
 from pagedllm.entrypoints.openai.errors import OpenAIError
-from pagedllm.entrypoints.openai.protocol import SamplingRequest
+from pagedllm.entrypoints.openai.protocol import SamplingRequest, UsageInfo
 from pagedllm.entrypoints.openai.serving_models import ServedModels
+from pagedllm.entrypoints.openai.streaming import SSE_DONE, sse_event
+from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+
+# What an OutputStream raises when the engine fails its requests mid-way (a failed step, or
+# the engine stopping): a 500 for the request, not a crash of the server.
+ENGINE_ERRORS = (EngineStepError, EngineDeadError)
+
+ToChunks = Callable[[RequestOutput], Iterable[BaseModel]]  # one engine output -> SSE chunks
+UsageChunk = Callable[[UsageInfo], BaseModel]  # the usage -> the stream's last chunk
 
 
 def random_id(prefix: str) -> str:
@@ -21,6 +39,20 @@ def random_id(prefix: str) -> str:
 def json_response(body: BaseModel) -> Response:
     # pydantic writes a non-finite float as null; json.dumps would write invalid JSON (-Infinity).
     return Response(body.model_dump_json(), media_type="application/json")
+
+
+def engine_error(exc: Exception) -> OpenAIError:
+    return OpenAIError(500, str(exc), code="engine_error")
+
+
+def count_usage(usage: UsageInfo, output: RequestOutput,
+                completions: Sequence[CompletionOutput] | None = None) -> None:
+    """Add one (delta) engine output to `usage`: the new tokens of `completions` (all of the
+    output's choices by default), and the prompt once, when the request finishes, because its
+    n choices share one prompt."""
+    prompt_tokens = len(output.prompt_token_ids) if output.finished else 0
+    choices = output.outputs if completions is None else completions
+    usage.add(prompt_tokens, sum(len(c.token_ids) for c in choices))
 
 
 class OpenAIServing:
@@ -68,3 +100,45 @@ class OpenAIServing:
             raise OpenAIError.bad_request(str(exc)) from exc
         except EngineDeadError as exc:
             raise OpenAIError(503, str(exc), code="engine_unavailable") from exc
+
+    async def stream(self, outputs: OutputStream, to_chunks: ToChunks,
+                     usage_chunk: UsageChunk | None = None,
+                     head: Sequence[BaseModel] = ()) -> AsyncIterator[str]:
+        """One streamed response as SSE events: `head`, the chunks of every engine output, the
+        usage chunk (when given, i.e. when the client asked for usage), then [DONE].
+
+        The status line went out with the first event, so an engine failure becomes an error
+        event. However the stream ends, a client's disconnect included (Starlette then closes
+        this generator), what is still running is aborted.
+        """
+        usage = UsageInfo()
+        try:
+            for chunk in head:
+                yield sse_event(chunk)
+            async for output in outputs:
+                count_usage(usage, output)
+                for chunk in to_chunks(output):
+                    yield sse_event(chunk)
+            if usage_chunk is not None:
+                yield sse_event(usage_chunk(usage))
+        except ENGINE_ERRORS as exc:
+            yield sse_event(engine_error(exc).body())
+        finally:
+            outputs.abort()  # a no-op once finished; frees the KV blocks of a disconnected client
+        yield SSE_DONE
+
+    async def collect(self, outputs: OutputStream,
+                      take: Callable[[RequestOutput], None]) -> UsageInfo:
+        """Hand every engine output of a whole (non-streamed) response to `take`; returns the
+        usage. An engine failure is a 500; however it ends, a cancellation on disconnect
+        included, what is still running is aborted."""
+        usage = UsageInfo()
+        try:
+            async for output in outputs:
+                count_usage(usage, output)
+                take(output)
+        except ENGINE_ERRORS as exc:
+            raise engine_error(exc) from exc
+        finally:
+            outputs.abort()
+        return usage

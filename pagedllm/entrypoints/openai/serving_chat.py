@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import Request
 from fastapi.responses import Response
 
-from pagedllm.engine.async_llm import (
-    EngineDeadError,
-    EngineStepError,
-    NewRequest,
-    OutputStream,
-)
+from pagedllm.engine.async_llm import NewRequest, OutputStream
 from pagedllm.entrypoints.openai.chat_utils import render_chat
-from pagedllm.entrypoints.openai.errors import OpenAIError, error_body
 from pagedllm.entrypoints.openai.logprobs import chat_logprobs
 from pagedllm.entrypoints.openai.protocol import (
     ChatChoice,
@@ -30,21 +23,19 @@ from pagedllm.entrypoints.openai.protocol import (
     UsageInfo,
 )
 from pagedllm.entrypoints.openai.serving_base import OpenAIServing, json_response, random_id
-from pagedllm.entrypoints.openai.streaming import (
-    SSE_DONE,
-    cancel_on_disconnect,
-    sse_event,
-    sse_response,
-)
+from pagedllm.entrypoints.openai.streaming import cancel_on_disconnect, sse_response
 from pagedllm.outputs import CompletionOutput, RequestOutput
 
 
 @dataclass
 class _Job:
+    """One /v1/chat/completions call: its choice deltas streamed as chunks or added up into
+    `whole`."""
+
     request: ChatCompletionRequest
     id: str  # also the engine's request id, so step records can be matched to responses
     model: str
-    usage: UsageInfo = field(default_factory=UsageInfo)
+    whole: dict[int, ChatChoice] = field(default_factory=dict)  # index -> choice so far
     created: int = field(default_factory=lambda: int(time.time()))  # the same in every chunk
 
     def chunk(self, choices: list[ChatChunkChoice],
@@ -52,11 +43,40 @@ class _Job:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
                                    choices=choices, usage=usage)
 
-    def take(self, output: RequestOutput) -> list[CompletionOutput]:
-        """The output's choice deltas; counts its tokens into the usage."""
-        prompt_tokens = len(output.prompt_token_ids) if output.finished else 0
-        self.usage.add(prompt_tokens, sum(len(c.token_ids) for c in output.outputs))
-        return output.outputs
+    def role_chunks(self) -> list[ChatCompletionChunk]:
+        """What a stream starts with: every choice's role, in one chunk."""
+        return [self.chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant",
+                                                                         content=""))
+                            for i in range(self.request.n)])]
+
+    def chunks(self, output: RequestOutput) -> list[ChatCompletionChunk]:
+        """Per choice delta: a content chunk if it has content, a finish chunk if it ends."""
+        return [chunk for completion in output.outputs for chunk in self._chunks(completion)]
+
+    def usage_chunk(self, usage: UsageInfo) -> ChatCompletionChunk:
+        return self.chunk([], usage)
+
+    def merge(self, output: RequestOutput) -> None:
+        for completion in output.outputs:
+            merge_choice(self.whole, completion, self.logprobs(completion))
+
+    def whole_response(self, usage: UsageInfo) -> ChatCompletionResponse:
+        choices = [self.whole[index] for index in sorted(self.whole)]
+        return ChatCompletionResponse(id=self.id, created=self.created, model=self.model,
+                                      choices=choices, usage=usage)
+
+    def _chunks(self, completion: CompletionOutput) -> list[ChatCompletionChunk]:
+        chunks = []
+        logprobs = self.logprobs(completion)
+        if completion.text or (logprobs and logprobs.content):
+            delta = DeltaMessage(content=completion.text)
+            chunks.append(self.chunk([ChatChunkChoice(index=completion.index, delta=delta,
+                                                      logprobs=logprobs)]))
+        if completion.finish_reason is not None:
+            chunks.append(self.chunk([ChatChunkChoice(
+                index=completion.index, delta=DeltaMessage(),
+                finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)]))
+        return chunks
 
     def logprobs(self, completion: CompletionOutput) -> ChatLogprobs | None:
         if not self.request.logprobs:
@@ -90,52 +110,11 @@ class OpenAIServingChat(OpenAIServing):
         job = _Job(request, random_id("chatcmpl"), model)
         stream = await self.submit([NewRequest(job.id, prompt, params, request.priority)])
         if request.stream:
-            return sse_response(self._stream(job, stream))
+            # Per choice: a role delta, content deltas, a finish chunk; then [usage], [DONE].
+            usage_chunk = job.usage_chunk if request.include_usage else None
+            return sse_response(self.stream(stream, job.chunks, usage_chunk, job.role_chunks()))
         return await cancel_on_disconnect(raw_request, self._collect(job, stream))
 
-    async def _stream(self, job: _Job, stream: OutputStream) -> AsyncIterator[str]:
-        """Per choice: a role delta, content deltas, a finish chunk; then [usage], [DONE]."""
-        try:
-            roles = [ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
-                     for i in range(job.request.n)]
-            yield sse_event(job.chunk(roles))
-            async for output in stream:
-                for completion in job.take(output):
-                    for chunk in self._chunks(job, completion):
-                        yield sse_event(chunk)
-            if job.request.include_usage:
-                yield sse_event(job.chunk([], job.usage))
-        except (EngineStepError, EngineDeadError) as exc:
-            yield sse_event(error_body(500, str(exc), code="engine_error"))
-        finally:
-            stream.abort()  # a no-op once finished; frees the KV blocks of a disconnected client
-        yield SSE_DONE
-
-    @staticmethod
-    def _chunks(job: _Job, completion: CompletionOutput) -> list[ChatCompletionChunk]:
-        chunks = []
-        logprobs = job.logprobs(completion)
-        if completion.text or (logprobs and logprobs.content):
-            delta = DeltaMessage(content=completion.text)
-            chunks.append(job.chunk([ChatChunkChoice(index=completion.index, delta=delta,
-                                                     logprobs=logprobs)]))
-        if completion.finish_reason is not None:
-            chunks.append(job.chunk([ChatChunkChoice(
-                index=completion.index, delta=DeltaMessage(),
-                finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)]))
-        return chunks
-
     async def _collect(self, job: _Job, stream: OutputStream) -> Response:
-        whole: dict[int, ChatChoice] = {}
-        try:
-            async for output in stream:
-                for completion in job.take(output):
-                    merge_choice(whole, completion, job.logprobs(completion))
-        except (EngineStepError, EngineDeadError) as exc:
-            raise OpenAIError(500, str(exc), code="engine_error") from exc
-        finally:
-            stream.abort()
-        choices = [whole[index] for index in sorted(whole)]
-        return json_response(ChatCompletionResponse(id=job.id, created=job.created,
-                                                    model=job.model, choices=choices,
-                                                    usage=job.usage))
+        usage = await self.collect(stream, job.merge)
+        return json_response(job.whole_response(usage))

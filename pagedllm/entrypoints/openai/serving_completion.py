@@ -4,21 +4,15 @@ response or one stream. Choice i*n + j is the j-th completion of prompt i, as in
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
 
-from pagedllm.engine.async_llm import (
-    EngineDeadError,
-    EngineStepError,
-    NewRequest,
-    OutputStream,
-)
+from pagedllm.engine.async_llm import NewRequest, OutputStream
 from pagedllm.engine.beam_ranking import BeamSearchParams
-from pagedllm.entrypoints.openai.errors import OpenAIError, error_body
+from pagedllm.entrypoints.openai.errors import OpenAIError
 from pagedllm.entrypoints.openai.logprobs import completion_logprobs
 from pagedllm.entrypoints.openai.protocol import (
     CompletionChoice,
@@ -26,13 +20,13 @@ from pagedllm.entrypoints.openai.protocol import (
     CompletionResponse,
     UsageInfo,
 )
-from pagedllm.entrypoints.openai.serving_base import OpenAIServing, json_response, random_id
-from pagedllm.entrypoints.openai.streaming import (
-    SSE_DONE,
-    cancel_on_disconnect,
-    sse_event,
-    sse_response,
+from pagedllm.entrypoints.openai.serving_base import (
+    OpenAIServing,
+    count_usage,
+    json_response,
+    random_id,
 )
+from pagedllm.entrypoints.openai.streaming import cancel_on_disconnect, sse_response
 from pagedllm.inputs import PromptType
 from pagedllm.outputs import CompletionOutput, RequestOutput
 
@@ -40,7 +34,7 @@ from pagedllm.outputs import CompletionOutput, RequestOutput
 @dataclass
 class _Job:
     """One /v1/completions call. Its prompts became engine requests `ids[i]`; every output
-    delta becomes one choice delta, streamed as it is or added up into the whole response."""
+    delta becomes one choice delta, streamed as it is or added up into `whole`."""
 
     request: CompletionRequest
     id: str
@@ -48,7 +42,7 @@ class _Job:
     ids: list[str]
     echo: list[str]  # the text to put before each of prompt i's choices ("" without echo)
     tokenizer: Any
-    usage: UsageInfo = field(default_factory=UsageInfo)
+    whole: dict[int, CompletionChoice] = field(default_factory=dict)  # index -> choice so far
     created: int = field(default_factory=lambda: int(time.time()))  # the same in every chunk
 
     def __post_init__(self) -> None:
@@ -61,10 +55,23 @@ class _Job:
         return CompletionResponse(id=self.id, created=self.created, model=self.model,
                                   choices=choices, usage=usage)
 
-    def take(self, output: RequestOutput) -> list[CompletionChoice]:
-        """The choice deltas of one engine output; counts its tokens into the usage."""
-        prompt_tokens = len(output.prompt_token_ids) if output.finished else 0
-        self.usage.add(prompt_tokens, sum(len(c.token_ids) for c in output.outputs))
+    def chunks(self, output: RequestOutput) -> list[CompletionResponse]:
+        """One stream chunk per choice delta that carries anything."""
+        return [self.response([choice]) for choice in self._choices(output)
+                if choice.text or choice.logprobs or choice.finish_reason]
+
+    def usage_chunk(self, usage: UsageInfo) -> CompletionResponse:
+        return self.response([], usage)
+
+    def merge(self, output: RequestOutput) -> None:
+        for choice in self._choices(output):
+            merge_choice(self.whole, choice)
+
+    def whole_response(self, usage: UsageInfo) -> CompletionResponse:
+        return self.response([self.whole[index] for index in sorted(self.whole)], usage)
+
+    def _choices(self, output: RequestOutput) -> list[CompletionChoice]:
+        """The choice deltas of one engine output."""
         return [self._choice(output, completion) for completion in output.outputs]
 
     def _choice(self, output: RequestOutput, completion: CompletionOutput) -> CompletionChoice:
@@ -107,6 +114,28 @@ def merge_choice(whole: dict[int, CompletionChoice], delta: CompletionChoice) ->
         choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
 
 
+def beam_params(request: CompletionRequest) -> BeamSearchParams:
+    try:
+        return BeamSearchParams(beam_width=max(request.n, request.best_of or 1),
+                                max_tokens=request.max_tokens or 16,
+                                ignore_eos=request.ignore_eos,
+                                length_penalty=request.length_penalty,
+                                include_stop_str_in_output=request.include_stop_str_in_output)
+    except ValueError as exc:
+        raise OpenAIError.bad_request(str(exc)) from exc
+
+
+def best_beams(finals: list[RequestOutput], n: int) -> tuple[list[CompletionChoice], UsageInfo]:
+    """The n best beams of prompt i as choices i*n + j, and the usage of those beams."""
+    choices, usage = [], UsageInfo()
+    for i, output in enumerate(finals):
+        best = output.outputs[:n]
+        count_usage(usage, output, best)
+        choices += [CompletionChoice(index=i * n + j, text=c.text, finish_reason=c.finish_reason)
+                    for j, c in enumerate(best)]
+    return choices, usage
+
+
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest, raw_request: Request) -> Response:
         model = self.check_request(request)
@@ -122,38 +151,25 @@ class OpenAIServingCompletion(OpenAIServing):
         stream = await self.submit([NewRequest(r, p, params, request.priority)
                                     for r, p in zip(ids, prompts)])
         if request.stream:
-            return sse_response(self._stream(job, stream))
+            usage_chunk = job.usage_chunk if request.include_usage else None
+            return sse_response(self.stream(stream, job.chunks, usage_chunk))
         return await cancel_on_disconnect(raw_request, self._collect(job, stream))
 
     async def _beam_search(self, request: CompletionRequest, request_id: str, model: str,
                            prompts: list[PromptType]) -> Response:
         """One engine beam search per prompt (engine/beam_search.py); its n best beams are the
         choices."""
-        try:
-            params = BeamSearchParams(beam_width=max(request.n, request.best_of or 1),
-                                      max_tokens=request.max_tokens or 16,
-                                      ignore_eos=request.ignore_eos,
-                                      length_penalty=request.length_penalty,
-                                      include_stop_str_in_output=request.include_stop_str_in_output)
-        except ValueError as exc:
-            raise OpenAIError.bad_request(str(exc)) from exc
+        params = beam_params(request)
         ids = [f"{request_id}-{i}" for i in range(len(prompts))]
         stream = await self.submit([NewRequest(r, p, params, request.priority)
                                     for r, p in zip(ids, prompts)])
-        finals: dict[str, RequestOutput] = {}
-        try:
-            async for output in stream:
-                finals[output.request_id] = output
-        finally:
-            stream.abort()
-        choices, usage = [], UsageInfo()
-        for i, request_key in enumerate(ids):
-            output = finals[request_key]
-            best = output.outputs[: request.n]
-            usage.add(len(output.prompt_token_ids), sum(len(c.token_ids) for c in best))
-            choices += [CompletionChoice(index=i * request.n + j, text=c.text,
-                                         finish_reason=c.finish_reason)
-                        for j, c in enumerate(best)]
+        finals: dict[str, RequestOutput] = {}  # each search sends one output, when it ends
+
+        def keep(output: RequestOutput) -> None:
+            finals[output.request_id] = output
+
+        await self.collect(stream, keep)  # its usage counts every beam; the response's, n
+        choices, usage = best_beams([finals[r] for r in ids], request.n)
         return json_response(CompletionResponse(id=request_id, created=int(time.time()),
                                                 model=model, choices=choices, usage=usage))
 
@@ -178,29 +194,6 @@ class OpenAIServingCompletion(OpenAIServing):
         tokenizer = self.require_tokenizer()
         return [tokenizer.decode(p["prompt_token_ids"]) for p in prompts]
 
-    async def _stream(self, job: _Job, stream: OutputStream) -> AsyncIterator[str]:
-        try:
-            async for output in stream:
-                for choice in job.take(output):
-                    if choice.text or choice.logprobs or choice.finish_reason:
-                        yield sse_event(job.response([choice]))
-            if job.request.include_usage:
-                yield sse_event(job.response([], job.usage))
-        except (EngineStepError, EngineDeadError) as exc:
-            yield sse_event(error_body(500, str(exc), code="engine_error"))
-        finally:
-            stream.abort()  # a no-op once finished; frees the KV blocks of a disconnected client
-        yield SSE_DONE
-
     async def _collect(self, job: _Job, stream: OutputStream) -> Response:
-        whole: dict[int, CompletionChoice] = {}
-        try:
-            async for output in stream:
-                for choice in job.take(output):
-                    merge_choice(whole, choice)
-        except (EngineStepError, EngineDeadError) as exc:
-            raise OpenAIError(500, str(exc), code="engine_error") from exc
-        finally:
-            stream.abort()
-        choices = [whole[index] for index in sorted(whole)]
-        return json_response(job.response(choices, job.usage))
+        usage = await self.collect(stream, job.merge)
+        return json_response(job.whole_response(usage))
