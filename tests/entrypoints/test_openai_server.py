@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import time
 
@@ -15,6 +16,7 @@ from openai import AsyncOpenAI, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from pagedllm import SamplingParams
+from pagedllm.entrypoints.cli import build_parser
 
 from .server_utils import ServerProcess, launch_server
 
@@ -612,3 +614,54 @@ def check_sigterm_ends_inflight_stream_and_exits_zero(server: ServerProcess) -> 
     assert finish == "abort"  # 400 tokens take far longer than the 2 s drain allows
     assert time.monotonic() - started < 30
     assert server.stop(signal.SIGTERM, timeout=60) == 0, server.log_tail()
+
+
+# ---- the engine dies: the server exits non-zero so that a supervisor restarts it ----------------
+ENGINE_CORE_PROCESS = "engine_core_process" in vars(build_parser().parse_args(["serve"]))
+DEAD_ENGINE_EXIT_S = 10  # the watchdog polls every 0.5 s, then gives responses 1 s
+
+
+@pytest.mark.skipif(not ENGINE_CORE_PROCESS,
+                    reason="needs the engine core in a process of its own to kill "
+                           "(--engine-core-process)")
+def test_server_exits_non_zero_when_its_engine_core_process_dies(tmp_path):
+    """SIGKILL the engine core during a stream: the stream ends with an error event and
+    [DONE], /health stops answering 200, and the server exits with a non-zero status."""
+    server = launch_server(tmp_path, "--engine-core-process", "--kv-cache-memory", "256MiB",
+                           "--max-model-len", str(MAX_MODEL_LEN), "--disable-access-log")
+    try:
+        server.wait_until_healthy()
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            pid = engine_state(http).get("engine_core_pid")
+            if pid is None:
+                pytest.skip("/debug/step_stats does not report engine_core_pid yet")
+            events = stream_until_killed(server, pid)
+        assert events[-1] == "[DONE]", events[-3:]
+        assert json.loads(events[-2])["error"]["code"] == "engine_error", events[-3:]
+        assert health_after_death(server) in (503, None)
+        assert server.proc.wait(DEAD_ENGINE_EXIT_S) != 0, server.log_tail()
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
+
+
+def stream_until_killed(server: ServerProcess, pid: int) -> list[str]:
+    """A long stream whose engine core is killed after its second event."""
+    body = {"prompt": "Once upon a time", "max_tokens": 400,  # no model: the one served
+            "ignore_eos": True, "stream": True}
+    events = []
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as response:
+        for event in sse_events_iter(response):
+            events.append(event)
+            if len(events) == 2:
+                os.kill(pid, signal.SIGKILL)
+    return events
+
+
+def health_after_death(server: ServerProcess) -> int | None:
+    """/health's status once the engine is gone; None if the server stopped listening."""
+    try:
+        return httpx.get(server.url + "/health", timeout=5).status_code
+    except httpx.TransportError:
+        return None

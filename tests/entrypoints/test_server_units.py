@@ -1,19 +1,25 @@
-"""The server's parts that need no model: the shared stream/collect helpers of the handlers.
+"""The server's parts that need no model: the shared stream/collect helpers of the handlers,
+and the watchdog that stops the server (with a non-zero exit status) when its engine dies.
 A scripted fake stands in for AsyncLLM, so these run in well under a second each."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+import socket
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 
 from pagedllm.engine.async_llm import EngineDeadError, EngineStepError, NewRequest
-from pagedllm.entrypoints.openai.api_server import build_app
+from pagedllm.entrypoints.openai import api_server
+from pagedllm.entrypoints.openai.api_server import DrainingServer, build_app
 from pagedllm.entrypoints.openai.errors import OpenAIError
 from pagedllm.entrypoints.openai.protocol import UsageInfo
 from pagedllm.entrypoints.openai.serving_base import OpenAIServing, count_usage
@@ -198,3 +204,96 @@ def test_completion_engine_failure_mid_way_is_a_500_or_an_error_event():
         "message": "gone", "type": "server_error", "code": "engine_error"}
     assert streamed[-1] == "[DONE]"
     assert all(stream.aborted for stream in engine.streams)
+
+
+# ---- the watchdog: a dead engine stops the server with status 1 ---------------------------------
+def test_health_is_503_once_the_engine_stopped():
+    engine = FakeEngine()
+    client = TestClient(build_app(engine, [MODEL]))
+    assert client.get("/health").status_code == 200
+    engine.is_running = False
+    assert client.get("/health").status_code == 503
+
+
+def draining_server(engine: FakeEngine) -> DrainingServer:
+    config = uvicorn.Config(build_app(engine, [MODEL]), lifespan="off", log_level="warning")
+    return DrainingServer(config, engine, drain_timeout=1)
+
+
+def test_watchdog_stops_the_server_with_exit_code_1(monkeypatch):
+    monkeypatch.setattr(api_server, "DEAD_ENGINE_GRACE_S", 0.05)
+    engine = FakeEngine()
+    server = DrainingServer(uvicorn.Config(None), engine, drain_timeout=1, watch_interval=0.01)
+
+    async def run() -> None:
+        watchdog = asyncio.create_task(server.watch_engine())
+        await asyncio.sleep(0.05)
+        assert not server.should_exit and server.exit_code == 0  # the engine still runs
+        engine.is_running = False
+        await asyncio.wait_for(watchdog, timeout=2)
+
+    asyncio.run(run())
+    assert server.should_exit and server.force_exit and server.engine_died
+    assert server.exit_code == 1
+
+
+Client = Callable[[httpx.AsyncClient], Awaitable[list[asyncio.Task]]]
+
+
+def serve_until_it_stops(server: DrainingServer, client: Client) -> float:
+    """Serve on a free port and run `client` against it; then wait for the server to stop on
+    its own. Returns how long that took after `client` returned (the tasks it leaves open are
+    cancelled once the server has stopped)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        return asyncio.run(_serve_until_it_stops(server, sock, url, client))
+
+
+async def _serve_until_it_stops(server: DrainingServer, sock: socket.socket, url: str,
+                                client: Client) -> float:
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    async with httpx.AsyncClient(base_url=url, timeout=60) as http:  # only the server ends it
+        left_open = await client(http)
+        since = time.monotonic()
+        await asyncio.wait_for(serving, timeout=10)
+        stopped_after = time.monotonic() - since
+        for task in left_open:
+            task.cancel()
+        await asyncio.gather(*left_open, return_exceptions=True)
+    return stopped_after
+
+
+def test_a_dead_engine_ends_a_real_server_with_exit_code_1_even_with_a_request_open():
+    # The open request's stream never ends (as if the engine died without failing it): the
+    # shutdown must not wait the whole graceful timeout for it.
+    engine = FakeEngine(lambda ids: [HANG])
+    server = draining_server(engine)
+    server.config.timeout_graceful_shutdown = 60
+
+    async def kill_engine(http: httpx.AsyncClient) -> list[asyncio.Task]:
+        assert (await http.get("/health")).status_code == 200
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 4, "stream": True}
+        open_request = asyncio.create_task(http.post("/v1/completions", json=body))
+        while not engine.streams:
+            await asyncio.sleep(0.01)
+        engine.is_running = False
+        return [open_request]
+
+    assert serve_until_it_stops(server, kill_engine) < 5
+    assert server.exit_code == 1
+
+
+def test_a_signalled_stop_keeps_exit_code_0():
+    engine = FakeEngine()
+    server = draining_server(engine)
+
+    async def stop(http: httpx.AsyncClient) -> list[asyncio.Task]:
+        assert (await http.get("/health")).status_code == 200
+        server.should_exit = True  # what uvicorn's SIGINT/SIGTERM handler does
+        return []
+
+    assert serve_until_it_stops(server, stop) < 5
+    assert server.exit_code == 0

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import secrets
 import signal
+import socket
 from dataclasses import asdict, dataclass
 
 import uvicorn
@@ -44,6 +45,9 @@ logger = init_logger(__name__)
 
 PROTECTED_PREFIXES = ("/v1", "/debug")
 MAX_STEP_RECORDS = 2000  # per /debug/step_stats answer
+ENGINE_WATCH_INTERVAL_S = 0.5  # how often the server checks that its engine still runs
+DEAD_ENGINE_GRACE_S = 1.0  # after the engine died: time for responses to send its error
+EXIT_ENGINE_DIED = 1  # the process's status when it stopped because its engine did
 
 router = APIRouter()
 
@@ -173,12 +177,43 @@ class DrainingServer(uvicorn.Server):
     In-flight requests get `drain_timeout` seconds to finish on their own; then the engine
     aborts them, so each stream still ends properly (a finish chunk with reason 'abort', then
     [DONE]) rather than being cut off mid-way.
+
+    If the engine dies (its thread or process is gone), the server stops too and `exit_code`
+    says so: a server that answers every request with an error would otherwise look alive
+    to whatever supervises it, which restarts a process that exits but not one that stays.
     """
 
-    def __init__(self, config: uvicorn.Config, engine: AsyncLLM, drain_timeout: float) -> None:
+    def __init__(self, config: uvicorn.Config, engine: AsyncLLM, drain_timeout: float,
+                 watch_interval: float = ENGINE_WATCH_INTERVAL_S) -> None:
         super().__init__(config)
         self.engine = engine
         self.drain_timeout = drain_timeout
+        self.watch_interval = watch_interval
+        self.engine_died = False
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_ENGINE_DIED if self.engine_died else 0
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        watchdog = asyncio.create_task(self.watch_engine())
+        try:
+            await super().serve(sockets)
+        finally:
+            watchdog.cancel()
+
+    async def watch_engine(self) -> None:
+        """Poll the engine; once it has stopped, shut the server down. The engine failed its
+        requests as it stopped, so they only need a moment to send that error: after
+        DEAD_ENGINE_GRACE_S the shutdown stops waiting for them (there is nothing to drain)."""
+        while self.engine.is_running:
+            await asyncio.sleep(self.watch_interval)
+        logger.error("the engine has stopped; shutting the server down (exit status %d)",
+                     EXIT_ENGINE_DIED)
+        self.engine_died = True
+        self.should_exit = True
+        await asyncio.sleep(DEAD_ENGINE_GRACE_S)
+        self.force_exit = True
 
     async def shutdown(self, sockets=None) -> None:
         loop = asyncio.get_running_loop()
@@ -213,7 +248,8 @@ def run_server(args: argparse.Namespace) -> int:
         # replaced runs; with these (log and return) a signalled stop exits with status 0.
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, _note_signal)
-        DrainingServer(config, engine, args.shutdown_timeout).run()
+        server = DrainingServer(config, engine, args.shutdown_timeout)
+        server.run()
+        return server.exit_code
     finally:
         engine.shutdown()
-    return 0
