@@ -15,16 +15,19 @@ Equal hashes therefore mean equal whole prefixes. A new request takes over the l
 cached blocks that matches its prompt (by reference count, no copy) and computes only the rest;
 at least its last prompt token is always computed so that the step produces logits.
 
-Forks (parallel sampling) share every block of the parent by reference count. Full blocks are
-never written again, so sharing them is free; the last, partly filled block is copied on write:
-the first sequence that appends to a shared partial block gets a fresh block and a pending copy
-`(src, dst)`, which the runner performs before the step's forward pass.
+Forks (parallel sampling, beam search) share every block of the parent by reference count. Full
+blocks are never written again, so sharing them is free; the last, partly filled block is copied
+on write: a sequence that appends to a partial block others still share gets a private copy of
+it (the last owner left writes in place). `allocate_slots` returns that copy, `(src, dst)`; the
+scheduler hands it to the runner in `SchedulerOutput.block_copies`, and the runner makes it
+before the step's forward pass. The manager keeps no copies for later: every copy it causes is
+in the return value of the call that caused it.
 
 Swapping (preemption_mode="swap"): a preempted request's table moves to host memory, block by
 block, and comes back when it resumes, so it keeps its computed tokens:
 
     device table   [b3  b8  b5  b9]        b3, b8: full, cached, still used by another request
-    swapped        [h=- h=- h0  h1]  + the hashes of all four
+    swapped        [h=- h=- h0  h1]  + the hash of each full block
                      │   │   └───┴── copied out (device -> host), their device blocks freed
                      └───┴────────── left on the device: we only drop our reference; on resume
                                      they are found again by hash (no copy either way)
@@ -39,11 +42,12 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 from pagedllm.core.block_pool import BlockPool, KVCacheBlock
 from pagedllm.core.request import Request
+from pagedllm.core.step_io import BlockCopy
 from pagedllm.utils import cdiv
 
 
@@ -62,35 +66,58 @@ class SwappedBlock:
     block_hash: bytes | None  # to find it on the device again (prefix cache), if it is full
 
 
+@dataclass(slots=True)
+class RequestBlocks:
+    """All the manager keeps for one request, in one record, so that fork, swap and free move
+    it as a whole. Resident: `blocks` is its table and `swapped` is None; swapped out: `blocks`
+    is empty and `swapped` holds the table."""
+
+    blocks: list[KVCacheBlock] = field(default_factory=list)  # the block table on the device
+    block_ids: list[int] = field(default_factory=list)  # the same table as plain ints
+    # Chained hash of each full block of its tokens so far (computed or not), extended as the
+    # tokens grow; kept across a swap, which needs them to find blocks again.
+    hashes: list[bytes] = field(default_factory=list)
+    # Blocks [0, num_registered) were offered to the prefix cache (pool.cache_block). The first
+    # block with a given hash wins, so the cache may find another block with equal content.
+    num_registered: int = 0
+    swapped: list[SwappedBlock] | None = None  # the table in host memory while swapped out
+
+
 class KVCacheManager:
     def __init__(self, pool: BlockPool, block_size: int, host_pool: BlockPool | None = None) -> None:
         self.pool = pool
         self.block_size = block_size
         self.host_pool = host_pool  # swap space; None when preemption recomputes
-        self._swapped: dict[str, list[SwappedBlock]] = {}
-        self._blocks: dict[str, list[KVCacheBlock]] = {}
-        self._block_ids: dict[str, list[int]] = {}  # the same tables as plain ints, for the runner
-        self._hashes: dict[str, list[bytes]] = {}  # hashes of each request's full blocks
-        self._num_cached: dict[str, int] = {}  # how many of its blocks are registered
+        self._requests: dict[str, RequestBlocks] = {}  # by request id, until it is freed
+        # Since start-up. The hit rate is KVCacheStats.prefix_cache_hit_rate, from these two.
         self.num_queried_tokens = 0  # prompt tokens looked up in the prefix cache
         self.num_hit_tokens = 0
-        self.pending_copies: list[tuple[int, int]] = []  # copy-on-write, taken by the scheduler
-        self.num_cow_copies = 0
+        self.num_cow_copies = 0  # shared partial blocks copied on write
 
     @property
     def caching(self) -> bool:
         return self.pool.enable_caching
 
+    def _entry(self, request_id: str) -> RequestBlocks:
+        entry = self._requests.get(request_id)
+        if entry is None:
+            entry = self._requests[request_id] = RequestBlocks()
+        return entry
+
     def block_ids(self, request_id: str) -> list[int]:
-        return self._block_ids.get(request_id, [])
+        """A copy of the request's block table as ints: the caller may keep it across steps."""
+        entry = self._requests.get(request_id)
+        return list(entry.block_ids) if entry else []
 
     def blocks(self, request_id: str) -> list[KVCacheBlock]:
-        return self._blocks.get(request_id, [])
+        """A copy of the request's block table."""
+        entry = self._requests.get(request_id)
+        return list(entry.blocks) if entry else []
 
     # ---- prefix cache -------------------------------------------------------------------------
     def block_hashes(self, request: Request) -> list[bytes]:
         """Hashes of the request's full blocks, extended as its tokens grow."""
-        hashes = self._hashes.setdefault(request.request_id, [])
+        hashes = self._entry(request.request_id).hashes
         bs = self.block_size
         while len(hashes) < request.num_tokens // bs:
             index = len(hashes)
@@ -115,92 +142,94 @@ class KVCacheManager:
             hits.append(block)
         return hits
 
-    @property
-    def hit_rate(self) -> float:
-        return self.num_hit_tokens / self.num_queried_tokens if self.num_queried_tokens else 0.0
-
     # ---- allocation ---------------------------------------------------------------------------
     def num_blocks_needed(self, request: Request, num_new_tokens: int,
-                          computed: list[KVCacheBlock] = ()) -> int:
+                          computed: Sequence[KVCacheBlock] = ()) -> int:
         tokens = request.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
-        have = len(self._blocks.get(request.request_id, ())) + len(computed)
+        entry = self._requests.get(request.request_id)
+        have = (len(entry.blocks) if entry else 0) + len(computed)
         return max(0, cdiv(tokens, self.block_size) - have) + self._needs_copy(request)
 
     def _needs_copy(self, request: Request) -> bool:
         """Will the next token land in a partly filled block that another sequence shares?"""
-        table = self._blocks.get(request.request_id)
-        return bool(table) and request.num_computed_tokens % self.block_size != 0 \
-            and table[-1].ref_cnt > 1
+        entry = self._requests.get(request.request_id)
+        return entry is not None and bool(entry.blocks) \
+            and request.num_computed_tokens % self.block_size != 0 \
+            and entry.blocks[-1].ref_cnt > 1
 
-    def _copy_on_write(self, request: Request) -> None:
-        table = self._blocks[request.request_id]
-        shared = table[-1]
+    def _copy_on_write(self, entry: RequestBlocks) -> BlockCopy:
+        """Give the request its own copy of its shared last block; returns (src, dst)."""
+        shared = entry.blocks[-1]
         (private,) = self.pool.allocate(1)
         self.pool.free([shared])
-        table[-1] = private
-        self._block_ids[request.request_id][-1] = private.block_id
-        self.pending_copies.append((shared.block_id, private.block_id))
+        entry.blocks[-1] = private
+        entry.block_ids[-1] = private.block_id
         self.num_cow_copies += 1
+        return shared.block_id, private.block_id
 
     def fork(self, parent: Request, child: Request) -> None:
         """Give `child` the parent's whole block table, shared by reference count."""
-        blocks = self._blocks.get(parent.request_id, [])
-        self.pool.share(blocks)
-        self._blocks[child.request_id] = list(blocks)
-        self._block_ids[child.request_id] = list(self._block_ids.get(parent.request_id, []))
-        self._hashes[child.request_id] = list(self._hashes.get(parent.request_id, []))
-        self._num_cached[child.request_id] = self._num_cached.get(parent.request_id, 0)
+        source = self._requests.get(parent.request_id) or RequestBlocks()
+        self.pool.share(source.blocks)
+        self._requests[child.request_id] = RequestBlocks(
+            list(source.blocks), list(source.block_ids), list(source.hashes),
+            source.num_registered)
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
-                       computed: list[KVCacheBlock] = ()) -> bool:
+                       computed: Sequence[KVCacheBlock] = ()) -> list[BlockCopy] | None:
         """Make room for `num_new_tokens` more tokens after the request's computed ones (and
-        after `computed`, cached blocks it takes over); False, with no change, if short."""
+        after `computed`, cached blocks it takes over). Returns the copy-on-write copies this
+        made, (src, dst), which the runner must make before the forward pass (usually none); or
+        None, with no change at all, if there are not enough free blocks."""
         needed = self.num_blocks_needed(request, num_new_tokens, computed)
         reclaimed = sum(1 for block in computed if block.ref_cnt == 0)  # leave the free queue
         if needed > self.pool.num_free_blocks - reclaimed:
-            return False
-        request_id = request.request_id
+            return None
+        entry = self._entry(request.request_id)
+        copies = []
         if self._needs_copy(request):
-            self._copy_on_write(request)
+            copies.append(self._copy_on_write(entry))
             needed -= 1
-        table = self._blocks.setdefault(request_id, [])
-        ids = self._block_ids.setdefault(request_id, [])
         if computed:
             self.pool.share(computed)
-            table.extend(computed)
-            ids.extend(b.block_id for b in computed)
+            self._extend(entry, computed)
         if request.num_computed_tokens == 0 and self.caching:
             self.num_queried_tokens += request.num_tokens
             self.num_hit_tokens += len(computed) * self.block_size
-        new_blocks = self.pool.allocate(needed)
-        table.extend(new_blocks)
-        ids.extend(b.block_id for b in new_blocks)
-        self._cache_full_blocks(request, len(computed) * self.block_size + num_new_tokens)
-        return True
+        self._extend(entry, self.pool.allocate(needed))
+        self._register_full_blocks(request, entry,
+                                   len(computed) * self.block_size + num_new_tokens)
+        return copies
 
-    def _cache_full_blocks(self, request: Request, num_new_tokens: int) -> None:
-        """Register the blocks this step fills. K/V of all of a step's tokens are written before
-        attention reads them, so a request admitted in the same step may already share them."""
+    @staticmethod
+    def _extend(entry: RequestBlocks, blocks: Sequence[KVCacheBlock]) -> None:
+        entry.blocks.extend(blocks)
+        entry.block_ids.extend(block.block_id for block in blocks)
+
+    def _register_full_blocks(self, request: Request, entry: RequestBlocks,
+                              num_new_tokens: int) -> None:
+        """Offer the blocks this step fills to the prefix cache. K/V of all of a step's tokens
+        are written before attention reads them, so a request admitted in the same step may
+        already share them."""
         if not self.caching:
             return
         full = min(request.num_computed_tokens + num_new_tokens, request.num_tokens) // self.block_size
-        start = self._num_cached.get(request.request_id, 0)
-        if full <= start:
+        if full <= entry.num_registered:
             return
         hashes = self.block_hashes(request)
-        table = self._blocks[request.request_id]
-        for index in range(start, full):
-            self.pool.cache_block(table[index], hashes[index])
-        self._num_cached[request.request_id] = full
+        for index in range(entry.num_registered, full):
+            self.pool.cache_block(entry.blocks[index], hashes[index])
+        entry.num_registered = full
 
     def free(self, request: Request) -> None:
+        """Give back everything the request holds, on the device and on the host; a request the
+        manager does not know is a no-op."""
+        entry = self._requests.pop(request.request_id, None)
+        if entry is None:
+            return
+        self._drop_swapped(entry)
         # Freed back to front: a request's tail blocks (least likely shared) are evicted first.
-        self._drop_swapped(request.request_id)
-        blocks = self._blocks.pop(request.request_id, [])
-        self._block_ids.pop(request.request_id, None)
-        self._hashes.pop(request.request_id, None)
-        self._num_cached.pop(request.request_id, None)
-        self.pool.free(reversed(blocks))
+        self.pool.free(reversed(entry.blocks))
 
     def num_empty_slots(self, requests: Iterable[Request]) -> int:
         """Allocated slots that hold no token yet: the unfilled end of each request's table
@@ -208,47 +237,49 @@ class KVCacheManager:
         seen: set[int] = set()
         empty = 0
         for request in requests:
-            table = self._blocks.get(request.request_id)
-            if not table or table[-1].block_id in seen:
+            entry = self._requests.get(request.request_id)
+            if entry is None or not entry.blocks or entry.blocks[-1].block_id in seen:
                 continue
-            seen.add(table[-1].block_id)
-            empty += max(0, len(table) * self.block_size - request.num_computed_tokens)
+            seen.add(entry.blocks[-1].block_id)
+            empty += max(0, len(entry.blocks) * self.block_size - request.num_computed_tokens)
         return empty
 
     # ---- swapping -----------------------------------------------------------------------------
     def is_swapped(self, request_id: str) -> bool:
-        return request_id in self._swapped
+        entry = self._requests.get(request_id)
+        return entry is not None and entry.swapped is not None
 
     @property
     def num_swapped_requests(self) -> int:
-        return len(self._swapped)
+        return sum(1 for entry in self._requests.values() if entry.swapped is not None)
 
     def host_blocks(self, request_id: str) -> list[KVCacheBlock]:
         """The host-pool blocks a swapped-out request holds."""
-        return [s.host for s in self._swapped.get(request_id, ()) if s.host is not None]
+        entry = self._requests.get(request_id)
+        swapped = entry.swapped if entry and entry.swapped else []
+        return [s.host for s in swapped if s.host is not None]
 
     def _stays_on_device(self, block: KVCacheBlock) -> bool:
         """A cached block another request still uses needs no copy: it stays resident for that
         owner, and its hash finds it again on resume."""
         return block.ref_cnt > 1 and block.block_hash is not None
 
-    def swap_out(self, request: Request) -> list[tuple[int, int]] | None:
+    def swap_out(self, request: Request) -> list[BlockCopy] | None:
         """Move the request's blocks to the host pool; returns the copies to make, (device id,
         host id), or None (nothing changed) if the host pool is too full."""
-        table = self._blocks.get(request.request_id, [])
-        to_copy = [block for block in table if not self._stays_on_device(block)]
+        entry = self._entry(request.request_id)
+        to_copy = [block for block in entry.blocks if not self._stays_on_device(block)]
         if self.host_pool is None or len(to_copy) > self.host_pool.num_free_blocks:
             return None
         host_blocks = iter(self.host_pool.allocate(len(to_copy)))
         swapped, copies = [], []
-        for block in table:
+        for block in entry.blocks:
             host = None if self._stays_on_device(block) else next(host_blocks)
             swapped.append(SwappedBlock(host, block.block_hash))
             if host is not None:
                 copies.append((block.block_id, host.block_id))
-        self._swapped[request.request_id] = swapped
-        del self._blocks[request.request_id], self._block_ids[request.request_id]
-        self.pool.free(reversed(table))
+        self.pool.free(reversed(entry.blocks))
+        entry.blocks, entry.block_ids, entry.swapped = [], [], swapped
         return copies
 
     def _find_on_device(self, swapped: list[SwappedBlock]) -> list[KVCacheBlock | None]:
@@ -257,15 +288,18 @@ class KVCacheManager:
 
     def swap_lost(self, request: Request) -> bool:
         """Was a block it left on the device evicted since? Then it can only be recomputed."""
-        swapped = self._swapped[request.request_id]
+        swapped = self._requests[request.request_id].swapped
         found = self._find_on_device(swapped)
         return any(s.host is None and f is None for s, f in zip(swapped, found))
 
-    def swap_in(self, request: Request, num_new_tokens: int) -> list[tuple[int, int]] | None:
-        """Bring a swapped request's table back and make room for `num_new_tokens` more tokens;
-        returns the copies to make, (host id, device id), or None (no change) if short of device
-        blocks. Call only when `swap_lost` is False."""
-        swapped = self._swapped[request.request_id]
+    def swap_in(self, request: Request,
+                num_new_tokens: int) -> tuple[list[BlockCopy], list[BlockCopy]] | None:
+        """Bring a swapped request's table back and make room for `num_new_tokens` more tokens.
+        Returns the copies to make, in this order: from the host, (host id, device id); then
+        copy-on-write, (src, dst), from growing the table (none today: see the NOTE). None, with
+        no change, if short of device blocks. Call only when `swap_lost` is False."""
+        entry = self._requests[request.request_id]
+        swapped = entry.swapped
         found = self._find_on_device(swapped)
         num_copies = sum(1 for f in found if f is None)
         reclaimed = sum(1 for f in found if f is not None and f.ref_cnt == 0)
@@ -277,28 +311,32 @@ class KVCacheManager:
         self.pool.share(f for f in found if f is not None)
         fresh = iter(self.pool.allocate(num_copies))
         table, copies = [], []
-        for entry, block in zip(swapped, found):
+        for swapped_block, block in zip(swapped, found):
             if block is None:
                 block = next(fresh)
-                copies.append((entry.host.block_id, block.block_id))
+                copies.append((swapped_block.host.block_id, block.block_id))
             table.append(block)
-        self._blocks[request.request_id] = table
-        self._block_ids[request.request_id] = [b.block_id for b in table]
-        self._drop_swapped(request.request_id)
-        self._recache(request)
-        assert self.allocate_slots(request, num_new_tokens)
-        return copies
+        self._drop_swapped(entry)
+        self._extend(entry, table)
+        self._recache(request, entry)
+        # NOTE: `needed` counted the blocks for the new tokens, so this cannot fail. A partly
+        # filled last block has no hash, so it always comes back as a private copy and growing
+        # the table copies nothing on write; its copies are returned all the same.
+        on_write = self.allocate_slots(request, num_new_tokens)
+        if on_write is None:
+            raise AssertionError(f"no room for {request.request_id!r} after its swap-in")
+        return copies, on_write
 
-    def _recache(self, request: Request) -> None:
+    def _recache(self, request: Request, entry: RequestBlocks) -> None:
         """Make the blocks copied back in findable again (they came back without a hash)."""
         if not self.caching:
             return
-        table = self._blocks[request.request_id]
         hashes = self.block_hashes(request)
-        for index in range(min(self._num_cached.get(request.request_id, 0), len(table))):
-            self.pool.cache_block(table[index], hashes[index])
+        for index in range(min(entry.num_registered, len(entry.blocks))):
+            self.pool.cache_block(entry.blocks[index], hashes[index])
 
-    def _drop_swapped(self, request_id: str) -> None:
-        swapped = self._swapped.pop(request_id, None)
-        if swapped:
-            self.host_pool.free(s.host for s in swapped if s.host is not None)
+    def _drop_swapped(self, entry: RequestBlocks) -> None:
+        """Give back the host blocks of a swapped-out table (a no-op when resident)."""
+        if entry.swapped:
+            self.host_pool.free(s.host for s in entry.swapped if s.host is not None)
+        entry.swapped = None

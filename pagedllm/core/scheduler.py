@@ -1,17 +1,19 @@
 """Continuous batching with one token budget per step.
 
 Each step hands out at most `max_num_batched_tokens` tokens. Running requests come first, in
-admission order; each gets all the tokens it still has to compute (one for a decode, a chunk for
-a prompt) as far as the budget lasts. Then waiting requests are admitted, oldest first, while the
-budget, the sequence cap and the free blocks allow. There is no separate prefill or decode phase:
-a request just has `num_computed_tokens` out of `num_tokens`. A waiting request whose
-structured-output grammar is still compiling is passed over until it has compiled.
+the running list's order; each gets all the tokens it still has to compute (one for a decode, a
+chunk for a prompt) as far as the budget lasts. Then waiting requests are admitted in the
+waiting queue's order (oldest first under fcfs) while the budget, the sequence cap and the free
+blocks allow. There is no separate prefill or decode phase: a request just has
+`num_computed_tokens` out of `num_tokens`. A waiting request whose structured-output grammar is
+still compiling is passed over until it has compiled.
 
-When a running request needs a block and none is free, the most recently admitted request is
-preempted: its blocks are freed and it goes back to the front of the waiting queue, to be
-recomputed (prompt plus the tokens it had generated) when memory allows. With
-preemption_mode="swap" its blocks are copied to host memory instead and copied back when it
-resumes, so it keeps its computed tokens (recompute is the fallback when the host pool is full).
+When a running request needs a block and none is free, the last request of the running list
+(the most recently admitted, under fcfs) is preempted: its blocks are freed and it goes back to
+the waiting queue, ahead of newer requests of its rank, to be recomputed (prompt plus the tokens
+it had generated) when memory allows. With preemption_mode="swap" its blocks are copied to host
+memory instead and copied back when it resumes, so it keeps its computed tokens (recompute is
+the fallback when the host pool is full).
 
 Three knobs shape a step:
   long_prefill_token_threshold  caps the prompt tokens one request computes per step; and a
@@ -21,12 +23,17 @@ Three knobs shape a step:
                                 running list is kept in that order too, so its last entry, the
                                 one preempted first, is the lowest-priority, latest arrival.
   preemption_mode               recompute or swap, as above.
+
+Every block copy the KV-cache manager causes while the step is scheduled (swap out, swap in,
+copy-on-write) comes back from the call that caused it and goes into that step's
+SchedulerOutput, which holds only copies of the core's state (see its docstring).
 """
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from pagedllm.config import SchedulerConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
@@ -34,11 +41,21 @@ from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.request_queue import make_request_queue, priority_key
 from pagedllm.core.stats import KVCacheStats
 from pagedllm.core.step_io import (
+    BlockCopy,
     EngineCoreOutput,
     ModelRunnerOutput,
     ScheduledRequest,
     SchedulerOutput,
 )
+
+
+@dataclass(slots=True)
+class StepCopies:
+    """The block copies of the step being scheduled, (src, dst), by the runner's three kinds."""
+
+    swap_out: list[BlockCopy] = field(default_factory=list)  # (device, host)
+    swap_in: list[BlockCopy] = field(default_factory=list)  # (host, device)
+    on_write: list[BlockCopy] = field(default_factory=list)  # copy-on-write, on the device
 
 
 class Scheduler:
@@ -52,9 +69,8 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_swap_outs = 0  # requests swapped out / back in, over the scheduler's life
         self.num_swap_ins = 0
-        # Block copies of the step being scheduled, (src, dst): taken into its SchedulerOutput.
-        self._swap_out_copies: list[tuple[int, int]] = []
-        self._swap_in_copies: list[tuple[int, int]] = []
+        # Block copies of the step being scheduled: handed whole to its SchedulerOutput.
+        self._copies = StepCopies()
 
     # ---- intake -------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -121,22 +137,16 @@ class Scheduler:
             self.waiting.add_preempted(request)
 
         finished, self._finished_since_last_step = self._finished_since_last_step, set()
-        copies, self.kv.pending_copies = self.kv.pending_copies, []
+        copies, self._copies = self._copies, StepCopies()
         return SchedulerOutput(
             scheduled=scheduled,
             num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
             finished_request_ids=finished,
             preempted_request_ids=preempted,
-            block_copies=copies,
-            blocks_to_swap_out=self._take(self._swap_out_copies),
-            blocks_to_swap_in=self._take(self._swap_in_copies),
+            block_copies=copies.on_write,
+            blocks_to_swap_out=copies.swap_out,
+            blocks_to_swap_in=copies.swap_in,
         )
-
-    @staticmethod
-    def _take(copies: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        taken = list(copies)
-        copies.clear()
-        return taken
 
     def _has_seat(self) -> bool:
         return len(self.running) < self.config.max_num_seqs
@@ -163,8 +173,10 @@ class Scheduler:
         cached = self.kv.get_computed_blocks(request)
         num_hit = len(cached) * self.kv.block_size
         num_new = self._num_new_tokens(request, budget, num_hit=num_hit)
-        if not self.kv.allocate_slots(request, num_new, cached):
+        copies = self.kv.allocate_slots(request, num_new, cached)
+        if copies is None:
             return None
+        self._copies.on_write.extend(copies)
         request.num_computed_tokens += num_hit
         request.num_cached_tokens = num_hit
         return num_new
@@ -174,7 +186,9 @@ class Scheduler:
         copies = self.kv.swap_in(request, num_new)
         if copies is None:
             return None
-        self._swap_in_copies.extend(copies)
+        from_host, on_write = copies
+        self._copies.swap_in.extend(from_host)
+        self._copies.on_write.extend(on_write)
         self.num_swap_ins += 1
         return num_new
 
@@ -185,13 +199,15 @@ class Scheduler:
             self.running.append(request)
 
     def _make_room(self, request: Request, num_new: int, preempted: list[str]) -> bool:
-        """Allocate slots for `request`, preempting the newest running requests if needed."""
-        while not self.kv.allocate_slots(request, num_new):
+        """Allocate slots for `request`, preempting from the end of the running list if needed;
+        False if that preempted `request` itself."""
+        while (copies := self.kv.allocate_slots(request, num_new)) is None:
             victim = self.running.pop()
             self._preempt(victim)
             preempted.append(victim.request_id)
             if victim is request:
                 return False
+        self._copies.on_write.extend(copies)
         return True
 
     def _preempt(self, request: Request) -> None:
@@ -211,7 +227,7 @@ class Scheduler:
         copies = self.kv.swap_out(request)
         if copies is None:
             return False
-        self._swap_out_copies.extend(copies)
+        self._copies.swap_out.extend(copies)
         self.num_swap_outs += 1
         return True
 

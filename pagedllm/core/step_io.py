@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from pagedllm.sampling_params import SamplingParams
 
+BlockCopy = tuple[int, int]  # (source block id, destination block id)
+
 
 @dataclass(slots=True)
 class ScheduledRequest:

@@ -145,10 +145,10 @@ class KVCacheManagerMachine(RuleBasedStateMachine):
         self.count += 1
         return f"r{self.count}"
 
-    def _compute(self, request: Request, num_new: int) -> None:
-        """The runner's part: pending copy-on-write copies, then the new tokens' K/V."""
-        self.slots.copy(self.kv.pending_copies)
-        self.kv.pending_copies.clear()
+    def _compute(self, request: Request, num_new: int, copies: list[tuple[int, int]]) -> None:
+        """The runner's part: the copy-on-write copies the allocation returned, then the new
+        tokens' K/V."""
+        self.slots.copy(copies)
         start = request.num_computed_tokens
         ids = self.kv.block_ids(request.request_id)
         self.slots.write(ids, start, request.all_token_ids[start:start + num_new])
@@ -166,12 +166,13 @@ class KVCacheManagerMachine(RuleBasedStateMachine):
         hit = len(cached) * BS
         num_new = min(request.num_tokens - hit, chunk)
         free_before = self.pool.num_free_blocks
-        if not self.kv.allocate_slots(request, num_new, cached):
+        copies = self.kv.allocate_slots(request, num_new, cached)
+        if copies is None:
             assert self.pool.num_free_blocks == free_before
             assert self.kv.block_ids(request.request_id) == []
             return
         request.num_computed_tokens = hit
-        self._compute(request, num_new)
+        self._compute(request, num_new, copies)
         self.resident[request.request_id] = request
 
     @precondition(lambda self: self.resident)
@@ -181,8 +182,9 @@ class KVCacheManagerMachine(RuleBasedStateMachine):
         if request.num_computed_tokens == request.num_tokens:
             request.append_output_token(token)  # a decode
         num_new = min(request.num_tokens - request.num_computed_tokens, chunk)
-        if self.kv.allocate_slots(request, num_new):
-            self._compute(request, num_new)
+        copies = self.kv.allocate_slots(request, num_new)
+        if copies is not None:
+            self._compute(request, num_new, copies)
 
     @precondition(lambda self: self.resident)
     @rule(data=st.data())
@@ -225,8 +227,9 @@ class KVCacheManagerMachine(RuleBasedStateMachine):
         if copies is None:
             assert self.kv.is_swapped(request.request_id)
             return
-        self.slots.swap_in(copies)
-        self._compute(request, num_new)
+        from_host, on_write = copies
+        self.slots.swap_in(from_host)
+        self._compute(request, num_new, on_write)
         self.resident[request.request_id] = self.swapped.pop(request.request_id)
 
     @invariant()

@@ -22,7 +22,7 @@ def admit(manager, req):
     """What the scheduler does on admission: take the cached run, allocate the rest."""
     cached = manager.get_computed_blocks(req)
     hit = len(cached) * BS
-    assert manager.allocate_slots(req, req.num_tokens - hit, cached)
+    assert manager.allocate_slots(req, req.num_tokens - hit, cached) is not None
     req.num_computed_tokens = req.num_tokens
     return hit
 
@@ -92,7 +92,7 @@ def test_allocation_counts_reclaimed_free_blocks():
     longer = request("b", range(13))  # hits 2 blocks, needs 2 more; only 1 other is free
     cached = manager.get_computed_blocks(longer)
     assert len(cached) == 2
-    assert not manager.allocate_slots(longer, 5, cached)
+    assert manager.allocate_slots(longer, 5, cached) is None
     assert pool.num_free_blocks == 3 and all(b.ref_cnt == 0 for b in pool.blocks)
 
 

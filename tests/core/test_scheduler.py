@@ -134,3 +134,16 @@ def test_duplicate_request_id_is_rejected():
         assert "already in use" in str(exc)
     else:
         raise AssertionError("duplicate id accepted")
+
+
+def test_copy_on_write_of_a_fork_reaches_the_scheduler_output():
+    scheduler, _ = make_scheduler(block_size=4)
+    parent = add(scheduler, "a", 6, 10)  # its last block is partly filled
+    step(scheduler)  # prompt
+    child = scheduler.fork_request(parent, "a-1")
+    out, _ = step(scheduler)  # both append into the block they share
+    assert len(out.block_copies) == 1
+    src, dst = out.block_copies[0]
+    rows = {s.request_id: s.block_ids for s in out.scheduled}
+    assert rows["a"][-1] == dst and rows["a-1"][-1] == src  # the last owner writes in place
+    assert scheduler.kv.num_cow_copies == 1 and child.num_computed_tokens == 7

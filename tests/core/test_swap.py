@@ -24,7 +24,7 @@ def computed(manager, req, num_new=None):
     cached = manager.get_computed_blocks(req)
     hit = len(cached) * BS
     num_new = req.num_tokens - req.num_computed_tokens - hit if num_new is None else num_new
-    assert manager.allocate_slots(req, num_new, cached)
+    assert manager.allocate_slots(req, num_new, cached) is not None
     req.num_computed_tokens += hit + num_new
 
 
@@ -39,7 +39,8 @@ def test_swap_out_frees_device_blocks_and_keeps_progress():
     assert manager.is_swapped("a") and manager.block_ids("a") == []
     assert pool.num_free_blocks == 8 and host.num_free_blocks == 5
     assert req.num_computed_tokens == 10
-    back = manager.swap_in(req, 1)
+    back, on_write = manager.swap_in(req, 1)
+    assert on_write == []
     assert [h for h, _ in back] == [b.block_id for b in host.blocks[:3]]
     assert len(manager.block_ids("a")) == 3 and host.num_free_blocks == 8
     manager.free(req)
@@ -53,7 +54,7 @@ def test_blocks_still_in_the_prefix_cache_come_back_without_a_copy():
     computed(manager, req)
     full = manager.blocks("a")[:2]
     assert len(manager.swap_out(req)) == 3  # copied out all the same: it might be evicted
-    back = manager.swap_in(req, 1)
+    back, _ = manager.swap_in(req, 1)
     assert back == [(host.blocks[2].block_id, manager.block_ids("a")[2])]
     assert manager.blocks("a")[:2] == full and host.num_free_blocks == 8
 
@@ -72,7 +73,7 @@ def test_shared_cached_blocks_stay_on_the_device():
     assert all(b.ref_cnt == 1 for b in shared)  # "a" still holds them
     assert manager.host_blocks("b") == [host.blocks[0]]
     assert not manager.swap_lost(second)
-    back = manager.swap_in(second, 1)
+    back, _ = manager.swap_in(second, 1)
     assert len(back) == 1 and manager.blocks("b")[:2] == shared
     assert all(b.ref_cnt == 2 for b in shared)
 
