@@ -22,6 +22,13 @@ class ScheduledRequest:
     # who gets a token from this row's logits: the request, then any sequences forked from it now
     sample_ids: list[str] = field(default_factory=list)
 
+    @property
+    def is_decode(self) -> bool:
+        """Does the row compute exactly one token? The runner batches every such row as a
+        decode (one query against the paged cache), a one-token prompt or prompt chunk too, so
+        the step's token counts must say the same: this is the one definition, for both."""
+        return len(self.token_ids) == 1
+
 
 @dataclass(slots=True)
 class SchedulerOutput:
@@ -37,15 +44,11 @@ class SchedulerOutput:
 
     @property
     def num_prefill_tokens(self) -> int:
-        return sum(len(s.token_ids) for s in self.scheduled if not _is_decode(s))
+        return sum(len(s.token_ids) for s in self.scheduled if not s.is_decode)
 
     @property
     def num_decode_tokens(self) -> int:
-        return sum(1 for s in self.scheduled if _is_decode(s))
-
-
-def _is_decode(s: ScheduledRequest) -> bool:
-    return len(s.token_ids) == 1 and s.start_position > 0
+        return sum(1 for s in self.scheduled if s.is_decode)
 
 
 @dataclass(slots=True)
