@@ -252,16 +252,18 @@ class Scheduler:
         )
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+        """The request's row, holding copies only (SchedulerOutput's contract): the request's
+        token lists grow, and its block table changes, after this step is handed out."""
         start = request.num_computed_tokens
         sample = start + num_new == request.num_tokens
         return ScheduledRequest(
             request_id=request.request_id,
-            token_ids=request.all_token_ids[start : start + num_new],
+            token_ids=request.all_token_ids[start : start + num_new],  # a slice is a copy
             start_position=start,
-            block_ids=self.kv.block_ids(request.request_id),
+            block_ids=self.kv.block_ids(request.request_id),  # a copy, by its contract
             sampling_params=request.sampling_params,
-            output_token_ids=request.output_token_ids,
-            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=list(request.output_token_ids),
+            prompt_token_ids=list(request.prompt_token_ids),
             sample=sample,
             sample_ids=[request.request_id, *request.pending_fork_ids] if sample else [],
         )

@@ -11,11 +11,13 @@ BlockCopy = tuple[int, int]  # (source block id, destination block id)
 
 @dataclass(slots=True)
 class ScheduledRequest:
+    """One request's row of a step. Every list is the row's own copy (see SchedulerOutput)."""
+
     request_id: str
     token_ids: list[int]  # the tokens to compute this step
     start_position: int  # position of token_ids[0] == tokens already in the cache
-    block_ids: list[int]  # the request's whole block table
-    sampling_params: SamplingParams
+    block_ids: list[int]  # the request's whole block table, as of this step
+    sampling_params: SamplingParams  # shared, not copied: nobody changes it once added
     output_token_ids: list[int]  # generated so far (min_tokens, penalties)
     prompt_token_ids: list[int]  # (repetition penalty, prompt logprobs)
     sample: bool  # does this chunk reach the end of the request's tokens?
@@ -32,15 +34,27 @@ class ScheduledRequest:
 
 @dataclass(slots=True)
 class SchedulerOutput:
-    scheduled: list[ScheduledRequest]
-    num_scheduled_tokens: int
-    finished_request_ids: set[str] = field(default_factory=set)  # the runner drops their state
+    """What the scheduler decided for one step, for the runner to execute.
+
+    Contract: these are values the core will not mutate afterwards. Every list and set here and
+    in each ScheduledRequest is made for this output, never the scheduler's, the KV-cache
+    manager's or a Request's own list: appended tokens, later steps and aborts leave an output
+    already returned as it was, so a consumer may keep it while the core moves on. Only
+    `sampling_params` is shared, and nobody changes it once the request is added.
+    """
+
+    scheduled: list[ScheduledRequest]  # the rows of the step: running requests, then admitted
+    num_scheduled_tokens: int  # sum of len(token_ids) over `scheduled`; within the budget
+    # finished (stopped or aborted) since the last step: the runner drops their state
+    finished_request_ids: set[str] = field(default_factory=set)
+    # preempted this step, in that order: freed to be recomputed, or swapped out (below)
     preempted_request_ids: list[str] = field(default_factory=list)
-    block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
-    # Swapping (preemption_mode="swap"): (device block, host block) and (host block, device
-    # block). The runner copies out, then in, then block_copies, all before the forward pass.
-    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
-    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
+    # Block copies the step's allocations caused, each (src, dst) by block id. The runner makes
+    # them all before the forward pass, in this order: swap out, swap in, then copy-on-write (a
+    # device block freed by a swap-out may be the target of a swap-in or of a copy).
+    block_copies: list[BlockCopy] = field(default_factory=list)  # copy-on-write, device -> device
+    blocks_to_swap_out: list[BlockCopy] = field(default_factory=list)  # (device, host) blocks
+    blocks_to_swap_in: list[BlockCopy] = field(default_factory=list)  # (host, device) blocks
 
     @property
     def num_prefill_tokens(self) -> int:

@@ -136,6 +136,24 @@ def test_duplicate_request_id_is_rejected():
         raise AssertionError("duplicate id accepted")
 
 
+def test_scheduler_output_does_not_change_after_it_is_returned():
+    """SchedulerOutput's contract: the core's later work (appended tokens, a grown block table,
+    the next steps, an abort) leaves an output already returned as it was."""
+    scheduler, _ = make_scheduler(block_size=4)
+    request = add(scheduler, "a", 4, 10)
+    first, _ = step(scheduler)  # the prompt fills block 0 and samples one token
+    (row,) = first.scheduled
+    frozen = (list(row.token_ids), list(row.block_ids), list(row.output_token_ids),
+              list(row.prompt_token_ids), list(row.sample_ids))
+    assert request.output_token_ids == [7] and row.output_token_ids == []
+    step(scheduler)  # a decode into a second block
+    request.prompt_token_ids.append(123)  # whoever holds the request changes it
+    scheduler.finish_requests(["a"], RequestStatus.FINISHED_ABORTED)
+    assert (row.token_ids, row.block_ids, row.output_token_ids, row.prompt_token_ids,
+            row.sample_ids) == frozen
+    assert len(frozen[1]) == 1
+
+
 def test_copy_on_write_of_a_fork_reaches_the_scheduler_output():
     scheduler, _ = make_scheduler(block_size=4)
     parent = add(scheduler, "a", 6, 10)  # its last block is partly filled
