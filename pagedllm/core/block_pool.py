@@ -97,7 +97,7 @@ class BlockPool:
 
     @property
     def usage(self) -> float:
-        """Fraction of blocks in use, as reported on /metrics."""
+        """Fraction of blocks that some request holds; cached blocks nobody holds count as free."""
         return 1.0 - self.num_free_blocks / self.num_blocks
 
     def allocate(self, count: int) -> list[KVCacheBlock]:

@@ -10,8 +10,8 @@ class KVCacheStats:
     """The cache now, plus counters since start-up.
 
     Waste is internal fragmentation: slots of in-use blocks that hold no token, which can only
-    be the unfilled end of each request's last block (blocks are added one at a time, when the
-    tokens of a step spill past the last one). Cached blocks nobody uses count as free.
+    be the unfilled end of each request's last block (blocks are added only when the tokens of
+    a step spill past the last one). Cached blocks nobody uses count as free.
     """
 
     num_blocks: int
