@@ -20,6 +20,7 @@ import torch
 from transformers import PretrainedConfig
 
 from pagedllm.attention import AttentionBackend
+from pagedllm.attention.torch_backend import cap_scores
 from pagedllm.model.layers.activation import GeluAndMul
 from pagedllm.model.layers.norm import GemmaRMSNorm
 from pagedllm.model.layers.rotary import RotaryEmbedding
@@ -37,11 +38,6 @@ def rounded(value: float, dtype: torch.dtype) -> float:
     """`value` as the nearest number of `dtype`: transformers casts the embedding normalizer
     to the model's dtype before multiplying (sqrt(2048) is 45.25 in bfloat16, not 45.2548)."""
     return torch.tensor(value, dtype=torch.float32).to(dtype).item()
-
-
-def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
-    """cap * tanh(x / cap), in transformers' order of operations."""
-    return torch.tanh(x / cap) * cap
 
 
 class GemmaAttention(LlamaAttention):
@@ -96,10 +92,9 @@ class GemmaForCausalLM(LlamaForCausalLM):
                                    if isinstance(module, GemmaRMSNorm)}
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden)
-        if self.final_soft_cap is not None:
-            logits = soft_cap(logits, self.final_soft_cap)
-        return logits
+        # One helper for the formula, tanh(x / c) * c in transformers' order of operations:
+        # the attention scores get the same cap.
+        return cap_scores(self.lm_head(hidden), self.final_soft_cap)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         super().load_weights(
