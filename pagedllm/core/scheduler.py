@@ -93,6 +93,25 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    # By id, so that the engine never reaches into `requests`: a request leaves it when it
+    # finishes (stopped, length or aborted).
+    def is_unfinished(self, request_id: str) -> bool:
+        return request_id in self.requests
+
+    def unfinished_ids(self) -> list[str]:
+        return list(self.requests)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    def set_waiting_for_grammar(self, request_id: str, waiting: bool) -> None:
+        """Hold a request back (True) until its grammar has compiled; an id that has finished
+        meanwhile is ignored."""
+        request = self.requests.get(request_id)
+        if request is not None:
+            request.waiting_for_grammar = waiting
+
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
@@ -308,6 +327,10 @@ class Scheduler:
             for child_id in reversed(request.pending_fork_ids):  # each lands right after it
                 self.fork_request(request, child_id)
             request.pending_fork_ids = []
+
+    def fork(self, parent_id: str, child_id: str) -> None:
+        """Start `child_id` as a copy of the running request `parent_id` (beam search)."""
+        self.fork_request(self.requests[parent_id], child_id)
 
     def fork_request(self, parent: Request, child_id: str) -> Request:
         """Start `child_id` as a copy of a running request, sharing all of its blocks."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from pagedllm.sampling_params import SamplingParams
 
@@ -55,6 +56,10 @@ class SchedulerOutput:
     block_copies: list[BlockCopy] = field(default_factory=list)  # copy-on-write, device -> device
     blocks_to_swap_out: list[BlockCopy] = field(default_factory=list)  # (device, host) blocks
     blocks_to_swap_in: list[BlockCopy] = field(default_factory=list)  # (host, device) blocks
+    # Not the core's: the engine's structured-output step sets it after schedule() to the
+    # bitmask the runner applies to the logits (structured_output.bitmask.GrammarBitmask), or
+    # leaves None. Typed loosely because core/ may not import what is above it.
+    grammar: Any = None
 
     @property
     def num_prefill_tokens(self) -> int:

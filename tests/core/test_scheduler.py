@@ -165,3 +165,20 @@ def test_copy_on_write_of_a_fork_reaches_the_scheduler_output():
     rows = {s.request_id: s.block_ids for s in out.scheduled}
     assert rows["a"][-1] == dst and rows["a-1"][-1] == src  # the last owner writes in place
     assert scheduler.kv.num_cow_copies == 1 and child.num_computed_tokens == 7
+
+
+def test_requests_by_id_without_reaching_into_the_scheduler():
+    scheduler, _ = make_scheduler(block_size=4)
+    add(scheduler, "a", 4, 1)
+    add(scheduler, "b", 4, 5)
+    assert scheduler.is_unfinished("a") and scheduler.unfinished_ids() == ["a", "b"]
+    scheduler.set_waiting_for_grammar("b", True)  # held back until its grammar compiles
+    out, _ = step(scheduler)  # a: prompt and its only token
+    assert [s.request_id for s in out.scheduled] == ["a"]
+    assert not scheduler.is_unfinished("a") and scheduler.num_unfinished == 1
+    scheduler.set_waiting_for_grammar("a", False)  # finished meanwhile: ignored
+    scheduler.set_waiting_for_grammar("b", False)
+    step(scheduler)
+    scheduler.fork("b", "b-1")
+    assert scheduler.unfinished_ids() == ["b", "b-1"]
+    assert scheduler.kv.block_ids("b-1") == scheduler.kv.block_ids("b")
