@@ -46,14 +46,14 @@ def time_method(obj: object, name: str, label: str, timings: Timings) -> None:
 
 def instrument(llm: LLM, timings: Timings) -> None:
     engine = llm.llm_engine
-    runner = engine.runner
+    runner = engine.worker.runner
     backend = runner.model.model.layers[0].self_attn.backend  # one backend for all layers
     time_method(engine, "step", "engine step (everything)", timings)
     time_method(runner.model, "forward", "model forward", timings)
     time_method(runner.model, "compute_logits", "lm_head", timings)
     time_method(runner, "sampler", "sampling", timings)
     time_method(runner, "prepare_inputs", "input building", timings)
-    time_method(engine.scheduler, "schedule", "scheduler", timings)
+    time_method(engine.engine_core.scheduler, "schedule", "scheduler", timings)
     time_method(engine.output_processor, "process", "detokenize and stop checks", timings)
     time_method(backend, "_decode", "decode attention", timings)
     time_method(backend, "_prefill", "prefill attention (PyTorch)", timings)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from pagedllm import LLM, SamplingParams, StructuredOutputsParams
 from pagedllm.config import EngineArgs
+from pagedllm.structured_output.bitmask import GrammarBitmask
 
 RECORDS_SCHEMA = {
     "type": "array",
@@ -94,8 +95,9 @@ def chat_prompts(llm: LLM, count: int) -> list[dict]:
 def instrument(llm: LLM) -> GrammarTimer:
     timer = GrammarTimer()
     engine = llm.llm_engine
-    manager = engine.structured_output
-    engine.runner.mask_logits = timer.wrap("mask_logits", manager.mask_logits)
+    manager = engine.engine_core.structured_output
+    # the worker's side: wait for the step's fill, then mask the logits (was mask_logits)
+    GrammarBitmask.apply = timer.wrap("mask_logits", GrammarBitmask.apply)
     manager.accept_tokens = timer.wrap("accept_tokens", manager.accept_tokens)
     return timer
 

@@ -14,6 +14,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 PREEMPTION_MODES = ("recompute", "swap")
 SCHEDULING_POLICIES = ("fcfs", "priority")
 LOAD_FORMATS = ("auto", "dummy")
+EXECUTOR_BACKENDS = ("uni", "mp")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 CPU_DEFAULT_KV_CACHE_BYTES = 4 << 30  # vLLM's CPU backend also defaults to 4 GiB
 
@@ -75,6 +76,12 @@ class EngineArgs:
                              4.0)
     scheduling_policy: str = _opt("order of the waiting queue: fcfs, or priority (lower first)",
                                   "fcfs", choices=SCHEDULING_POLICIES)
+    distributed_executor_backend: str = _opt(
+        "where the workers run: uni (in the engine core's process) or mp (one process per "
+        "rank)", "uni", choices=EXECUTOR_BACKENDS)
+    engine_core_process: bool = _opt(
+        "server only: run the engine core (scheduler and step loop) in a process of its own, "
+        "apart from HTTP handling and detokenizing", False)
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -130,6 +137,9 @@ class EngineArgs:
         if self.long_prefill_token_threshold < 0:
             raise ValueError("long_prefill_token_threshold must be 0 (off) or positive, got "
                              f"{self.long_prefill_token_threshold}")
+        if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS}, "
+                             f"got {self.distributed_executor_backend!r}")
         if self.swap_space < 0:
             raise ValueError(f"swap_space must not be negative, got {self.swap_space}")
 

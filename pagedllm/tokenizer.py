@@ -15,8 +15,32 @@ from pathlib import Path
 import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from pagedllm.config import cache_dir
+from pagedllm.config import EngineArgs, cache_dir
+from pagedllm.logger import init_logger
 from pagedllm.model.source import ModelSource
+
+logger = init_logger(__name__)
+
+# Any of these next to config.json means the folder has a tokenizer of its own.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_engine_tokenizer(args: EngineArgs, source: ModelSource) -> PreTrainedTokenizerBase | None:
+    """The engine's tokenizer as its options ask: none with skip_tokenizer_init (or for random
+    weights of a folder that has none: a warning, then token ids only), else the model's own or
+    the one named by `tokenizer`."""
+    if args.skip_tokenizer_init:
+        return None
+    if args.load_format == "dummy" and args.tokenizer is None and not has_tokenizer(source):
+        logger.warning("%s has no tokenizer: running on token ids only, as with "
+                       "skip_tokenizer_init (give one with tokenizer=...)", source.path)
+        return None
+    return load_tokenizer(source, args.tokenizer, args.revision)
+
+
+def has_tokenizer(source: ModelSource) -> bool:
+    """A GGUF file carries its vocabulary; a folder needs tokenizer files of its own."""
+    return source.is_gguf or any((source.path / name).is_file() for name in TOKENIZER_FILES)
 
 
 def load_tokenizer(source: ModelSource, tokenizer: str | None = None,

@@ -95,10 +95,10 @@ def _all_blocks_free_after_each_test():
 def assert_idle_and_free(engine_llm: LLM) -> None:
     engine = engine_llm.llm_engine
     assert not engine.has_unfinished_requests()
-    assert engine.block_pool.num_free_blocks == engine.block_pool.num_blocks
-    assert all(block.ref_cnt == 0 for block in engine.block_pool.blocks)
+    assert engine.engine_core.block_pool.num_free_blocks == engine.engine_core.block_pool.num_blocks
+    assert all(block.ref_cnt == 0 for block in engine.engine_core.block_pool.blocks)
     assert not engine.output_processor.states
-    assert not engine.structured_output.active  # no grammar matcher outlives its request
+    assert not engine.engine_core.structured_output.active  # no grammar matcher outlives its request
 
 
 @pytest.fixture(scope="session")

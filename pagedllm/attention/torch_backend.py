@@ -1,4 +1,5 @@
-"""Paged attention in plain PyTorch: the CPU backend.
+"""Paged attention in plain PyTorch: the reference for the other backends, and the CPU's fallback
+where the C++ kernels cannot be built or are turned off (PAGEDLLM_CPU_KERNELS=0).
 
 Decode: one batched computation for every decoding sequence. Each sequence's blocks are gathered
 through the padded block table into a [num_decodes, kv_heads, max_context, head_dim] tensor,

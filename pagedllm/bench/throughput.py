@@ -207,7 +207,8 @@ def main(args: argparse.Namespace) -> int:
     first_step = engine.num_steps
     results = [run_pagedllm(llm, work)]
     kv_cache = kv_cache_report(engine, first_step)
-    model_config, device, capture_s = engine.model_config, engine.device, engine.cuda_graph_capture_s
+    worker = engine.worker
+    model_config, device, capture_s = engine.model_config, worker.device, worker.cuda_graph_capture_s
     if args.baseline == "hf":
         # On a GPU the engine holds most of the memory (KV cache): release it first.
         del llm, engine

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagedllm.logprobs import TokenLogprobs
 from pagedllm.sampling_params import SamplingParams
 
 BlockCopy = tuple[int, int]  # (source block id, destination block id)
@@ -68,15 +69,6 @@ class SchedulerOutput:
     @property
     def num_decode_tokens(self) -> int:
         return sum(1 for s in self.scheduled if s.is_decode)
-
-
-@dataclass(slots=True)
-class TokenLogprobs:
-    """Logprob of the sampled token and of the top-k alternatives, for one position."""
-
-    token_ids: list[int]  # sampled first, then top-k by rank
-    logprobs: list[float]
-    sampled_rank: int
 
 
 @dataclass(slots=True)

@@ -1,8 +1,8 @@
 """AsyncLLM: the engine for asyncio servers.
 
-LLMEngine is not thread-safe and its step blocks for as long as the model runs, so it lives on one
-background thread that owns it outright. The event loop never touches the engine; it talks to
-that thread through a command list guarded by a condition variable:
+The front-end (LLMEngine: input and output processing) is not thread-safe, so it lives on one
+background thread that owns it outright. The event loop never touches it; it talks to that
+thread through a command list guarded by a condition variable:
 
     event loop                              engine thread
     ----------                              -------------
@@ -11,8 +11,11 @@ that thread through a command list guarded by a condition variable:
                                                engine.step() ... outputs
     OutputStream  <--call_soon_threadsafe--    one batch of outputs per loop and step
 
-Commands run between steps, so a step never sees a half-added request. With no command and no
-unfinished request the thread sleeps on the condition instead of spinning.
+The engine core sits behind the front-end either in this process (the thread steps it) or, with
+engine_core_process, in its own process (engine/core_process.py): the thread then only turns
+the steps that process sends into outputs, and HTTP handling no longer shares the step loop's
+GIL. Commands run between steps, so a step never sees a half-added request. With no command and
+no step to take, the thread sleeps on the condition instead of spinning.
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ from typing import Any
 from pagedllm.config import EngineArgs
 from pagedllm.core.stats import KVCacheStats
 from pagedllm.engine.beam_ranking import BeamSearchParams
-from pagedllm.engine.llm_engine import LLMEngine, StepRecord
+from pagedllm.engine.core import StepRecord
+from pagedllm.engine.errors import EngineDeadError, EngineStepError
+from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.executor import WorkerDiedError
 from pagedllm.inputs import PromptType
 from pagedllm.logger import init_logger
 from pagedllm.outputs import CompletionOutput, RequestOutput
@@ -39,12 +45,8 @@ from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 logger = init_logger(__name__)
 
 
-class EngineDeadError(RuntimeError):
-    """The engine thread has stopped (shut down, or its state could not be recovered)."""
-
-
-class EngineStepError(RuntimeError):
-    """A step failed; the requests that were in flight are aborted and get this error."""
+__all__ = ["AsyncLLM", "EngineDeadError", "EngineStepError", "NewRequest", "OutputStream",
+           "RequestStats"]
 
 
 @dataclass(slots=True)
@@ -68,10 +70,11 @@ class EngineStats:
     max_batch_size: int = 0  # most sequences scheduled together in one step so far
     num_loop_turns: int = 0  # times the thread woke up; stays put while idle
     kv_cache: KVCacheStats | None = None  # usage, prefix-cache hits, preemptions, swaps
+    engine_core_pid: int | None = None  # the engine core's own process (None: in this one)
 
     @property
     def kv_cache_usage(self) -> float:
-        return 1.0 - self.num_free_blocks / self.num_blocks if self.num_blocks else 0.0
+        return self.kv_cache.usage if self.kv_cache is not None else 0.0
 
 
 @dataclass(slots=True)
@@ -212,12 +215,22 @@ class AsyncLLM:
         self._max_batch_size = 0  # most requests scheduled together in one step
         self._turns = 0  # engine-thread loop turns: stays put while the thread sleeps
         self._thread = threading.Thread(target=self._run, name="pagedllm-engine", daemon=True)
+        if hasattr(engine.engine_core, "wakeup"):  # a core process: its outputs wake the thread
+            engine.engine_core.wakeup = self._wake
         self._publish_stats()
         self._thread.start()
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> AsyncLLM:
+        if args.engine_core_process:
+            from pagedllm.engine.core_process import CoreProcessClient
+
+            return cls(LLMEngine(args, engine_core=CoreProcessClient(args)))
         return cls(LLMEngine.from_engine_args(args))
+
+    def _wake(self) -> None:
+        with self._wakeup:
+            self._wakeup.notify()
 
     # ---- the event-loop side ------------------------------------------------------------------
     @property
@@ -310,7 +323,7 @@ class AsyncLLM:
                 self._turns += 1
                 for command in commands:
                     self._execute(command)
-                if self.engine.has_unfinished_requests():
+                if self.engine.ready_to_step():
                     self._step()
         except BaseException as exc:  # a bug in the loop itself: stop taking requests
             logger.exception("the engine thread stopped")
@@ -322,7 +335,7 @@ class AsyncLLM:
         """Wait until there is something to do; None means shut down."""
         with self._wakeup:
             while not (self._inbox.commands or self._inbox.stopping
-                       or self.engine.has_unfinished_requests()):
+                       or self.engine.ready_to_step()):
                 self._wakeup.wait()
             if self._inbox.stopping:
                 return None
@@ -376,6 +389,8 @@ class AsyncLLM:
         steps_before = self.engine.num_steps
         try:
             outputs = self.engine.step()
+        except (EngineDeadError, WorkerDiedError):
+            raise  # the core or a worker is gone: nothing can be served any more
         except Exception as exc:
             logger.exception("engine step failed; aborting the %d requests in flight",
                              len(self._tracked))
@@ -446,17 +461,18 @@ class AsyncLLM:
                 logger.exception("request observer %r failed", observer)
 
     def _publish_stats(self) -> None:
-        engine = self.engine
-        kv = engine.kv_cache_stats()
+        core = self.engine.engine_core.stats()
+        kv = core.kv_cache
         self.stats = EngineStats(
-            num_running=engine.scheduler.num_running,
-            num_waiting=engine.scheduler.num_waiting,
+            num_running=core.num_running,
+            num_waiting=core.num_waiting,
             num_free_blocks=kv.num_free_blocks,
             num_blocks=kv.num_blocks,
-            num_steps=engine.num_steps,
+            num_steps=core.num_steps,
             max_batch_size=self._max_batch_size,
             num_loop_turns=self._turns,
             kv_cache=kv,
+            engine_core_pid=getattr(self.engine.engine_core, "pid", None),
         )
 
     def _stop(self) -> None:
@@ -473,6 +489,10 @@ class AsyncLLM:
                 logger.exception("could not abort the requests left at shutdown")
         self._fail_all_quietly(EngineDeadError("the engine has stopped"))
         self._publish_stats()
+        try:
+            self.engine.shutdown()  # worker and core processes, if any
+        except Exception:
+            logger.exception("could not shut the engine down cleanly")
 
     def _fail_all_quietly(self, error: BaseException) -> None:
         with contextlib.suppress(EngineDeadError):

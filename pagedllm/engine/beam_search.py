@@ -23,6 +23,7 @@ from pagedllm.core.request import RequestStatus
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.core.step_io import EngineCoreOutput, TokenLogprobs
 from pagedllm.engine.beam_ranking import BeamSearchParams, BeamSearchSequence, BeamState
+from pagedllm.engine.features import StepFeature
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -45,13 +46,17 @@ def step_params(params: BeamSearchParams) -> SamplingParams:
                           logprobs=2 * params.beam_width, ignore_eos=True, detokenize=False)
 
 
-class BeamSearchManager:
+class BeamSearchManager(StepFeature):
+    """A step feature (engine/features.py): after each update it takes the beams' outputs,
+    advances the searches and keeps each finished search's result for `take_results`."""
+
     def __init__(self, scheduler: Scheduler, tokenizer, eos_token_id: int | None) -> None:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id
         self.groups: dict[str, BeamGroup] = {}
         self._owner: dict[str, BeamGroup] = {}  # engine request id -> its search
+        self._results: list[RequestOutput] = []  # searches finished since the last take
 
     def start(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
               params: BeamSearchParams, first_request_id: str) -> None:
@@ -66,6 +71,23 @@ class BeamSearchManager:
 
     def owns(self, engine_request_id: str) -> bool:
         return engine_request_id in self._owner
+
+    def owns_search(self, request_id: str) -> bool:
+        return request_id in self.groups
+
+    def after_update(self, outputs: list[EngineCoreOutput]) -> list[EngineCoreOutput]:
+        """Keep the outputs of other requests; the beams' feed their searches."""
+        if not self._owner:
+            return outputs
+        beams = [o for o in outputs if o.request_id in self._owner]
+        rest = [o for o in outputs if o.request_id not in self._owner]
+        if beams:
+            self._results += self.process(beams)
+        return rest
+
+    def take_results(self) -> list[RequestOutput]:
+        results, self._results = self._results, []
+        return results
 
     def abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
@@ -94,7 +116,7 @@ class BeamSearchManager:
         group.steps += 1
         eos = None if group.params.ignore_eos else self.eos_token_id
         group.state.advance(candidates, eos)
-        gone = any(r not in self.scheduler.requests for r in group.beams)  # e.g. max_model_len
+        gone = any(not self.scheduler.is_unfinished(r) for r in group.beams)  # max_model_len
         if group.state.done or group.steps >= group.params.max_tokens or gone:
             return self._finish(group)
         self._apply(group, owner)
@@ -108,7 +130,7 @@ class BeamSearchManager:
             request_id = parent_id
             if parent_id in continued:
                 request_id = f"{group.request_id}#beam{next(group.ids)}"
-                self.scheduler.fork_request(self.scheduler.requests[parent_id], request_id)
+                self.scheduler.fork(parent_id, request_id)
                 self._owner[request_id] = group
             self.scheduler.replace_last_token(request_id, beam.tokens[-1])
             continued[request_id] = beam

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pagedllm.core.request import Request
 from pagedllm.inputs import PromptType
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.structured_output.grammar import grammar_key, parse_grammar
 
 
 class Processor:
@@ -62,9 +63,13 @@ class Processor:
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
                 raise ValueError(f"{name} has token ids outside [0, {self.vocab_size}): {bad[:5]}")
-        if params.structured_outputs is not None and self.tokenizer is None:
-            raise ValueError("structured_outputs needs a tokenizer (the grammar is matched "
-                             "against token texts); this engine has skip_tokenizer_init=True")
+        if params.structured_outputs is not None:
+            if self.tokenizer is None:
+                raise ValueError("structured_outputs needs a tokenizer (the grammar is matched "
+                                 "against token texts); this engine has skip_tokenizer_init=True")
+            # Parsed here too, so that a bad constraint is the caller's ValueError even when
+            # the engine core runs in another process (which compiles it, from a cache by key).
+            parse_grammar(grammar_key(params.structured_outputs))
         if params.bad_words:
             if self.tokenizer is None:
                 raise ValueError("bad_words needs a tokenizer")

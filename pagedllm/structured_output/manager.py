@@ -5,9 +5,9 @@
     poll          each step, before scheduling: requests whose grammar has compiled get their
                   matchers and may be scheduled; a failed compile ends its request
     start_bitmask after scheduling: fill the bitmasks of every constrained sequence that samples
-                  this step, in one batched call on a worker thread, while the model runs
-    mask_logits   the runner's hook, once the logits exist: wait for that fill, line its rows
-                  up with the logits rows and apply them all in one in-place call
+                  this step, in one batched call on a helper thread, while the model runs; the
+                  GrammarBitmask it returns rides in the SchedulerOutput to the worker, which
+                  waits for the fill once the logits exist and applies it (bitmask.py)
     accept_tokens after sampling: advance the matchers; report the sequences whose grammar has
                   terminated (or, if the other constraints left no legal token, rejected one)
 
@@ -31,7 +31,7 @@ import torch
 from pagedllm.core.step_io import EngineCoreOutput, ScheduledRequest
 from pagedllm.logger import init_logger
 from pagedllm.sampling_params import StructuredOutputsParams
-from pagedllm.structured_output.bitmask import allocate_bitmask, apply_bitmask
+from pagedllm.structured_output.bitmask import GrammarBitmask, allocate_bitmask
 from pagedllm.structured_output.grammar import (
     GrammarKey,
     clean_error,
@@ -58,15 +58,6 @@ class PendingGrammar:
 
 
 @dataclass(slots=True)
-class PendingFill:
-    """A step's bitmask being filled on the fill thread: row i belongs to sequence_ids[i]."""
-
-    sequence_ids: list[str]
-    bitmask: torch.Tensor
-    done: concurrent.futures.Future
-
-
-@dataclass(slots=True)
 class GrammarVerdict:
     """A sequence whose grammar ended it after this step's token."""
 
@@ -90,13 +81,12 @@ class StructuredOutputManager:
         self._compiler: xgrammar.GrammarCompiler | None = None  # built on first use
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None  # compiles
         self._fill_thread: concurrent.futures.ThreadPoolExecutor | None = None  # bitmask fills
-        self._fill: PendingFill | None = None  # this step's, from start_bitmask to mask_logits
+        self._fill: GrammarBitmask | None = None  # this step's, until the matchers move on
         self._batch_matcher: xgrammar.BatchGrammarMatcher | None = None
         self._grammars: OrderedDict[GrammarKey, concurrent.futures.Future] = OrderedDict()
         self._pending: dict[str, PendingGrammar] = {}  # request id -> its compiling grammar
         self._matchers: dict[str, xgrammar.GrammarMatcher] = {}  # sequence id -> its matcher
         self._fill_buffer: torch.Tensor | None = None  # rows in sequence order, kept across steps
-        self._logits_buffer: torch.Tensor | None = None  # the same rows in logits order
         self.num_compiles = 0  # grammars compiled (cache misses), for tests and stats
 
     # ---- requests -----------------------------------------------------------------------------
@@ -199,17 +189,16 @@ class StructuredOutputManager:
             concurrent.futures.wait(futures, timeout, concurrent.futures.FIRST_COMPLETED)
 
     # ---- the step -------------------------------------------------------------------------------
-    def start_bitmask(self, scheduled: list[ScheduledRequest]) -> None:
-        """Begin filling the bitmasks of the constrained sequences that sample this step."""
+    def start_bitmask(self, scheduled: list[ScheduledRequest]) -> GrammarBitmask | None:
+        """Begin filling the bitmasks of the constrained sequences that sample this step; None
+        when none does."""
         if not self._matchers:
-            return
-        self._start_fill([sample_id for s in scheduled if s.sample for sample_id in s.sample_ids
-                          if sample_id in self._matchers])
-
-    def _start_fill(self, sequence_ids: list[str]) -> None:
+            return None
         self._settle()
+        sequence_ids = [sample_id for s in scheduled if s.sample for sample_id in s.sample_ids
+                        if sample_id in self._matchers]
         if not sequence_ids:
-            return
+            return None
         self._fill_buffer = self._grown(self._fill_buffer, len(sequence_ids))
         bitmask = self._fill_buffer[: len(sequence_ids)]
         matchers = [self._matchers[s] for s in sequence_ids]
@@ -218,28 +207,8 @@ class StructuredOutputManager:
                 1, thread_name_prefix="pagedllm-bitmask")
         done = self._fill_thread.submit(self._batch_matcher.batch_fill_next_token_bitmask,
                                         matchers, bitmask)
-        self._fill = PendingFill(sequence_ids, bitmask, done)
-
-    def mask_logits(self, logits: torch.Tensor, sample_ids: list[str]) -> None:
-        """Mask the rows of constrained sequences (row i samples for sample_ids[i]) with
-        their grammars' next-token bitmasks, in one in-place call."""
-        if not self._matchers:
-            return
-        if self._fill is None:  # the runner was called without start_bitmask: fill now
-            self._start_fill([s for s in sample_ids if s in self._matchers])
-        fill, self._fill = self._fill, None
-        if fill is None:
-            return
-        fill.done.result()
-        index = {sequence_id: i for i, sequence_id in enumerate(fill.sequence_ids)}
-        rows = [row for row, s in enumerate(sample_ids) if s in index]
-        if not rows:
-            return
-        # The fill's rows are in scheduling order; the logits rows are in the runner's order.
-        self._logits_buffer = self._grown(self._logits_buffer, len(sample_ids))
-        bitmask = self._logits_buffer[: len(sample_ids)]
-        bitmask[rows] = fill.bitmask[[index[sample_ids[row]] for row in rows]]
-        apply_bitmask(logits, bitmask, rows, self.vocab_size)
+        self._fill = GrammarBitmask(sequence_ids, bitmask, done)
+        return self._fill
 
     def _grown(self, buffer: torch.Tensor | None, rows: int) -> torch.Tensor:
         """`buffer`, or a new one twice as large when it has fewer than `rows` rows."""
@@ -253,7 +222,7 @@ class StructuredOutputManager:
         the matchers change: the fill thread reads them."""
         if self._fill is not None:
             fill, self._fill = self._fill, None
-            concurrent.futures.wait([fill.done])
+            fill.wait()
 
     def accept_tokens(self, outputs: list[EngineCoreOutput]) -> list[GrammarVerdict]:
         """Advance each constrained sequence by its new tokens; the verdicts name those whose

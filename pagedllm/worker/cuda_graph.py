@@ -35,7 +35,7 @@ from pagedllm.attention import AttentionMetadata
 from pagedllm.utils import cdiv
 
 MAX_CAPTURE_SIZE = 512
-PAD_SLOT = -1  # the attention backends skip negative slots when writing K/V
+PAD_SLOT = -1  # padded rows' slot: the Triton write_kv (graphs run only on CUDA) skips it
 
 
 def capture_sizes(max_num_seqs: int, max_num_batched_tokens: int,

@@ -8,7 +8,6 @@ replayed as a CUDA graph is padded inside worker/cuda_graph.py; only its real ro
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -54,9 +53,6 @@ class ModelRunner:
         self.device = torch.device(device)
         self.sampler = Sampler(seed, self.device)
         self.generators: dict[str, torch.Generator] = {}  # per seeded request, across steps
-        # Structured outputs: masks the logits rows of constrained sequences in place, given
-        # who samples from each row (StructuredOutputManager.mask_logits). Set by the engine.
-        self.mask_logits: Callable[[torch.Tensor, list[str]], None] | None = None
         self.decode_graphs: DecodeGraphs | None = None  # set by capture_decode_graphs (CUDA)
 
     @torch.inference_mode()
@@ -74,8 +70,8 @@ class ModelRunner:
         if not inputs.sampling:
             return ModelRunnerOutput([], [], prompt_logprobs=prompt_logprobs)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        if self.mask_logits is not None:
-            self.mask_logits(logits, inputs.sample_ids)
+        if scheduler_output.grammar is not None:  # structured outputs: mask in place
+            scheduler_output.grammar.apply(logits, inputs.sample_ids, self.vocab_size)
         batch = self.sampling_batch(inputs.sampling, inputs.sample_ids)
         token_ids, logprobs = self.sampler(logits, batch)
         return ModelRunnerOutput(inputs.sample_ids, token_ids, logprobs, prompt_logprobs)
@@ -106,8 +102,8 @@ class ModelRunner:
         return Sampler.gather_logprobs(logprobs, targets, [rows.num_logprobs] * count)
 
     def prepare_inputs(self, scheduled: list[ScheduledRequest]) -> ModelInputs:
-        decodes = [s for s in scheduled if len(s.token_ids) == 1]
-        prefills = [s for s in scheduled if len(s.token_ids) > 1]
+        decodes = [s for s in scheduled if s.is_decode]
+        prefills = [s for s in scheduled if not s.is_decode]
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []

@@ -43,15 +43,16 @@ def test_beams_match_transformers(llm, hf_model, width, length_penalty):
 
 def test_beams_fork_and_share_blocks(llm):
     engine = llm.llm_engine
-    copies = engine.kv_cache_manager.num_cow_copies
-    before = engine.block_pool.num_allocations
+    copies = engine.engine_core.kv_cache_manager.num_cow_copies
+    before = engine.engine_core.block_pool.num_allocations
     prompt = "A story in one sentence about a lighthouse:"
     (output,) = llm.beam_search([prompt], BeamSearchParams(beam_width=4, max_tokens=8))
     assert len(output.sequences) == 4
-    assert engine.kv_cache_manager.num_cow_copies > copies  # forks copied a shared partial block
+    # forks copied a shared partial block
+    assert engine.engine_core.kv_cache_manager.num_cow_copies > copies
     prompt_blocks = len(llm.get_tokenizer().encode(prompt)) // 16 + 1
     # the prompt once, then at most a couple of blocks per live beam, never a prompt per beam
-    assert engine.block_pool.num_allocations - before <= prompt_blocks + 4 * 2 + 8
+    assert engine.engine_core.block_pool.num_allocations - before <= prompt_blocks + 4 * 2 + 8
 
 
 def test_beam_search_rejects_bad_params():

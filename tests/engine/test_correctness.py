@@ -42,7 +42,7 @@ def test_small_cache_preempts_and_still_matches(llm):
     expected = llm.generate(PROMPTS, GREEDY_64, use_tqdm=False)
     got = small.generate(PROMPTS, GREEDY_64, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
-    assert small.llm_engine.scheduler.num_preemptions > 0
+    assert small.llm_engine.engine_core.scheduler.num_preemptions > 0
     assert any(record.preempted for record in small.llm_engine.step_records)
 
 

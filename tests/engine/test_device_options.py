@@ -9,8 +9,8 @@ from worker.helpers import write_config_only_model
 
 from pagedllm import LLM
 from pagedllm.config import EngineArgs
-from pagedllm.engine.llm_engine import _resolve_device
 from pagedllm.entrypoints.cli import build_parser, main
+from pagedllm.worker.worker import resolve_device as _resolve_device
 
 
 def test_defaults():
@@ -65,5 +65,5 @@ def test_cpu_engine_runs_eagerly_without_a_memory_plan(tmp_path):
     folder = write_config_only_model(tmp_path / "tiny")
     engine = LLM(model=str(folder), load_format="dummy", device="cpu", dtype="float32",
                  kv_cache_memory_bytes=4 << 20).llm_engine
-    assert engine.cuda_graph_sizes == [] and engine.runner.decode_graphs is None
-    assert engine.memory_plan is None and engine.cuda_graph_capture_s == 0.0
+    assert engine.worker.cuda_graph_sizes == [] and engine.worker.runner.decode_graphs is None
+    assert engine.worker.memory_plan is None and engine.worker.cuda_graph_capture_s == 0.0

@@ -34,7 +34,7 @@ def test_swap_preemption_completes_every_request_with_the_same_tokens(llm):
     swapping = make_llm(kv_cache_memory_bytes=8 * BLOCK_BYTES, preemption_mode="swap",
                         swap_space=0.05)
     engine = swapping.llm_engine
-    assert engine.cache_config.num_blocks == 8 and engine.host_block_pool.num_blocks > 32
+    assert engine.cache_config.num_blocks == 8 and engine.engine_core.host_block_pool.num_blocks > 32
     prompts = PROMPTS + SHARED
     expected = llm.generate(prompts, GREEDY, use_tqdm=False)
     got = swapping.generate(prompts, GREEDY, use_tqdm=False)
@@ -45,7 +45,8 @@ def test_swap_preemption_completes_every_request_with_the_same_tokens(llm):
     assert any(r.num_swapped_out_blocks for r in engine.step_records)
     assert any(r.num_swapped_in_blocks for r in engine.step_records)
     assert stats.num_swapped_requests == 0
-    assert engine.host_block_pool.num_free_blocks == engine.host_block_pool.num_blocks
+    host_pool = engine.engine_core.host_block_pool
+    assert host_pool.num_free_blocks == host_pool.num_blocks
 
 
 def test_high_priority_request_behind_low_ones_finishes_first(llm):
@@ -76,7 +77,7 @@ def test_waste_is_the_unfilled_end_of_each_last_block(llm):
     while engine.has_unfinished_requests():
         engine.step()
         stats = engine.kv_cache_stats()
-        running = engine.scheduler.running
+        running = engine.engine_core.scheduler.running
         assert stats.num_empty_slots == sum(-r.num_computed_tokens % bs for r in running)
         used = sum(-(-r.num_computed_tokens // bs) for r in running)
         assert stats.num_allocated_slots == used * bs

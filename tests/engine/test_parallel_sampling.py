@@ -20,7 +20,7 @@ def test_forked_children_read_the_shared_prompt_correctly(llm):
     prompt = "In the beginning the universe was created. This"  # ends inside a block
     ids = llm.get_tokenizer().encode(prompt)
     assert len(ids) % llm.llm_engine.cache_config.block_size != 0
-    manager = llm.llm_engine.kv_cache_manager
+    manager = llm.llm_engine.engine_core.kv_cache_manager
     copies = manager.num_cow_copies
     params = SamplingParams(n=4, temperature=0.8, max_tokens=16, seed=100, ignore_eos=True)
     (shared,) = llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)
@@ -37,10 +37,10 @@ def test_prompt_blocks_are_shared_not_copied(llm):
     prompt = " ".join(f"item{i}" for i in range(230))  # ~500 tokens, seen by no other test
     ids = llm.get_tokenizer().encode(prompt)
     prompt_blocks, output_blocks = math.ceil(len(ids) / bs), math.ceil(40 / bs)
-    before = engine.block_pool.num_allocations
+    before = engine.engine_core.block_pool.num_allocations
     params = SamplingParams(n=8, temperature=1.0, max_tokens=40, ignore_eos=True)
     (out,) = llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)
-    used = engine.block_pool.num_allocations - before
+    used = engine.engine_core.block_pool.num_allocations - before
     assert len(out.outputs) == 8
     # the prompt once, each sibling its own output blocks (+1 for its copied partial block)
     assert used <= prompt_blocks + 8 * (output_blocks + 1)

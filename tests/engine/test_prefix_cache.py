@@ -57,8 +57,8 @@ def test_eviction_under_pressure_keeps_outputs_correct(llm):
     prompts = [{"prompt_token_ids": tokenizer.encode(f"Variant {i}. {SYSTEM}")} for i in range(3)]
     params = SamplingParams(temperature=0, max_tokens=8)
     expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    evictions = small.llm_engine.block_pool.num_evictions
+    evictions = small.llm_engine.engine_core.block_pool.num_evictions
     for _ in range(2):
         got = [o.outputs[0].token_ids for o in small.generate(prompts, params, use_tqdm=False)]
         assert got == expected
-    assert small.llm_engine.block_pool.num_evictions > evictions
+    assert small.llm_engine.engine_core.block_pool.num_evictions > evictions

@@ -17,7 +17,7 @@ from conftest import make_llm
 from structured_output.schemas import SCHEMAS
 
 from pagedllm import RequestOutputKind, SamplingParams, StructuredOutputsParams
-from pagedllm.engine.llm_engine import GRAMMAR_WAIT_S
+from pagedllm.structured_output.step import GRAMMAR_WAIT_S
 
 BLOCK_BYTES = 737280  # one 16-token block of the bundled model in float32
 
@@ -142,9 +142,9 @@ def test_preempted_requests_keep_their_grammar_state(llm, engine_args):
     prompts = [f"Task {i}. We are testing a program that reads matrices, so please fill in a "
                f"small integer matrix as JSON." for i in range(8)]
     params = constrained(60, temperature=0, json=schema)
-    preemptions = small.llm_engine.scheduler.num_preemptions
+    preemptions = small.llm_engine.engine_core.scheduler.num_preemptions
     outputs = small.generate(prompts, params, use_tqdm=False)
-    assert small.llm_engine.scheduler.num_preemptions > preemptions
+    assert small.llm_engine.engine_core.scheduler.num_preemptions > preemptions
     for output in outputs:
         completion = output.outputs[0]
         if completion.finish_reason == "stop":
@@ -168,7 +168,7 @@ class GatedPool:
 
 def test_a_compiling_grammar_does_not_hold_up_the_batch(llm, monkeypatch):
     engine = llm.llm_engine
-    manager = engine.structured_output
+    manager = engine.engine_core.structured_output
     gate = threading.Event()
     monkeypatch.setattr(manager, "_executor", GatedPool(manager._pool(), gate))
     schema = {"type": "object", "properties": {"gated": {"type": "integer", "minimum": 0,
@@ -181,7 +181,7 @@ def test_a_compiling_grammar_does_not_hold_up_the_batch(llm, monkeypatch):
         for output in engine.step():
             finished[output.request_id] = output
     assert "constrained" not in finished
-    assert engine.scheduler.requests["constrained"].waiting_for_grammar
+    assert engine.engine_core.scheduler.requests["constrained"].waiting_for_grammar
     assert all("constrained" not in r.scheduled for r in engine.step_records if r.scheduled)
     gate.set()
     while engine.has_unfinished_requests():
@@ -215,7 +215,7 @@ class FailingPool:
 def test_a_failed_compile_ends_only_its_own_request(llm, monkeypatch):
     engine = llm.llm_engine
     gate = threading.Event()
-    monkeypatch.setattr(engine.structured_output, "_executor", FailingPool(gate))
+    monkeypatch.setattr(engine.engine_core.structured_output, "_executor", FailingPool(gate))
     doomed = SamplingParams(n=2, temperature=1.0, max_tokens=4,
                             structured_outputs=StructuredOutputsParams(regex=r"doomed [0-9]"))
     engine.add_request("doomed", "x", doomed)
@@ -228,14 +228,14 @@ def test_a_failed_compile_ends_only_its_own_request(llm, monkeypatch):
     assert [c.finish_reason for c in finished["doomed"].outputs] == ["abort", "abort"]
     assert len(finished["fine"].outputs[0].token_ids) == 3
     # failed already when the request is added: a ValueError then and there
-    monkeypatch.setattr(engine.structured_output, "_executor", FailingPool())
+    monkeypatch.setattr(engine.engine_core.structured_output, "_executor", FailingPool())
     with pytest.raises(ValueError, match="compiling the grammar .* failed: compiler exploded"):
         llm.generate("x", constrained(2, regex=r"late [0-9]"), use_tqdm=False)
 
 
 def test_a_step_with_only_compiling_requests_sleeps_instead_of_spinning(llm, monkeypatch):
     engine = llm.llm_engine
-    manager = engine.structured_output
+    manager = engine.engine_core.structured_output
     gate = threading.Event()
     monkeypatch.setattr(manager, "_executor", GatedPool(manager._pool(), gate))
     engine.add_request("alone", "Two digits:", constrained(8, regex=r"[0-9]{2}[.]"))
@@ -250,7 +250,7 @@ def test_a_step_with_only_compiling_requests_sleeps_instead_of_spinning(llm, mon
 
 
 def test_one_batched_fill_and_apply_per_step_and_none_without_constraints(llm, monkeypatch):
-    import pagedllm.structured_output.manager as manager_module
+    import pagedllm.structured_output.bitmask as manager_module  # where apply_bitmask is called
 
     engine = llm.llm_engine
     calls: list[list[int]] = []
@@ -346,7 +346,7 @@ def test_bad_constraints_raise_value_error_and_the_engine_keeps_serving(llm, con
 
 
 def test_equal_constraints_compile_once(llm):
-    manager = llm.llm_engine.structured_output
+    manager = llm.llm_engine.engine_core.structured_output
     schema = {"type": "object", "properties": {"once": {"type": "boolean"}},
               "required": ["once"]}
     compiles = manager.num_compiles

@@ -35,7 +35,7 @@ def greedy(max_tokens: int, kind=RequestOutputKind.DELTA, **extra) -> SamplingPa
 async def engine_is_clean(async_llm: AsyncLLM) -> bool:
     """Asked on the engine thread: no request left and every KV block free."""
     def check(engine) -> bool:
-        pool = engine.block_pool
+        pool = engine.engine_core.block_pool
         return not engine.has_unfinished_requests() and pool.num_free_blocks == pool.num_blocks
     return await async_llm.call(check)
 

@@ -71,4 +71,4 @@ def test_bfloat16_first_tokens_match(tiny_model):
 
 
 def loaded_model(llm) -> torch.nn.Module:
-    return llm.llm_engine.runner.model
+    return llm.llm_engine.worker.runner.model

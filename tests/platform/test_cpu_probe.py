@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from pagedllm.ops import cpu as cpu_ops_module
@@ -76,3 +80,16 @@ def test_kernels_for_a_level_the_cpu_lacks_are_refused_not_loaded(monkeypatch, o
         cpu_ops_module.cpu_ops("avx512")
     with pytest.raises(ValueError, match="unknown kernel level"):
         cpu_ops_module.cpu_ops("avx1024")
+
+
+def test_cpu_kernels_switch_off_gives_the_pytorch_path():
+    """PAGEDLLM_CPU_KERNELS=0 (docs/cpu.md): no C++ kernels, and the CPU attention backend is
+    the plain-PyTorch one."""
+    code = ("from pagedllm.ops.cpu import cpu_ops\n"
+            "from pagedllm.attention import get_attention_backend\n"
+            "assert cpu_ops() is None\n"
+            "print(type(get_attention_backend('cpu')).__name__)\n")
+    env = {**os.environ, "PAGEDLLM_CPU_KERNELS": "0"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "TorchAttentionBackend"

@@ -37,7 +37,7 @@ def llm(tmp_path_factory):
     llm = LLM(model=str(folder), load_format="dummy", device="cuda", dtype="float32",
               gpu_memory_utilization=0.25, max_num_seqs=MAX_NUM_SEQS, block_size=16,
               enable_prefix_caching=False)  # the tests below write into free blocks directly
-    sharpen(llm.llm_engine.runner.model)  # in place: the graphs read the same tensors
+    sharpen(llm.llm_engine.worker.runner.model)  # in place: the graphs read the same tensors
     yield llm
     del llm
     gc.collect()
@@ -46,13 +46,13 @@ def llm(tmp_path_factory):
 
 def test_memory_plan_and_capture(llm):
     engine = llm.llm_engine
-    plan = engine.memory_plan
+    plan = engine.worker.memory_plan
     assert plan is not None and plan.weights > 0 and plan.activations > 0
     assert plan.cuda_graphs > 0 and plan.kv_cache > 0
-    assert engine.cache_config.num_blocks == plan.kv_cache // engine.kv_shape.bytes_per_block
-    assert engine.cuda_graph_sizes == capture_sizes(MAX_NUM_SEQS, 2048) == [1, 2, 4, 8, 16]
-    assert sorted(engine.runner.decode_graphs.graphs) == engine.cuda_graph_sizes
-    assert engine.cuda_graph_capture_s > 0
+    assert engine.cache_config.num_blocks == plan.kv_cache // engine.worker.kv_shape.bytes_per_block
+    assert engine.worker.cuda_graph_sizes == capture_sizes(MAX_NUM_SEQS, 2048) == [1, 2, 4, 8, 16]
+    assert sorted(engine.worker.runner.decode_graphs.graphs) == engine.worker.cuda_graph_sizes
+    assert engine.worker.cuda_graph_capture_s > 0
 
 
 def request(i: int, tokens: list[int], start: int) -> ScheduledRequest:
@@ -64,7 +64,7 @@ def request(i: int, tokens: list[int], start: int) -> ScheduledRequest:
 
 @pytest.mark.parametrize("num_decodes", [1, 3, 9, 16, 20])
 def test_graph_replay_matches_eager(llm, num_decodes):
-    runner = llm.llm_engine.runner
+    runner = llm.llm_engine.worker.runner
     prompt_lens = [5 + 3 * i for i in range(num_decodes)]  # at most 63 tokens: 4 blocks
     prefills = [request(i, [(i + p) % VOCAB_SIZE for p in range(n)], 0)
                 for i, n in enumerate(prompt_lens)]
@@ -73,7 +73,7 @@ def test_graph_replay_matches_eager(llm, num_decodes):
         step = runner.prepare_inputs([request(i, [7], n) for i, n in enumerate(prompt_lens)])
         size = runner.decode_graphs.size_for(step.metadata)
         assert size == (None if num_decodes > MAX_NUM_SEQS else
-                        min(s for s in llm.llm_engine.cuda_graph_sizes if s >= num_decodes))
+                        min(s for s in llm.llm_engine.worker.cuda_graph_sizes if s >= num_decodes))
         graphed = runner.forward(step).clone()
         eager = runner.model(step.input_ids, step.positions, runner.kv_caches, step.metadata)
     torch.cuda.synchronize()
@@ -82,7 +82,7 @@ def test_graph_replay_matches_eager(llm, num_decodes):
 
 
 def test_generate_replays_graphs(llm):
-    runner = llm.llm_engine.runner
+    runner = llm.llm_engine.worker.runner
     graphs = runner.decode_graphs
     counters = {size: CountingGraph(g) for size, g in graphs.graphs.items()}
     graphs.graphs.update(counters)
@@ -107,8 +107,8 @@ def test_enforce_eager_captures_nothing(tmp_path):
     llm = LLM(model=str(folder), load_format="dummy", device="cuda", dtype="float32",
               kv_cache_memory_bytes=16 << 20, enforce_eager=True)
     engine = llm.llm_engine
-    assert engine.cuda_graph_sizes == [] and engine.runner.decode_graphs is None
-    assert engine.memory_plan is None  # an explicit KV budget skips the profile
+    assert engine.worker.cuda_graph_sizes == [] and engine.worker.runner.decode_graphs is None
+    assert engine.worker.memory_plan is None  # an explicit KV budget skips the profile
     out = llm.generate(TokensPrompt(prompt_token_ids=[1, 2, 3]),
                        SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False),
                        use_tqdm=False)
@@ -116,7 +116,7 @@ def test_enforce_eager_captures_nothing(tmp_path):
 
 
 def test_swap_space_is_pinned_and_round_trips(llm):
-    kv_caches = llm.llm_engine.runner.kv_caches
+    kv_caches = llm.llm_engine.worker.runner.kv_caches
     swap = SwapSpace(kv_caches, 2)
     assert swap.host.is_pinned()
     key_cache, value_cache = kv_caches[0]

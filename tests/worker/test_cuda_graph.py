@@ -109,8 +109,8 @@ def test_engine_with_graph_replays_generates_what_eager_does(tmp_path):
     folder = write_config_only_model(tmp_path / "tiny")
     eager, graphed = engine(folder), engine(folder)
     for llm in (eager, graphed):
-        sharpen(llm.llm_engine.runner.model)
-    runner = graphed.llm_engine.runner
+        sharpen(llm.llm_engine.worker.runner.model)
+    runner = graphed.llm_engine.worker.runner
     # Sizes 1..8 with no gaps: no step is padded, so the CPU backend (which does not skip
     # padding rows) can run every replay; padding itself is tested with the Triton backend.
     graphs = DecodeGraphs(runner.model, runner.kv_caches, list(range(1, 9)), MAX_POSITIONS, 4,

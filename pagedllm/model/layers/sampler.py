@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pagedllm.core.step_io import TokenLogprobs
+from pagedllm.logprobs import TokenLogprobs
 
 
 @dataclass

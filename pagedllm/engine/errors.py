@@ -1,0 +1,10 @@
+"""Errors the front-ends raise to their callers when the engine cannot serve a request."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine has stopped (shut down, its core process or a worker died, or its state
+    could not be recovered): no request will be served any more."""
+
+
+class EngineStepError(RuntimeError):
+    """A step failed; the requests that were in flight are aborted and get this error."""

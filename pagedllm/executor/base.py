@@ -1,0 +1,63 @@
+"""The executor interface between the engine core and its workers.
+
+    executor.model_config              what rank 0 loaded (the core sizes its queues on it)
+    executor.determine_num_blocks()    KVCachePlan: the fewest blocks any rank can hold
+    executor.initialize_cache(plan)    every rank allocates that many
+    executor.execute(scheduler_output) every rank runs the step; rank 0's result comes back
+
+An executor never blocks forever on a worker: a worker that dies makes the call raise
+WorkerDiedError at once, and the engine stops taking requests.
+
+The modules that build workers are imported only when an executor is created, so importing the
+engine (which imports this module) does not import torch.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any
+
+from pagedllm.config import EXECUTOR_BACKENDS, EngineArgs
+
+if TYPE_CHECKING:
+    from pagedllm.core.step_io import ModelRunnerOutput, SchedulerOutput
+    from pagedllm.worker.worker import KVCachePlan
+
+
+class WorkerDiedError(RuntimeError):
+    """A worker process exited (or stopped answering) while the engine still needed it."""
+
+
+class Executor(ABC):
+    model_config: Any  # model.loader.ModelConfig of rank 0
+
+    @abstractmethod
+    def determine_num_blocks(self) -> KVCachePlan: ...
+
+    @abstractmethod
+    def initialize_cache(self, plan: KVCachePlan) -> None: ...
+
+    @abstractmethod
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
+
+    @abstractmethod
+    def shutdown(self) -> None: ...
+
+    @property
+    def worker(self) -> Any:
+        """The worker object itself, where it lives in this process (tests and profiling)."""
+        raise AttributeError(f"{type(self).__name__} runs its workers in other processes")
+
+
+def create_executor(args: EngineArgs) -> Executor:
+    backend = args.distributed_executor_backend
+    if backend == "uni":
+        from pagedllm.executor.uniproc import UniProcExecutor
+
+        return UniProcExecutor(args)
+    if backend == "mp":
+        from pagedllm.executor.multiproc import MultiprocExecutor
+
+        return MultiprocExecutor(args)
+    raise ValueError(f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS}, "
+                     f"got {backend!r}")

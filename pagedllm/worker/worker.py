@@ -1,0 +1,149 @@
+"""Worker: everything device-side for one rank.
+
+It loads the model, plans memory, allocates the KV cache (and the host swap space), captures the
+CUDA graphs and owns the ModelRunner. An executor (pagedllm/executor/) drives it in three calls:
+
+    plan = worker.determine_num_blocks()   how many KV blocks (and host swap blocks) fit
+    worker.initialize_cache(plan)          allocate them, build the runner, capture graphs
+    worker.execute(scheduler_output)       one step: copies, swaps, forward, sample
+
+Nothing above worker/ touches torch: the engine core sees only the plain records that cross the
+step (core/step_io.py) and the KVCachePlan below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm.attention import get_attention_backend
+from pagedllm.config import EngineArgs
+from pagedllm.core.step_io import ModelRunnerOutput, SchedulerOutput
+from pagedllm.logger import init_logger
+from pagedllm.model.loader import ModelConfig, load_model, load_model_config
+from pagedllm.utils import GiB
+from pagedllm.worker.cuda_graph import capture_sizes
+from pagedllm.worker.kv_cache import (
+    KVCacheShape,
+    allocate_kv_caches,
+    describe_plan,
+    kv_cache_budget,
+)
+from pagedllm.worker.memory_plan import GpuMemoryPlan, plan_gpu_memory
+from pagedllm.worker.model_runner import ModelRunner
+from pagedllm.worker.swap import SwapSpace
+
+logger = init_logger(__name__)
+
+
+@dataclass(slots=True)
+class KVCachePlan:
+    """What the worker's memory holds, in blocks; the engine core builds its block pools on it."""
+
+    block_size: int
+    num_blocks: int  # device KV blocks
+    bytes_per_block: int
+    num_host_blocks: int = 0  # swap space (preemption_mode="swap"), else 0
+
+
+class Worker:
+    def __init__(self, args: EngineArgs, rank: int = 0) -> None:
+        self.args = args
+        self.rank = rank
+        self.device = resolve_device(args.device)
+        if ":" in self.device:
+            torch.cuda.set_device(self.device)  # graphs capture on the current device
+        self.model_config: ModelConfig = load_model_config(
+            args.model, args.dtype, args.max_model_len, args.revision, self.device)
+        self.model, self._weights_bytes = self._load_model()
+        on_cuda = self.device.startswith("cuda")
+        # Decode steps replay CUDA graphs at these batch sizes; none on the CPU or when eager.
+        self.cuda_graph_sizes = ([] if not on_cuda or args.enforce_eager else
+                                 capture_sizes(args.max_num_seqs, args.max_num_batched_tokens))
+        self.kv_shape = KVCacheShape.from_config(self.model_config.hf_config, args.block_size,
+                                                 self.model_config.dtype)
+        self.memory_plan: GpuMemoryPlan | None = None
+        self.runner: ModelRunner | None = None  # built by initialize_cache
+        self.cuda_graph_capture_s = 0.0
+
+    def _load_model(self) -> tuple[torch.nn.Module, int]:
+        """The model, and the device memory its weights took (0 on the CPU)."""
+        on_cuda = self.device.startswith("cuda")
+        before = torch.cuda.memory_allocated(self.device) if on_cuda else 0
+        model = load_model(self.model_config, get_attention_backend(self.device), self.device,
+                           self.args.load_format)
+        after = torch.cuda.memory_allocated(self.device) if on_cuda else 0
+        return model, after - before
+
+    # ---- the three calls ------------------------------------------------------------------------
+    def determine_num_blocks(self) -> KVCachePlan:
+        """The KV blocks that fit: the user's byte budget (the CPU's default without one), or on
+        CUDA what the memory plan leaves after weights, activations and graphs."""
+        args = self.args
+        if args.kv_cache_memory_bytes is None and self.device.startswith("cuda"):
+            self.memory_plan = plan_gpu_memory(
+                self.model, self.kv_shape, self._weights_bytes, args.gpu_memory_utilization,
+                args.max_num_batched_tokens, args.max_num_seqs, self.model_config.max_model_len,
+                self.cuda_graph_sizes, torch.device(self.device))
+            logger.info(self.memory_plan.describe())
+            budget = self.memory_plan.kv_cache
+        else:
+            budget = kv_cache_budget(args.kv_cache_memory_bytes)
+        per_block = self.kv_shape.bytes_per_block
+        num_blocks = budget // per_block
+        if num_blocks < 1:
+            hint = (" (raise gpu_memory_utilization, or lower max_num_batched_tokens or "
+                    "max_num_seqs)" if self.memory_plan else "")
+            raise ValueError(f"KV-cache memory of {budget} bytes holds no block; one block needs "
+                             f"{per_block} bytes{hint}")
+        logger.info(describe_plan(self.kv_shape, num_blocks, self.model_config.max_model_len))
+        return KVCachePlan(args.block_size, num_blocks, per_block, self._num_host_blocks())
+
+    def _num_host_blocks(self) -> int:
+        if self.args.preemption_mode != "swap":
+            return 0
+        per_block = self.kv_shape.bytes_per_block
+        num_blocks = int(self.args.swap_space * GiB) // per_block
+        if num_blocks < 1:
+            raise ValueError(f"swap_space of {self.args.swap_space} GiB holds no KV block; one "
+                             f"block needs {per_block} bytes")
+        logger.info("swap space: %d host blocks (%.2f GiB)", num_blocks,
+                    num_blocks * per_block / GiB)
+        return num_blocks
+
+    def initialize_cache(self, plan: KVCachePlan) -> None:
+        kv_caches = allocate_kv_caches(self.kv_shape, plan.num_blocks, self.device)
+        swap_space = SwapSpace(kv_caches, plan.num_host_blocks) if plan.num_host_blocks else None
+        self.runner = ModelRunner(self.model, kv_caches, plan.block_size, self.device,
+                                  self.args.seed, self.model_config.vocab_size, swap_space)
+        if self.cuda_graph_sizes:
+            self.cuda_graph_capture_s = self._capture_cuda_graphs()
+
+    def _capture_cuda_graphs(self) -> float:
+        """Capture the decode graphs and report their time and memory (measured, beside the
+        plan's estimate)."""
+        sizes = self.cuda_graph_sizes
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        seconds = self.runner.capture_decode_graphs(sizes, self.model_config.max_model_len)
+        torch.cuda.empty_cache()  # the eager warm-ups' cached blocks are not the graphs'
+        used = free_before - torch.cuda.mem_get_info(self.device)[0]
+        estimate = (f", estimated {self.memory_plan.cuda_graphs / GiB:.2f} GiB"
+                    if self.memory_plan else "")
+        logger.info("CUDA graphs: captured %d decode batch sizes (1 to %d) in %.1f s; they "
+                    "take %.2f GiB%s", len(sizes), sizes[-1], seconds, used / GiB, estimate)
+        return seconds
+
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.runner.execute(scheduler_output)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for, but no CUDA GPU is available "
+                         f"(torch {torch.__version__}); use device='cpu' or 'auto'")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
+    return device
