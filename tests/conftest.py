@@ -39,14 +39,27 @@ PROMPTS = [
 ]
 
 
+# PAGEDLLM_TEST_EXECUTOR=mp runs every test engine's worker in a child process (MultiprocExecutor)
+TEST_EXECUTOR = os.environ.get("PAGEDLLM_TEST_EXECUTOR", "uni")
+
+
 def make_llm(**kwargs) -> LLM:
     """One engine per distinct configuration for the whole session (start-up costs seconds)."""
     kwargs.setdefault("dtype", "float32")
+    kwargs.setdefault("distributed_executor_backend", TEST_EXECUTOR)
     kwargs.setdefault("kv_cache_memory_bytes", 256 << 20)
     key = (*sorted(kwargs.items()), cpu_info().isa)  # a forced kernel level builds its own
     if key not in _ENGINES:
         _ENGINES[key] = LLM(**kwargs)
     return _ENGINES[key]
+
+
+def worker_of(engine_llm: LLM):
+    """The engine's worker object, for tests that look inside the model or the runner; such a
+    test skips when the worker runs in another process (PAGEDLLM_TEST_EXECUTOR=mp)."""
+    if engine_llm.llm_engine.args.distributed_executor_backend != "uni":
+        pytest.skip("looks inside the worker, which runs in another process here")
+    return engine_llm.llm_engine.worker
 
 
 def skip_unless_cpu_runs(level: str) -> None:

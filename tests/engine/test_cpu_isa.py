@@ -4,7 +4,7 @@ oneDNN cannot (the probe forced down to AVX2 stands in for AMD Zen 3 on any mach
 from __future__ import annotations
 
 import pytest
-from conftest import PROMPTS, make_llm
+from conftest import PROMPTS, make_llm, worker_of
 
 from pagedllm import SamplingParams
 from pagedllm.model.layers.linear import Linear
@@ -14,7 +14,7 @@ GREEDY_32 = SamplingParams(temperature=0, max_tokens=32)
 
 
 def loaded_linears(llm) -> list[Linear]:
-    return [m for m in llm.llm_engine.worker.runner.model.modules() if isinstance(m, Linear)]
+    return [m for m in worker_of(llm).runner.model.modules() if isinstance(m, Linear)]
 
 
 @pytest.mark.parametrize("level", ISA_LEVELS)
@@ -22,7 +22,7 @@ def test_greedy_matches_transformers_at_every_kernel_level(force_cpu_isa, hf_gre
     force_cpu_isa(level)
     # a 32-token step budget chunks the longer prompts: prefill after a cached prefix, too
     llm = make_llm(max_num_batched_tokens=32)
-    assert llm.llm_engine.worker.runner.model.model.layers[0].self_attn.backend.ops.level == level
+    assert worker_of(llm).runner.model.model.layers[0].self_attn.backend.ops.level == level
     outputs = llm.generate(PROMPTS, GREEDY_32, use_tqdm=False)
     for prompt, output in zip(PROMPTS, outputs):
         assert output.outputs[0].token_ids == hf_greedy(prompt, 32), prompt

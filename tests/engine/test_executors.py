@@ -9,11 +9,11 @@ import threading
 import time
 
 import pytest
+from conftest import PROMPTS, make_llm
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.executor import WorkerDiedError
 from pagedllm.executor.multiproc import MultiprocExecutor
-from tests.conftest import PROMPTS, make_llm
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 
