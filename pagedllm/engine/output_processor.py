@@ -241,6 +241,10 @@ class OutputProcessor:
             if entry is None:
                 continue
             state, index = entry
+            if state.sequences[index].finished:
+                # A core in another process may run a sequence for a step or two after the
+                # front-end finished it (a stop string): those tokens come after the end.
+                continue
             if state.update(index, output):
                 stopped.append(output.request_id)
             result = state.make_output(index)

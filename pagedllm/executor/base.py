@@ -8,8 +8,8 @@
 An executor never blocks forever on a worker: a worker that dies makes the call raise
 WorkerDiedError at once, and the engine stops taking requests.
 
-The modules that build workers are imported only when an executor is created, so importing the
-engine (which imports this module) does not import torch.
+The modules that build workers are imported only when an executor is created: engine/ reaches
+the device only through this interface, never by importing worker/ or model/ itself.
 """
 
 from __future__ import annotations
