@@ -80,8 +80,9 @@ class EngineArgs:
         "where the workers run: uni (in the engine core's process) or mp (one process per "
         "rank)", "uni", choices=EXECUTOR_BACKENDS)
     engine_core_process: bool = _opt(
-        "server only: run the engine core (scheduler and step loop) in a process of its own, "
-        "apart from HTTP handling and detokenizing", False)
+        "run the engine core (scheduler, step loop, workers) in a process of its own, apart "
+        "from HTTP handling, tokenizing and detokenizing (default: on for `serve`, off for "
+        "LLM and `generate`)", False)
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:

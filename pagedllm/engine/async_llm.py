@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import threading
 import time
@@ -36,11 +35,12 @@ from pagedllm.engine.beam_ranking import BeamSearchParams
 from pagedllm.engine.core import StepRecord
 from pagedllm.engine.errors import EngineDeadError, EngineStepError
 from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.engine.request_tracking import RequestStats, TrackedRequest, tracking_params
 from pagedllm.executor import WorkerDiedError
 from pagedllm.inputs import PromptType
 from pagedllm.logger import init_logger
-from pagedllm.outputs import CompletionOutput, RequestOutput
-from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import SamplingParams
 
 logger = init_logger(__name__)
 
@@ -71,24 +71,11 @@ class EngineStats:
     num_loop_turns: int = 0  # times the thread woke up; stays put while idle
     kv_cache: KVCacheStats | None = None  # usage, prefix-cache hits, preemptions, swaps
     engine_core_pid: int | None = None  # the engine core's own process (None: in this one)
+    worker_pids: tuple[int, ...] = ()  # worker processes this process started (executor "mp")
 
     @property
     def kv_cache_usage(self) -> float:
         return self.kv_cache.usage if self.kv_cache is not None else 0.0
-
-
-@dataclass(slots=True)
-class RequestStats:
-    """One finished (or aborted) request, for metrics. Times are time.monotonic()."""
-
-    request_id: str
-    finish_reason: str
-    num_prompt_tokens: int
-    num_generation_tokens: int
-    arrival_time: float
-    first_scheduled_time: float | None
-    first_token_time: float | None
-    finished_time: float
 
 
 class OutputStream:
@@ -132,58 +119,6 @@ class OutputStream:
         self._queue.put_nowait(item)
 
 
-def _tracking_params(params: SamplingParams | BeamSearchParams) -> SamplingParams:
-    """A beam search answers once, at the end, with beam_width choices: track it as that."""
-    if isinstance(params, BeamSearchParams):
-        return SamplingParams(n=params.beam_width, temperature=1.0,
-                              output_kind=RequestOutputKind.FINAL_ONLY)
-    return params
-
-
-@dataclass(slots=True, eq=False)
-class _Tracked:
-    """Engine-thread bookkeeping for one request: where its outputs go, what it has been told."""
-
-    stream: OutputStream
-    params: SamplingParams
-    arrival_time: float
-    first_scheduled_time: float | None = None
-    num_tokens: dict[int, int] = field(default_factory=dict)  # choice index -> tokens so far
-    finished_choices: set[int] = field(default_factory=set)
-    last: RequestOutput | None = None
-
-    @property
-    def num_output_tokens(self) -> int:
-        return sum(self.num_tokens.values())
-
-    def observe(self, output: RequestOutput) -> None:
-        delta = self.params.output_kind == RequestOutputKind.DELTA
-        for completion in output.outputs:
-            count = len(completion.token_ids)
-            self.num_tokens[completion.index] = count + (
-                self.num_tokens.get(completion.index, 0) if delta else 0)
-            if completion.finish_reason is not None:
-                self.finished_choices.add(completion.index)
-        self.last = output
-
-    def aborted(self, request_id: str, prompt: str | None,
-                prompt_token_ids: list[int]) -> RequestOutput:
-        """The final output of an aborted request: every choice not yet finished ends with
-        reason 'abort'. A CUMULATIVE caller keeps the text it had; a DELTA caller gets empty
-        deltas (at most some held-back text is lost); a FINAL_ONLY caller never had any."""
-        cumulative = self.params.output_kind == RequestOutputKind.CUMULATIVE
-        had = {c.index: c for c in self.last.outputs} if cumulative and self.last else {}
-        completions = []
-        for index in range(self.params.n):
-            if index not in self.finished_choices:
-                completions.append(_ended_by_abort(had.get(index), index))
-            elif index in had:  # a cumulative output repeats the choices that ended before
-                completions.append(had[index])
-        metrics = self.last.metrics if self.last is not None else None
-        return RequestOutput(request_id, prompt, prompt_token_ids, completions, finished=True,
-                             metrics=metrics)
-
-
 @dataclass(slots=True)
 class _Command:
     run: Callable[[], Any]
@@ -209,7 +144,7 @@ class AsyncLLM:
         self.stats = EngineStats()
         self._inbox = _Inbox()
         self._wakeup = threading.Condition()
-        self._tracked: dict[str, _Tracked] = {}  # owned by the engine thread
+        self._tracked: dict[str, TrackedRequest] = {}  # owned by the engine thread
         self._observers: list[Callable[[RequestStats], None]] = []
         self._dead: BaseException | None = None
         self._max_batch_size = 0  # most requests scheduled together in one step
@@ -222,10 +157,6 @@ class AsyncLLM:
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> AsyncLLM:
-        if args.engine_core_process:
-            from pagedllm.engine.core_process import CoreProcessClient
-
-            return cls(LLMEngine(args, engine_core=CoreProcessClient(args)))
         return cls(LLMEngine.from_engine_args(args))
 
     def _wake(self) -> None:
@@ -367,7 +298,7 @@ class AsyncLLM:
             self.engine.abort_request(added)  # all or none, like LLM.generate
             raise
         for r in requests:
-            self._tracked[r.request_id] = _Tracked(stream, _tracking_params(r.params), arrival)
+            self._tracked[r.request_id] = TrackedRequest(stream, tracking_params(r.params), arrival)
 
     def _abort(self, request_ids: list[str]) -> None:
         finals = [self._aborted_output(r) for r in request_ids if r in self._tracked]
@@ -421,7 +352,7 @@ class AsyncLLM:
             tracked.observe(output)
             if output.finished:
                 del self._tracked[output.request_id]
-                self._notify_observers(self._request_stats(output, tracked))
+                self._notify_observers(tracked.request_stats(output))
             batches.setdefault(tracked.stream.loop, []).append((tracked.stream, output))
         for loop, items in batches.items():
             _call_soon(loop, _put_all, items)
@@ -437,21 +368,6 @@ class AsyncLLM:
             self.engine.abort_request(list(tracked))
         except Exception as exc:  # the engine's own state is broken: stop for good
             raise EngineDeadError("could not abort requests after a failed step") from exc
-
-    def _request_stats(self, output: RequestOutput, tracked: _Tracked) -> RequestStats:
-        metrics = output.metrics
-        reasons = [c.finish_reason for c in output.outputs if c.finish_reason]
-        return RequestStats(
-            request_id=output.request_id,
-            # one reason per request: any abort wins, then the first choice's
-            finish_reason="abort" if "abort" in reasons else (reasons[0] if reasons else "abort"),
-            num_prompt_tokens=len(output.prompt_token_ids),
-            num_generation_tokens=tracked.num_output_tokens,
-            arrival_time=tracked.arrival_time,
-            first_scheduled_time=tracked.first_scheduled_time,
-            first_token_time=metrics.first_token_time if metrics else None,
-            finished_time=(metrics.finished_time if metrics else None) or time.monotonic(),
-        )
 
     def _notify_observers(self, stats: RequestStats) -> None:
         for observer in self._observers:
@@ -473,6 +389,8 @@ class AsyncLLM:
             num_loop_turns=self._turns,
             kv_cache=kv,
             engine_core_pid=getattr(self.engine.engine_core, "pid", None),
+            worker_pids=tuple(getattr(getattr(self.engine.engine_core, "executor", None),
+                                      "worker_pids", ())),
         )
 
     def _stop(self) -> None:
@@ -497,12 +415,6 @@ class AsyncLLM:
     def _fail_all_quietly(self, error: BaseException) -> None:
         with contextlib.suppress(EngineDeadError):
             self._fail_all(error)
-
-
-def _ended_by_abort(before: CompletionOutput | None, index: int) -> CompletionOutput:
-    if before is None:
-        return CompletionOutput(index, "", [], finish_reason="abort")
-    return dataclasses.replace(before, finish_reason="abort")
 
 
 def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

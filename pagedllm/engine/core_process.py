@@ -65,6 +65,7 @@ class CoreProcessClient:
         self.tokenizer = load_engine_tokenizer(args, self.model_config.source)
         self.wakeup: Callable[[], None] = lambda: None  # called when a message arrives
         self._received: collections.deque[tuple[str, Any]] = collections.deque()
+        self._arrived = threading.Condition()
         self._dead: str | None = None
         self._reader = threading.Thread(target=self._read, name="pagedllm-core-reader",
                                         daemon=True)
@@ -119,7 +120,9 @@ class CoreProcessClient:
                 self.process.join(POLL_S)
                 message = ("dead", f"the engine core process exited (exit code "
                                    f"{self.process.exitcode})")
-            self._received.append(message)
+            with self._arrived:
+                self._received.append(message)
+                self._arrived.notify()
             self.wakeup()
             if message[0] == "dead":
                 return
@@ -128,9 +131,12 @@ class CoreProcessClient:
         return bool(self._received)
 
     def step(self) -> EngineCoreOutputs:
-        """The next step's outputs (call when ready_to_step); raises EngineStepError if the step
-        failed (its requests were aborted in the core), EngineDeadError if the core is gone."""
-        kind, payload = self._received.popleft()
+        """The next step's outputs, waiting for them if none has arrived (the offline loop);
+        raises EngineStepError if the step failed (its requests were aborted in the core),
+        EngineDeadError if the core is gone."""
+        with self._arrived:
+            self._arrived.wait_for(lambda: self._received)
+            kind, payload = self._received.popleft()
         if kind == "outputs":
             self._stats = payload.stats
             return payload

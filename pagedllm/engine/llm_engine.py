@@ -37,7 +37,7 @@ class LLMEngine:
     def __init__(self, args: EngineArgs, engine_core: Any = None) -> None:
         started = time.perf_counter()
         self.args = args
-        self.engine_core = engine_core if engine_core is not None else EngineCore(args)
+        self.engine_core = engine_core if engine_core is not None else _start_core(args)
         core = self.engine_core
         self.model_config = core.model_config
         self.cache_config = core.cache_config
@@ -142,6 +142,15 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.engine_core.shutdown()
+
+
+def _start_core(args: EngineArgs) -> Any:
+    """The engine core in this process, or (engine_core_process) a client of one in its own."""
+    if args.engine_core_process:
+        from pagedllm.engine.core_process import CoreProcessClient
+
+        return CoreProcessClient(args)
+    return EngineCore(args)
 
 
 def _check_priority(priority: Any) -> None:

@@ -66,7 +66,9 @@ def add_serve_parser(commands) -> None:
                        help="HF folder, .gguf file or hub id (default: bundled SmolLM2-135M)")
     add_server_args(serve)
     EngineArgs.add_cli_args(serve, skip=("model",))
-    serve.set_defaults(handler=run_serve)
+    # The server runs its engine core in a process of its own unless told otherwise: faster at
+    # 1, 8 and 32 streaming clients (docs/benchmarks.md, "Engine core in its own process").
+    serve.set_defaults(handler=run_serve, engine_core_process=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -80,3 +80,19 @@ def test_killed_worker_raises_within_seconds():
     with pytest.raises(WorkerDiedError):  # and it stays dead: no silent hang on the next call
         llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
     engine.shutdown()
+
+
+def test_offline_engine_with_its_core_in_another_process(llm):
+    """LLM(engine_core_process=True): the offline loop waits on the core process's steps."""
+    other = LLM(dtype="float32", kv_cache_memory_bytes=256 << 20, engine_core_process=True)
+    core = other.llm_engine.engine_core
+    assert core.pid != os.getpid()
+    try:
+        assert token_ids(other, PROMPTS, GREEDY) == token_ids(llm, PROMPTS, GREEDY)
+        stopped = other.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=30,
+                                                             stop=[","]), use_tqdm=False)
+        assert all("," not in o.outputs[0].text for o in stopped)
+        assert not other.llm_engine.has_unfinished_requests()
+    finally:
+        other.llm_engine.shutdown()
+    assert not core.process.is_alive()

@@ -16,7 +16,6 @@ from openai import AsyncOpenAI, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from pagedllm import SamplingParams
-from pagedllm.entrypoints.cli import build_parser
 
 from .server_utils import ServerProcess, launch_server
 
@@ -617,24 +616,25 @@ def check_sigterm_ends_inflight_stream_and_exits_zero(server: ServerProcess) -> 
 
 
 # ---- the engine dies: the server exits non-zero so that a supervisor restarts it ----------------
-ENGINE_CORE_PROCESS = "engine_core_process" in vars(build_parser().parse_args(["serve"]))
 DEAD_ENGINE_EXIT_S = 10  # the watchdog polls every 0.5 s, then gives responses 1 s
 
 
-@pytest.mark.skipif(not ENGINE_CORE_PROCESS,
-                    reason="needs the engine core in a process of its own to kill "
-                           "(--engine-core-process)")
-def test_server_exits_non_zero_when_its_engine_core_process_dies(tmp_path):
-    """SIGKILL the engine core during a stream: the stream ends with an error event and
-    [DONE], /health stops answering 200, and the server exits with a non-zero status."""
-    server = launch_server(tmp_path, "--engine-core-process", "--kv-cache-memory", "256MiB",
+@pytest.mark.parametrize(("flags", "victim"), [
+    (("--engine-core-process",), "engine_core_pid"),
+    (("--distributed-executor-backend", "mp"), "worker_pids"),
+], ids=["core-process", "worker-process"])
+def test_server_exits_non_zero_when_its_engine_process_dies(tmp_path, flags, victim):
+    """SIGKILL the engine core's process, or the worker's, during a stream: the stream ends
+    with an error event and [DONE], /health stops answering 200, and the server exits with a
+    non-zero status (so a supervisor restarts it) instead of hanging."""
+    server = launch_server(tmp_path, *flags, "--kv-cache-memory", "256MiB",
                            "--max-model-len", str(MAX_MODEL_LEN), "--disable-access-log")
     try:
         server.wait_until_healthy()
         with httpx.Client(base_url=server.url, timeout=60) as http:
-            pid = engine_state(http).get("engine_core_pid")
-            if pid is None:
-                pytest.skip("/debug/step_stats does not report engine_core_pid yet")
+            pid = engine_state(http)[victim]
+            pid = pid[0] if isinstance(pid, list) else pid
+            assert pid not in (None, server.proc.pid)
             events = stream_until_killed(server, pid)
         assert events[-1] == "[DONE]", events[-3:]
         assert json.loads(events[-2])["error"]["code"] == "engine_error", events[-3:]
