@@ -71,7 +71,7 @@ class EngineStats:
     num_loop_turns: int = 0  # times the thread woke up; stays put while idle
     kv_cache: KVCacheStats | None = None  # usage, prefix-cache hits, preemptions, swaps
     engine_core_pid: int | None = None  # the engine core's own process (None: in this one)
-    worker_pids: tuple[int, ...] = ()  # worker processes this process started (executor "mp")
+    worker_pids: tuple[int, ...] = ()  # the executor's worker processes ("mp"), wherever
 
     @property
     def kv_cache_usage(self) -> float:
@@ -389,8 +389,7 @@ class AsyncLLM:
             num_loop_turns=self._turns,
             kv_cache=kv,
             engine_core_pid=getattr(self.engine.engine_core, "pid", None),
-            worker_pids=tuple(getattr(getattr(self.engine.engine_core, "executor", None),
-                                      "worker_pids", ())),
+            worker_pids=self.engine.engine_core.worker_pids,
         )
 
     def _stop(self) -> None:

@@ -223,6 +223,11 @@ class EngineCore:
         )
         return record
 
+    @property
+    def worker_pids(self) -> tuple[int, ...]:
+        """Worker processes of the executor ("mp"); none when the worker runs in this one."""
+        return tuple(getattr(self.executor, "worker_pids", ()))
+
     def ready_to_step(self) -> bool:
         return self.has_unfinished_requests()
 

@@ -20,6 +20,7 @@ that the core still rejects is answered with an 'abort' output rather than an er
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import multiprocessing
@@ -55,13 +56,18 @@ class CoreProcessClient:
         context = multiprocessing.get_context("spawn")
         core_reads, self._to_core = context.Pipe(duplex=False)
         self._from_core, core_writes = context.Pipe(duplex=False)
+        # Not a daemon: it may start worker processes of its own (executor "mp"). It still ends
+        # with us: it exits when its inbox reaches EOF, and shutdown() runs at exit (atexit
+        # runs it before multiprocessing's own handler, which would wait for the process).
         self.process = context.Process(target=run_engine_core,
                                        args=(args, core_reads, core_writes),
-                                       name="pagedllm-engine-core", daemon=True)
+                                       name="pagedllm-engine-core")
         self.process.start()
+        atexit.register(self.shutdown)
         core_reads.close()  # our copies: closing them lets each side see EOF when the other dies
         core_writes.close()
-        self.model_config, self.cache_config, self._stats = self._wait_until_ready()
+        self.model_config, self.cache_config, self._stats, self.worker_pids = (
+            self._wait_until_ready())
         self.tokenizer = load_engine_tokenizer(args, self.model_config.source)
         self.wakeup: Callable[[], None] = lambda: None  # called when a message arrives
         self._received: collections.deque[tuple[str, Any]] = collections.deque()
@@ -75,7 +81,7 @@ class CoreProcessClient:
     def pid(self) -> int:
         return self.process.pid
 
-    def _wait_until_ready(self) -> tuple[Any, Any, CoreStats]:
+    def _wait_until_ready(self) -> tuple[Any, Any, CoreStats, tuple[int, ...]]:
         """Block while the process loads the model; its start-up error is raised here."""
         while not self._from_core.poll(POLL_S):
             if not self.process.is_alive():
@@ -156,6 +162,7 @@ class CoreProcessClient:
         return self._stats.kv_cache
 
     def shutdown(self) -> None:
+        atexit.unregister(self.shutdown)
         if self.process.is_alive():
             with contextlib.suppress(BrokenPipeError, OSError):
                 self._to_core.send(("shutdown", None))
@@ -173,7 +180,8 @@ def run_engine_core(args: EngineArgs, inbox: multiprocessing.connection.Connecti
     except BaseException as exc:
         outbox.send(("error", exc if _picklable(exc) else RuntimeError(repr(exc))))
         return
-    outbox.send(("ready", (core.model_config, core.cache_config, core.stats())))
+    outbox.send(("ready", (core.model_config, core.cache_config, core.stats(),
+                           core.worker_pids)))
     try:
         CoreLoop(core, inbox, outbox).run()
     except WorkerDiedError as exc:

@@ -622,7 +622,8 @@ DEAD_ENGINE_EXIT_S = 10  # the watchdog polls every 0.5 s, then gives responses 
 @pytest.mark.parametrize(("flags", "victim"), [
     (("--engine-core-process",), "engine_core_pid"),
     (("--distributed-executor-backend", "mp"), "worker_pids"),
-], ids=["core-process", "worker-process"])
+    (("--no-engine-core-process", "--distributed-executor-backend", "mp"), "worker_pids"),
+], ids=["core-process", "worker-of-core-process", "worker-of-server"])
 def test_server_exits_non_zero_when_its_engine_process_dies(tmp_path, flags, victim):
     """SIGKILL the engine core's process, or the worker's, during a stream: the stream ends
     with an error event and [DONE], /health stops answering 200, and the server exits with a
