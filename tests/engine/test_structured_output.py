@@ -13,7 +13,7 @@ import time
 
 import jsonschema
 import pytest
-from conftest import make_llm
+from conftest import make_llm, worker_of
 from structured_output.schemas import SCHEMAS
 
 from pagedllm import RequestOutputKind, SamplingParams, StructuredOutputsParams
@@ -252,6 +252,7 @@ def test_a_step_with_only_compiling_requests_sleeps_instead_of_spinning(llm, mon
 def test_one_batched_fill_and_apply_per_step_and_none_without_constraints(llm, monkeypatch):
     import pagedllm.structured_output.bitmask as manager_module  # where apply_bitmask is called
 
+    worker_of(llm)  # the masks are applied in the worker: counted only where it is this process
     engine = llm.llm_engine
     calls: list[list[int]] = []
     real_apply = manager_module.apply_bitmask
