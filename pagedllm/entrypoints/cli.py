@@ -7,6 +7,11 @@ import sys
 
 from pagedllm.config import EngineArgs
 
+# Where `serve` defaults differ from EngineArgs': the server runs its engine core in a process of
+# its own, faster at 1, 8 and 32 streaming clients (docs/benchmarks.md, "Engine core in its own
+# process"); offline use keeps it in-process.
+SERVE_DEFAULTS = {"engine_core_process": True}
+
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling")
@@ -66,9 +71,7 @@ def add_serve_parser(commands) -> None:
                        help="HF folder, .gguf file or hub id (default: bundled SmolLM2-135M)")
     add_server_args(serve)
     EngineArgs.add_cli_args(serve, skip=("model",))
-    # The server runs its engine core in a process of its own unless told otherwise: faster at
-    # 1, 8 and 32 streaming clients (docs/benchmarks.md, "Engine core in its own process").
-    serve.set_defaults(handler=run_serve, engine_core_process=True)
+    serve.set_defaults(handler=run_serve, **SERVE_DEFAULTS)
 
 
 def build_parser() -> argparse.ArgumentParser:

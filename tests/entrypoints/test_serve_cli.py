@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from pagedllm.config import EngineArgs
-from pagedllm.entrypoints.cli import build_parser
+from pagedllm.entrypoints.cli import SERVE_DEFAULTS, build_parser
 from pagedllm.entrypoints.openai.cli_args import API_KEY_ENV, resolve_api_key
 
 
@@ -29,11 +29,13 @@ def test_serve_has_every_engine_option_and_a_default_model():
     parser = build_parser()
     args = parser.parse_args(["serve"])
     assert args.model is None and args.port == 8000 and args.api_key is None
-    # One definition: every EngineArgs field is an option of `serve`, with its default.
+    # One definition: every EngineArgs field is an option of `serve`, with its default (or the
+    # server's own, declared in one place).
     for f in dataclasses.fields(EngineArgs):
         assert hasattr(args, f.name), f.name
         if f.name != "model":
-            assert getattr(args, f.name) == f.default, f.name
+            assert getattr(args, f.name) == SERVE_DEFAULTS.get(f.name, f.default), f.name
+    assert args.engine_core_process and not EngineArgs().engine_core_process
 
 
 def test_api_key_from_flag_or_environment(monkeypatch):
