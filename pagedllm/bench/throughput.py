@@ -207,8 +207,8 @@ def main(args: argparse.Namespace) -> int:
     first_step = engine.num_steps
     results = [run_pagedllm(llm, work)]
     kv_cache = kv_cache_report(engine, first_step)
-    worker = engine.worker
-    model_config, device, capture_s = engine.model_config, worker.device, worker.cuda_graph_capture_s
+    model_config = engine.model_config
+    device, capture_s = worker_device(engine)
     if args.baseline == "hf":
         # On a GPU the engine holds most of the memory (KV cache): release it first.
         del llm, engine
@@ -271,6 +271,17 @@ def build_workload(args: argparse.Namespace, llm,
     return synthetic_token_workload(args.num_prompts or DEFAULT_NUM_PROMPTS, args.input_len,
                                     args.output_len, args.range_ratio,
                                     llm.llm_engine.model_config.vocab_size, args.seed, skip)
+
+
+def worker_device(engine) -> tuple[str, float]:
+    """The worker's device and CUDA-graph capture seconds. A worker in another process (executor
+    "mp", or a core process) is not reachable from here: its device is what the options resolve
+    to, and its capture time is not reported (0)."""
+    if engine.args.distributed_executor_backend == "uni" and not engine.args.engine_core_process:
+        return engine.worker.device, engine.worker.cuda_graph_capture_s
+    from pagedllm.worker.worker import resolve_device
+
+    return resolve_device(engine.args.device), 0.0
 
 
 def kv_cache_report(engine, first_step: int) -> dict:
