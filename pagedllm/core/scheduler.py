@@ -47,7 +47,9 @@ from pagedllm.core.step_io import (
     ScheduledRequest,
     SchedulerOutput,
 )
+from pagedllm.logger import init_logger
 
+logger = init_logger(__name__)
 
 @dataclass(slots=True)
 class StepCopies:
@@ -66,6 +68,7 @@ class Scheduler:
         self.waiting = make_request_queue(config.scheduling_policy)
         self.running: list[Request] = []
         self._finished_since_last_step: set[str] = set()
+        self._failed: dict[str, str] = {}  # request id -> error, ended while being scheduled
         self.num_preemptions = 0
         self.num_swap_outs = 0  # requests swapped out / back in, over the scheduler's life
         self.num_swap_ins = 0
@@ -130,7 +133,12 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = self._num_new_tokens(request, budget, reserve=len(self.running) - index - 1)
-            if not self._make_room(request, num_new, preempted):
+            try:
+                room = self._make_room(request, num_new, preempted)
+            except Exception as exc:  # this request's own data broke it: end it alone
+                self._fail(request, exc)
+                continue
+            if not room:
                 break  # the request itself was preempted: nothing after it is running now
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
@@ -144,7 +152,11 @@ class Scheduler:
             if request.waiting_for_grammar:  # set aside, so the requests behind it still run
                 compiling.append(self.waiting.pop())
                 continue
-            num_new = self._admit(request, budget)
+            try:
+                num_new = self._admit(request, budget)
+            except Exception as exc:  # this request's own data broke it: end it alone
+                self._fail(request, exc)
+                continue
             if num_new is None:
                 break
             self.waiting.pop()
@@ -156,6 +168,7 @@ class Scheduler:
             self.waiting.add_preempted(request)
 
         finished, self._finished_since_last_step = self._finished_since_last_step, set()
+        failed, self._failed = self._failed, {}
         copies, self._copies = self._copies, StepCopies()
         return SchedulerOutput(
             scheduled=scheduled,
@@ -165,7 +178,15 @@ class Scheduler:
             block_copies=copies.on_write,
             blocks_to_swap_out=copies.swap_out,
             blocks_to_swap_in=copies.swap_in,
+            failed=failed,
         )
+
+    def _fail(self, request: Request, exc: Exception) -> None:
+        """End a request whose own data raised while it was scheduled; the step goes on."""
+        logger.error("request %s ended with an error while being scheduled: %s: %s",
+                     request.request_id, type(exc).__name__, exc)
+        self._failed[request.request_id] = f"{type(exc).__name__}: {exc}"
+        self.finish_requests([request.request_id], RequestStatus.FINISHED_ERROR)
 
     def _has_seat(self) -> bool:
         return len(self.running) < self.config.max_num_seqs
@@ -297,7 +318,7 @@ class Scheduler:
                 request.num_computed_tokens += len(item.token_ids)
 
         self._fork_sampled_siblings(runner_output.request_ids)
-        outputs = []
+        outputs = self._error_outputs({**scheduler_output.failed, **runner_output.failed})
         logprobs = runner_output.logprobs or [None] * len(runner_output.request_ids)
         for request_id, token_id, token_logprobs in zip(
             runner_output.request_ids, runner_output.sampled_token_ids, logprobs
@@ -316,6 +337,15 @@ class Scheduler:
                 num_cached_tokens=request.num_cached_tokens,
             ))
         return outputs
+
+    def _error_outputs(self, failed: dict[str, str]) -> list[EngineCoreOutput]:
+        """End (if still running) and report the sequences that failed alone this step."""
+        for request_id, reason in failed.items():
+            if self.is_unfinished(request_id):
+                logger.error("request %s ended with an error: %s", request_id, reason)
+        self.finish_requests(list(failed), RequestStatus.FINISHED_ERROR)
+        return [EngineCoreOutput(request_id, [], [], finish_reason="error")
+                for request_id in failed]
 
     def _fork_sampled_siblings(self, sampled_ids: list[str]) -> None:
         """A parallel-sampling request whose prompt just completed has its siblings sampled in

@@ -61,6 +61,9 @@ class SchedulerOutput:
     # bitmask the runner applies to the logits (structured_output.bitmask.GrammarBitmask), or
     # leaves None. Typed loosely because core/ may not import what is above it.
     grammar: Any = None
+    # request id -> why scheduling it failed (its own data, e.g. its prefix hash): ended with
+    # finish_reason "error" while the step went on for everyone else
+    failed: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_prefill_tokens(self) -> int:
@@ -78,6 +81,9 @@ class ModelRunnerOutput:
     logprobs: list[TokenLogprobs | None] | None = None
     # request id -> (position of the first entry, logprobs of each following prompt token)
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs | None]]] | None = None
+    # sequence id -> why its row could not be sampled (its own parameters broke the set-up);
+    # its token above is a placeholder, and the scheduler ends it with finish_reason "error"
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

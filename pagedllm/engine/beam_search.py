@@ -24,9 +24,11 @@ from pagedllm.core.scheduler import Scheduler
 from pagedllm.core.step_io import EngineCoreOutput, TokenLogprobs
 from pagedllm.engine.beam_ranking import BeamSearchParams, BeamSearchSequence, BeamState
 from pagedllm.engine.features import StepFeature
+from pagedllm.logger import init_logger
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
+logger = init_logger(__name__)
 
 @dataclass(eq=False)
 class BeamGroup:
@@ -103,7 +105,21 @@ class BeamSearchManager(StepFeature):
             group.arrived[output.request_id] = output.new_logprobs[0]
             if group.arrived.keys() == group.beams.keys() and group not in ready:
                 ready.append(group)
-        return [result for group in ready if (result := self._advance(group)) is not None]
+        return [result for group in ready if (result := self._advance_alone(group)) is not None]
+
+    def _advance_alone(self, group: BeamGroup) -> RequestOutput | None:
+        """Advance one search; if its own parameters break the scoring, it alone ends, with
+        finish_reason "error"."""
+        try:
+            return self._advance(group)
+        except Exception as exc:
+            logger.error("beam search %s ended with an error: %s: %s", group.request_id,
+                         type(exc).__name__, exc)
+            self._drop(group, list(group.beams))
+            self.groups.pop(group.request_id, None)
+            return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids,
+                                 [CompletionOutput(0, "", [], finish_reason="error")],
+                                 finished=True)
 
     def _advance(self, group: BeamGroup) -> RequestOutput | None:
         owner = {id(beam): request_id for request_id, beam in group.beams.items()}

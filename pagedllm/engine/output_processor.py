@@ -6,8 +6,11 @@ from __future__ import annotations
 import time
 
 from pagedllm.core.step_io import EngineCoreOutput, TokenLogprobs
+from pagedllm.logger import init_logger
 from pagedllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+
+logger = init_logger(__name__)
 
 
 class IncrementalDetokenizer:
@@ -245,15 +248,46 @@ class OutputProcessor:
                 # A core in another process may run a sequence for a step or two after the
                 # front-end finished it (a stop string): those tokens come after the end.
                 continue
-            if state.update(index, output):
-                stopped.append(output.request_id)
-            result = state.make_output(index)
+            try:
+                result = self._advance(state, index, output, stopped)
+            except Exception as exc:  # its own text or parameters broke it: end it alone
+                result = self._fail(state, exc, stopped)
             if result is not None:
                 results.append(result)
             if state.finished:
                 del self.states[state.request_id]
                 self._forget(state)
         return results, stopped
+
+    @staticmethod
+    def _advance(state: RequestState, index: int, output: EngineCoreOutput,
+                 stopped: list[str]) -> RequestOutput | None:
+        if state.update(index, output):
+            stopped.append(output.request_id)
+        if output.finish_reason == "error":  # one sequence failed alone: so does its request
+            _end_siblings(state, "error", stopped)
+        return state.make_output(index)
+
+    @staticmethod
+    def _fail(state: RequestState, exc: Exception, stopped: list[str]) -> RequestOutput:
+        """End every unfinished sequence of the request with "error" (the core is told to end
+        them too, through `stopped`); the caller gets one final output saying so."""
+        logger.error("request %s ended with an error while its output was processed: %s: %s",
+                     state.request_id, type(exc).__name__, exc)
+        _end_siblings(state, "error", stopped)
+        completions = [CompletionOutput(i, "", [], finish_reason=state.sequences[i].finish_reason)
+                       for i in range(state.params.n)]
+        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, completions,
+                             finished=True, metrics=state.metrics)
+
+
+def _end_siblings(state: RequestState, reason: str, ended: list[str]) -> None:
+    """Finish every unfinished sequence of the request with `reason`; their ids go to `ended`
+    so that the core stops them too."""
+    for seq in state.sequences:
+        if not seq.finished:
+            seq.finish_reason = reason
+            ended.append(sequence_id(state.request_id, seq.index))
 
 
 def sequence_id(request_id: str, index: int) -> str:

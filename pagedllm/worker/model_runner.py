@@ -8,6 +8,7 @@ replayed as a CUDA graph is padded inside worker/cuda_graph.py; only its real ro
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from pagedllm.attention import AttentionMetadata, PrefillChunk
 from pagedllm.core.step_io import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from pagedllm.model.layers.sampler import Penalties, Sampler, SamplingBatch
+from pagedllm.sampling_params import SamplingParams
 from pagedllm.utils import cdiv
 from pagedllm.worker.cuda_graph import DecodeGraphs
 from pagedllm.worker.swap import SwapSpace
@@ -72,9 +74,29 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         if scheduler_output.grammar is not None:  # structured outputs: mask in place
             scheduler_output.grammar.apply(logits, inputs.sample_ids, self.vocab_size)
+        failed = self._isolate_bad_rows(inputs)
         batch = self.sampling_batch(inputs.sampling, inputs.sample_ids)
         token_ids, logprobs = self.sampler(logits, batch)
-        return ModelRunnerOutput(inputs.sample_ids, token_ids, logprobs, prompt_logprobs)
+        return ModelRunnerOutput(inputs.sample_ids, token_ids, logprobs, prompt_logprobs,
+                                 failed)
+
+    def _isolate_bad_rows(self, inputs: ModelInputs) -> dict[str, str]:
+        """Set up each row's sampling on its own first (seeded generator, banned tokens, the
+        ranges tensors can hold): a row whose own parameters raise is failed alone (sample id ->
+        why) and sampled greedily as a placeholder, so the rest of the batch goes on."""
+        failed = {}
+        for row, (s, sample_id) in enumerate(zip(inputs.sampling, inputs.sample_ids)):
+            try:
+                _check_row(s)
+                self._generator(s, sample_id)
+                banned_tokens(s)
+            except Exception as exc:
+                failed[sample_id] = f"{type(exc).__name__}: {exc}"
+                inputs.sampling[row] = dataclasses.replace(
+                    s, request_id="", sampling_params=PLACEHOLDER_PARAMS, output_token_ids=[],
+                    prompt_token_ids=[])
+                self.generators.pop(sample_id, None)
+        return failed
 
     def forward(self, inputs: ModelInputs) -> torch.Tensor:
         """The final hidden states: a decode-only step that fits a captured CUDA graph replays
@@ -221,6 +243,18 @@ class ModelRunner:
             generator.manual_seed(seed + sibling)
             self.generators[sample_id] = generator
         return generator
+
+
+INT64 = (-(2**63), 2**63 - 1)
+PLACEHOLDER_PARAMS = SamplingParams(temperature=0)  # what a failed row samples with
+
+
+def _check_row(s: ScheduledRequest) -> None:
+    """The values this row puts into the batch's int64 tensors must fit them (a seed is checked
+    by creating the row's generator)."""
+    top_k = s.sampling_params.top_k
+    if not INT64[0] <= top_k <= INT64[1]:
+        raise ValueError(f"top_k {top_k} does not fit in 64 bits")
 
 
 def banned_tokens(s: ScheduledRequest) -> list[int]:
