@@ -77,10 +77,15 @@ class Scheduler:
 
     # ---- intake -------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
-        if request.request_id in self.requests:
-            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.check_new_id(request.request_id)
         self.requests[request.request_id] = request
         self.waiting.add(request)
+
+    def check_new_id(self, request_id: str, also_taken: bool = False) -> None:
+        """ValueError if the id is in use here (or `also_taken`: in use by the caller's own
+        records, e.g. a beam search's id): the core's one duplicate-id check."""
+        if also_taken or request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
         for request_id in request_ids:

@@ -62,8 +62,6 @@ class BeamSearchManager(StepFeature):
 
     def start(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
               params: BeamSearchParams, first_request_id: str) -> None:
-        if request_id in self.groups:
-            raise ValueError(f"request id {request_id!r} is already in use")
         state = BeamState(len(prompt_token_ids), params.beam_width, params.length_penalty,
                           [BeamSearchSequence(list(prompt_token_ids))])
         group = BeamGroup(request_id, prompt, prompt_token_ids, params, state,

@@ -152,8 +152,7 @@ class EngineCore:
         self.scheduler.add_request(first)
 
     def _check_new_id(self, request_id: str) -> None:
-        if self.scheduler.is_unfinished(request_id) or self.beam_search.owns_search(request_id):
-            raise ValueError(f"request id {request_id!r} is already in use")
+        self.scheduler.check_new_id(request_id, also_taken=self.beam_search.owns_search(request_id))
 
     def abort_requests(self, request_ids: list[str]) -> None:
         """End requests (and beam searches) by id; unknown ids are ignored."""
