@@ -14,6 +14,8 @@ class RequestOutputKind(enum.Enum):
     FINAL_ONLY = 2  # one output when the request finishes (offline generate)
 
 
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
 @dataclass
 class StructuredOutputsParams:
     """Constrain a request's output to a format; set exactly one of the five (vLLM's names).
@@ -137,6 +139,8 @@ class SamplingParams:
             (self.temperature >= 0, f"temperature must be non-negative, got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, f"top_k must be -1 (disable) or at least 1, got {self.top_k}"),
+            (self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
+             f"seed must fit in 64 bits ({SEED_RANGE[0]} to {SEED_RANGE[1]}), got {self.seed}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
             (self.max_tokens is None or self.max_tokens >= 1,
              f"max_tokens must be at least 1, got {self.max_tokens}"),

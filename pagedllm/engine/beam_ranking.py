@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# generated_len ** length_penalty must stay a finite float for any context (8192**10 ~ 1e39)
+MAX_LENGTH_PENALTY = 10.0
 
 @dataclass
 class BeamSearchParams:
@@ -27,6 +29,9 @@ class BeamSearchParams:
             raise ValueError(f"beam_width must be at least 1, got {self.beam_width}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not -MAX_LENGTH_PENALTY <= self.length_penalty <= MAX_LENGTH_PENALTY:
+            raise ValueError(f"length_penalty must be in [-{MAX_LENGTH_PENALTY}, "
+                             f"{MAX_LENGTH_PENALTY}], got {self.length_penalty}")
         if self.temperature != 0:
             raise ValueError("beam search is deterministic: temperature must be 0")
 

@@ -35,6 +35,11 @@ class Processor:
         salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
         if salt is not None and not isinstance(salt, str):
             raise ValueError("cache_salt must be a string")
+        if salt is not None and not _is_utf8(salt):
+            raise ValueError("cache_salt must be valid UTF-8 text (it has a lone surrogate)")
+        if params.top_k > self.vocab_size:
+            raise ValueError(f"top_k must be at most the vocabulary size ({self.vocab_size}), "
+                             f"got {params.top_k}")
         request = Request(request_id, token_ids, params, max_tokens, cache_salt=salt)
         if arrival_time is not None:
             request.arrival_time = arrival_time
@@ -111,3 +116,11 @@ class Processor:
                              f"is {total} tokens, more than the whole KV cache holds "
                              f"({self.cache_tokens} tokens)")
         return max_tokens
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -240,13 +240,18 @@ class ModelRunner:
             # forked siblings draw from seed + their index, so they differ yet are reproducible
             sibling = s.sample_ids.index(sample_id) if sample_id in s.sample_ids else 0
             generator = torch.Generator(device=self.device)
-            generator.manual_seed(seed + sibling)
+            generator.manual_seed(_wrap_seed(seed + sibling))
             self.generators[sample_id] = generator
         return generator
 
 
 INT64 = (-(2**63), 2**63 - 1)
 PLACEHOLDER_PARAMS = SamplingParams(temperature=0)  # what a failed row samples with
+
+
+def _wrap_seed(seed: int) -> int:
+    """A sibling's seed past 2**64 - 1 (seed + its index) wraps around, as a uint64 would."""
+    return seed - 2**64 if seed >= 2**64 else seed
 
 
 def _check_row(s: ScheduledRequest) -> None:

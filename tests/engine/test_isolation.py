@@ -107,22 +107,30 @@ def test_a_fault_in_beam_scoring_ends_only_its_search(llm, expected, monkeypatch
     assert_only_bad_failed(finals, expected)
 
 
-@pytest.mark.parametrize("bad", [
-    SamplingParams(temperature=0.8, n=2, seed=2**64 - 1, max_tokens=12),  # seed + 1 overflows
-    SamplingParams(temperature=0.8, top_k=2**63, max_tokens=12),  # no int64 holds it
-], ids=["seed-overflow", "top_k-overflow"])
-def test_the_issues_sampling_reproductions_fail_alone(llm, expected, bad):
-    finals = run(llm.llm_engine, bad_params=bad)
-    assert_only_bad_failed(finals, expected)
+def test_the_largest_seed_with_siblings_samples(llm):
+    """seed 2**64 - 1 with n=2: the sibling's seed (seed + 1) wraps around instead of
+    overflowing inside the step (the issue's first reproduction)."""
+    params = SamplingParams(temperature=0.8, n=2, seed=2**64 - 1, max_tokens=6)
+    (output,) = llm.generate(PROMPTS[:1], params, use_tqdm=False)
+    assert [c.finish_reason for c in output.outputs] == ["length", "length"]
 
 
-def test_a_lone_surrogate_salt_fails_alone(llm, expected):
-    long_prompt = {"prompt": PROMPTS[2], "cache_salt": "\ud800"}  # 16+ tokens: a block hash
-    finals = run(llm.llm_engine, bad_prompt=long_prompt)
-    assert_only_bad_failed(finals, expected)
+@pytest.mark.parametrize(("make_bad", "message"), [
+    (lambda: SamplingParams(seed=2**64), "seed must fit in 64 bits"),
+    (lambda: SamplingParams(seed=-(2**63) - 1), "seed must fit in 64 bits"),
+    (lambda: BeamSearchParams(beam_width=2, max_tokens=4, length_penalty=-1e308),
+     r"length_penalty must be in \[-10.0, 10.0\]"),
+], ids=["seed-high", "seed-low", "length_penalty"])
+def test_out_of_range_parameters_are_rejected(make_bad, message):
+    with pytest.raises(ValueError, match=message):
+        make_bad()
 
 
-def test_an_overflowing_length_penalty_fails_alone(llm, expected):
-    beam = BeamSearchParams(beam_width=2, max_tokens=4, length_penalty=-1e308)
-    finals = run(llm.llm_engine, beam=beam)
-    assert_only_bad_failed(finals, expected)
+@pytest.mark.parametrize(("prompt", "params", "message"), [
+    (PROMPTS[0], SamplingParams(top_k=2**63), "top_k must be at most the vocabulary size"),
+    ({"prompt": PROMPTS[2], "cache_salt": "\ud800"}, GOOD, "cache_salt must be valid UTF-8"),
+], ids=["top_k", "lone-surrogate-salt"])
+def test_the_issues_reproductions_are_rejected_at_intake(llm, prompt, params, message):
+    with pytest.raises(ValueError, match=message):
+        llm.llm_engine.add_request("bad", prompt, params)
+    assert not llm.llm_engine.has_unfinished_requests()
