@@ -74,29 +74,31 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         if scheduler_output.grammar is not None:  # structured outputs: mask in place
             scheduler_output.grammar.apply(logits, inputs.sample_ids, self.vocab_size)
-        failed = self._isolate_bad_rows(inputs)
-        batch = self.sampling_batch(inputs.sampling, inputs.sample_ids)
+        failed, banned = self._isolate_bad_rows(inputs)
+        batch = self.sampling_batch(inputs.sampling, inputs.sample_ids, banned)
         token_ids, logprobs = self.sampler(logits, batch)
         return ModelRunnerOutput(inputs.sample_ids, token_ids, logprobs, prompt_logprobs,
                                  failed)
 
-    def _isolate_bad_rows(self, inputs: ModelInputs) -> dict[str, str]:
+    def _isolate_bad_rows(self, inputs: ModelInputs) -> tuple[dict[str, str], list[list[int]]]:
         """Set up each row's sampling on its own first (seeded generator, banned tokens, the
         ranges tensors can hold): a row whose own parameters raise is failed alone (sample id ->
-        why) and sampled greedily as a placeholder, so the rest of the batch goes on."""
-        failed = {}
+        why) and sampled greedily as a placeholder, so the rest of the batch goes on. Returns
+        the failures and each row's banned tokens (computed once, here)."""
+        failed, banned = {}, []
         for row, (s, sample_id) in enumerate(zip(inputs.sampling, inputs.sample_ids)):
             try:
                 _check_row(s)
                 self._generator(s, sample_id)
-                banned_tokens(s)
+                banned.append(banned_tokens(s))
             except Exception as exc:
+                banned.append([])
                 failed[sample_id] = f"{type(exc).__name__}: {exc}"
                 inputs.sampling[row] = dataclasses.replace(
                     s, request_id="", sampling_params=PLACEHOLDER_PARAMS, output_token_ids=[],
                     prompt_token_ids=[])
                 self.generators.pop(sample_id, None)
-        return failed
+        return failed, banned
 
     def forward(self, inputs: ModelInputs) -> torch.Tensor:
         """The final hidden states: a decode-only step that fits a captured CUDA graph replays
@@ -188,8 +190,8 @@ class ModelRunner:
     def _tensor(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    def sampling_batch(self, rows: list[ScheduledRequest],
-                       sample_ids: list[str] | None = None) -> SamplingBatch:
+    def sampling_batch(self, rows: list[ScheduledRequest], sample_ids: list[str] | None = None,
+                       banned: list[list[int]] | None = None) -> SamplingBatch:
         sample_ids = sample_ids or [s.request_id for s in rows]
         params = [s.sampling_params for s in rows]
         floats = lambda values: torch.tensor(values, dtype=torch.float32, device=self.device)  # noqa: E731
@@ -199,7 +201,7 @@ class ModelRunner:
             top_p=floats([p.top_p for p in params]),
             min_p=floats([p.min_p for p in params]),
             generators=[self._generator(s, sample_id) for s, sample_id in zip(rows, sample_ids)],
-            banned=[banned_tokens(s) for s in rows],
+            banned=banned if banned is not None else [banned_tokens(s) for s in rows],
             num_logprobs=[p.num_sample_logprobs for p in params],
             all_greedy=all(p.greedy for p in params),
             needs_top_k_or_p=any(p.top_k > 0 or p.top_p < 1 for p in params),
