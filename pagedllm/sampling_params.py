@@ -16,6 +16,17 @@ class RequestOutputKind(enum.Enum):
 
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
+
+def check_text(text: str, name: str) -> None:
+    """ValueError naming `name` unless `text` is valid Unicode: a lone surrogate (which JSON's
+    "\\ud800" can carry) cannot be encoded as UTF-8, so no tokenizer or hash could take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{name} must be valid UTF-8 text: it has a lone surrogate "
+                         f"({text[exc.start]!r}) at character {exc.start}") from None
+
+
 @dataclass
 class StructuredOutputsParams:
     """Constrain a request's output to a format; set exactly one of the five (vLLM's names).
@@ -61,6 +72,10 @@ class StructuredOutputsParams:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"structured_outputs.{name} must be a non-empty string")
+            if value is not None:
+                check_text(value, f"structured_outputs.{name}")
+        for i, choice in enumerate(self.choice or []):
+            check_text(choice, f"structured_outputs.choice[{i}]")
 
     @property
     def kind(self) -> str:
@@ -155,6 +170,11 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        for name in ("stop", "bad_words"):
+            for i, text in enumerate(getattr(self, name) or []):
+                if not isinstance(text, str):
+                    raise ValueError(f"{name}[{i}] must be a string, got {type(text).__name__}")
+                check_text(text, f"{name}[{i}]")
         if self.best_of > 1 and self.greedy:
             raise ValueError("n > 1 or best_of > 1 needs sampling: set temperature > 0")
 

@@ -70,3 +70,22 @@ def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
     return tokenizer
+
+
+# A normalizer may merge characters before tokenizing (NFC turns "e" + U+0301 into one "é";
+# Hangul jamo compose three into one), so with one a token can stand for this many more.
+NORMALIZER_SLACK = 3
+
+
+def max_chars_per_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """An upper bound on the characters of text one token can cover, so that a prompt's length
+    in characters bounds its length in tokens from below without tokenizing it.
+
+    A vocabulary entry is at least as long as the text it decodes to (byte-level BPE spells
+    each byte as one character; SentencePiece's "<0x0A>" is one byte), so the longest entry
+    bounds a token's text, times NORMALIZER_SLACK when a normalizer rewrites the text first.
+    """
+    longest = max((len(piece) for piece in tokenizer.get_vocab()), default=1)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    plain = backend is not None and backend.normalizer is None
+    return longest if plain else longest * NORMALIZER_SLACK

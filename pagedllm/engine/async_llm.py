@@ -16,6 +16,15 @@ engine_core_process, in its own process (engine/core_process.py): the thread the
 the steps that process sends into outputs, and HTTP handling no longer shares the step loop's
 GIL. Commands run between steps, so a step never sees a half-added request. With no command and
 no step to take, the thread sleeps on the condition instead of spinning.
+
+Work whose cost grows with what a client sends (tokenizing a prompt, bad words, a chat template)
+never runs on the engine thread or the event loop: `add_requests` turns prompts into engine
+requests on a one-thread input pool first (`run_input_work`), so a huge prompt delays only the
+inputs queued behind it, never the step loop or the other streams.
+
+Health: `stalled_for()` says how long the engine has gone without finishing a turn while it had
+work, so the server can answer 503 on /health while the loop is stuck. A step that fails aborts
+its requests; MAX_STEP_FAILURES of them in a row mean the engine cannot run at all, and it stops.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import itertools
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,8 +43,8 @@ from pagedllm.config import EngineArgs
 from pagedllm.core.stats import KVCacheStats
 from pagedllm.engine.beam_ranking import BeamSearchParams
 from pagedllm.engine.core import StepRecord
-from pagedllm.engine.errors import EngineDeadError, EngineStepError
-from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.engine.errors import EngineDeadError, EngineOverloadedError, EngineStepError
+from pagedllm.engine.llm_engine import LLMEngine, ProcessedInput
 from pagedllm.engine.request_tracking import RequestStats, TrackedRequest, tracking_params
 from pagedllm.executor import WorkerDiedError
 from pagedllm.inputs import PromptType
@@ -45,8 +55,10 @@ from pagedllm.sampling_params import SamplingParams
 logger = init_logger(__name__)
 
 
-__all__ = ["AsyncLLM", "EngineDeadError", "EngineStepError", "NewRequest", "OutputStream",
-           "RequestStats"]
+__all__ = ["AsyncLLM", "EngineDeadError", "EngineOverloadedError", "EngineStepError",
+           "NewRequest", "OutputStream", "RequestStats"]
+
+MAX_STEP_FAILURES = 3  # failed steps in a row after which the engine stops for good
 
 
 @dataclass(slots=True)
@@ -137,11 +149,29 @@ class _Inbox:
 
 
 class AsyncLLM:
-    def __init__(self, engine: LLMEngine) -> None:
+    """`max_waiting_requests` bounds the requests accepted but not yet scheduled: beyond it
+    `add_requests` raises EngineOverloadedError (a server's 503), so a flood cannot grow the
+    queue, and the memory it holds, without limit. None: no bound (offline use)."""
+
+    def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None) -> None:
+        if max_waiting_requests is not None and max_waiting_requests < 1:
+            raise ValueError(f"max_waiting_requests must be at least 1, got "
+                             f"{max_waiting_requests}")
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_config = engine.model_config
+        self.input_processor = engine.input_processor  # its checks are thread-safe
+        self.max_waiting_requests = max_waiting_requests
+        # max_tokens for a request that sets none (None: up to the context); a server sets it
+        self.default_max_tokens: int | None = None
         self.stats = EngineStats()
+        # Tokenizing and other input work: one thread, so the tokenizer is never used by two
+        # threads at once (HF fast tokenizers are not safe for that) and inputs keep their order.
+        self._input_pool = ThreadPoolExecutor(1, thread_name_prefix="pagedllm-input")
+        self._unscheduled: set[str] = set()  # accepted, not yet scheduled (engine thread)
+        self._consecutive_failures = 0  # failed steps in a row (engine thread)
+        # When the engine last finished a turn, or had work again after idling (monotonic).
+        self._progress_time = time.monotonic()
         self._inbox = _Inbox()
         self._wakeup = threading.Condition()
         self._tracked: dict[str, TrackedRequest] = {}  # owned by the engine thread
@@ -156,8 +186,9 @@ class AsyncLLM:
         self._thread.start()
 
     @classmethod
-    def from_engine_args(cls, args: EngineArgs) -> AsyncLLM:
-        return cls(LLMEngine.from_engine_args(args))
+    def from_engine_args(cls, args: EngineArgs,
+                         max_waiting_requests: int | None = None) -> AsyncLLM:
+        return cls(LLMEngine.from_engine_args(args), max_waiting_requests)
 
     def _wake(self) -> None:
         with self._wakeup:
@@ -168,6 +199,23 @@ class AsyncLLM:
     def is_running(self) -> bool:
         return self._thread.is_alive() and self._dead is None
 
+    def stalled_for(self) -> float:
+        """Seconds the engine has had work (requests in flight or commands queued) without
+        finishing a turn of its loop; 0 while it makes progress or is idle."""
+        if not (self._tracked or self._inbox.commands):
+            return 0.0
+        return max(0.0, time.monotonic() - self._progress_time)
+
+    async def run_input_work(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run `fn` (tokenizing, rendering a chat template, decoding) on the input thread:
+        off the event loop and off the engine thread, one at a time."""
+        loop = asyncio.get_running_loop()
+        try:
+            future = loop.run_in_executor(self._input_pool, lambda: fn(*args, **kwargs))
+        except RuntimeError as exc:  # the pool refuses new work once shutdown() ran
+            raise EngineDeadError("the engine is shutting down or has stopped") from exc
+        return await future
+
     def add_observer(self, observer: Callable[[RequestStats], None]) -> None:
         """`observer(stats)` runs on the engine thread whenever a request ends."""
         self._observers.append(observer)
@@ -176,10 +224,11 @@ class AsyncLLM:
         """Queue all requests or none; raises the engine's ValueError if one of them is bad."""
         loop = asyncio.get_running_loop()
         stream = OutputStream(self, loop)
-        stream.unfinished.update(r.request_id for r in requests)
         arrival = time.monotonic()
+        inputs = await self.run_input_work(self._process_inputs, requests, arrival)
+        stream.unfinished.update(r.request_id for r in requests)
         try:
-            await self._ask(lambda: self._add(requests, stream, arrival))
+            await self._ask(lambda: self._add(requests, inputs, stream, arrival))
         except asyncio.CancelledError:
             stream.abort()  # the requests may have been added meanwhile
             raise
@@ -230,6 +279,7 @@ class AsyncLLM:
         with self._wakeup:
             self._inbox.stopping = True
             self._wakeup.notify()
+        self._input_pool.shutdown(wait=False, cancel_futures=True)
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
@@ -244,6 +294,8 @@ class AsyncLLM:
             if self._dead is not None or self._inbox.stopping:
                 command.reply(error=EngineDeadError("the engine is shutting down or has stopped"))
                 return
+            if not (self._tracked or self._inbox.commands):  # work again after idling
+                self._progress_time = time.monotonic()
             self._inbox.commands.append(command)
             self._wakeup.notify()
 
@@ -256,6 +308,7 @@ class AsyncLLM:
                     self._execute(command)
                 if self.engine.ready_to_step():
                     self._step()
+                self._progress_time = time.monotonic()
         except BaseException as exc:  # a bug in the loop itself: stop taking requests
             logger.exception("the engine thread stopped")
             self._dead = exc
@@ -283,22 +336,33 @@ class AsyncLLM:
         self._publish_stats()  # before the reply, so the caller never sees an older snapshot
         command.reply(result)
 
-    def _add(self, requests: list[NewRequest], stream: OutputStream, arrival: float) -> None:
+    def _process_inputs(self, requests: list[NewRequest], arrival: float) -> list[ProcessedInput]:
+        """On the input thread: tokenize and validate (a bad request raises its ValueError)."""
+        return [self.engine.process_input(r.request_id, r.prompt, r.params, arrival, r.priority,
+                                          self.default_max_tokens)
+                for r in requests]
+
+    def _add(self, requests: list[NewRequest], inputs: list[ProcessedInput],
+             stream: OutputStream, arrival: float) -> None:
+        self._check_room(len(requests))
         added: list[str] = []
         try:
-            for r in requests:
-                if isinstance(r.params, BeamSearchParams):
-                    self.engine.add_beam_search(r.request_id, r.prompt, r.params, arrival,
-                                                priority=r.priority)
-                else:
-                    self.engine.add_request(r.request_id, r.prompt, r.params, arrival,
-                                            priority=r.priority)
-                added.append(r.request_id)
+            for processed in inputs:
+                self.engine.add_processed(processed)
+                added.append(processed.request_id)
         except Exception:
             self.engine.abort_request(added)  # all or none, like LLM.generate
             raise
         for r in requests:
             self._tracked[r.request_id] = TrackedRequest(stream, tracking_params(r.params), arrival)
+            self._unscheduled.add(r.request_id)
+
+    def _check_room(self, num_new: int) -> None:
+        limit = self.max_waiting_requests
+        if limit is not None and len(self._unscheduled) + num_new > limit:
+            raise EngineOverloadedError(
+                f"the server is overloaded: {len(self._unscheduled)} requests are waiting to be "
+                f"scheduled (at most {limit}); retry later")
 
     def _abort(self, request_ids: list[str]) -> None:
         finals = [self._aborted_output(r) for r in request_ids if r in self._tracked]
@@ -323,12 +387,17 @@ class AsyncLLM:
         except (EngineDeadError, WorkerDiedError):
             raise  # the core or a worker is gone: nothing can be served any more
         except Exception as exc:
-            logger.exception("engine step failed; aborting the %d requests in flight",
-                             len(self._tracked))
+            self._consecutive_failures += 1
+            logger.exception("engine step failed (%d in a row); aborting the %d requests in "
+                             "flight", self._consecutive_failures, len(self._tracked))
             self._fail_all(EngineStepError(f"the engine failed while running this request: "
                                            f"{type(exc).__name__}: {exc}"))
             self._publish_stats()
+            if self._consecutive_failures >= MAX_STEP_FAILURES:
+                raise EngineDeadError(f"{MAX_STEP_FAILURES} engine steps failed in a row; the "
+                                      f"engine cannot run (last: {exc})") from exc
             return
+        self._consecutive_failures = 0
         if self.engine.num_steps > steps_before:
             self._note_scheduled(self.engine.step_records[-1])
         self._publish_stats()  # before the outputs: a client that got them sees this step
@@ -336,10 +405,13 @@ class AsyncLLM:
 
     def _note_scheduled(self, record: StepRecord) -> None:
         started = time.monotonic() - record.duration_s
-        for request_id in record.scheduled:
+        for engine_id in record.scheduled:
+            # a forked sequence or a beam runs as "<request id>#<suffix>"
+            request_id = engine_id if engine_id in self._tracked else engine_id.partition("#")[0]
             tracked = self._tracked.get(request_id)
             if tracked is not None and tracked.first_scheduled_time is None:
                 tracked.first_scheduled_time = started
+                self._unscheduled.discard(request_id)
         self._max_batch_size = max(self._max_batch_size, len(record.scheduled))
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
@@ -352,13 +424,19 @@ class AsyncLLM:
             tracked.observe(output)
             if output.finished:
                 del self._tracked[output.request_id]
+                self._unscheduled.discard(output.request_id)
                 self._notify_observers(tracked.request_stats(output))
             batches.setdefault(tracked.stream.loop, []).append((tracked.stream, output))
         for loop, items in batches.items():
             _call_soon(loop, _put_all, items)
 
     def _fail_all(self, error: BaseException) -> None:
+        """Hand `error` to every stream and abort every request; each counts as finished with
+        reason 'error'."""
         tracked, self._tracked = self._tracked, {}
+        self._unscheduled.clear()
+        for request_id, t in tracked.items():
+            self._notify_observers(t.error_stats(request_id))
         batches: dict[asyncio.AbstractEventLoop, list[tuple[OutputStream, Any]]] = {}
         for t in {id(t.stream): t for t in tracked.values()}.values():
             batches.setdefault(t.stream.loop, []).append((t.stream, error))

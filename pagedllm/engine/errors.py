@@ -8,3 +8,7 @@ class EngineDeadError(RuntimeError):
 
 class EngineStepError(RuntimeError):
     """A step failed; the requests that were in flight are aborted and get this error."""
+
+
+class EngineOverloadedError(RuntimeError):
+    """Too many requests are waiting to be scheduled; retry later (a server's 503)."""

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pagedllm.core.request import Request
 from pagedllm.inputs import PromptType
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import SamplingParams, check_text
 from pagedllm.structured_output.grammar import grammar_key, parse_grammar
+from pagedllm.tokenizer import max_chars_per_token
 
 
 class Processor:
@@ -17,14 +18,20 @@ class Processor:
         self.cache_tokens = cache_tokens  # the whole KV cache, in tokens
         self.eos_token_id = eos_token_ids[0] if eos_token_ids else None
         self.extra_stop_ids = set(eos_token_ids[1:])  # e.g. Llama 3's end-of-turn ids
+        # Text longer than this cannot fit in max_model_len tokens: rejected untokenized.
+        self.max_prompt_chars = (max_model_len * max_chars_per_token(tokenizer)
+                                 if tokenizer is not None else None)
 
     def process(self, request_id: str, prompt: PromptType, params: SamplingParams | None,
-                arrival_time: float | None = None) -> tuple[Request, str | None]:
-        """Returns the engine request and the prompt text (None for a token-id prompt)."""
+                arrival_time: float | None = None,
+                default_max_tokens: int | None = None) -> tuple[Request, str | None]:
+        """Returns the engine request and the prompt text (None for a token-id prompt).
+        Without max_tokens a request may fill the context, or `default_max_tokens` if less."""
         text, token_ids = self.tokenize(prompt)
         self._check_token_ids(token_ids)
         params = (params or SamplingParams()).clone()
-        max_tokens = self._resolve_max_tokens(len(token_ids), params.max_tokens)
+        max_tokens = self._resolve_max_tokens(len(token_ids), params.max_tokens,
+                                              default_max_tokens)
         params.eos_token_id = self.eos_token_id
         self._check_token_params(params)
         if not params.ignore_eos:
@@ -35,11 +42,13 @@ class Processor:
         salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
         if salt is not None and not isinstance(salt, str):
             raise ValueError("cache_salt must be a string")
-        if salt is not None and not _is_utf8(salt):
-            raise ValueError("cache_salt must be valid UTF-8 text (it has a lone surrogate)")
-        if params.top_k > self.vocab_size:
-            raise ValueError(f"top_k must be at most the vocabulary size ({self.vocab_size}), "
-                             f"got {params.top_k}")
+        if salt is not None:
+            check_text(salt, "cache_salt")
+        for name in ("top_k", "logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > self.vocab_size:
+                raise ValueError(f"{name} must be at most the vocabulary size "
+                                 f"({self.vocab_size}), got {value}")
         request = Request(request_id, token_ids, params, max_tokens, cache_salt=salt)
         if arrival_time is not None:
             request.arrival_time = arrival_time
@@ -59,7 +68,17 @@ class Processor:
         if self.tokenizer is None:
             raise ValueError("a text prompt needs a tokenizer; with skip_tokenizer_init=True "
                              "pass {'prompt_token_ids': [...]} instead")
+        self.check_prompt_text(prompt)
         return prompt, self.tokenizer.encode(prompt)
+
+    def check_prompt_text(self, text: str, name: str = "prompt") -> None:
+        """ValueError for text that is not valid Unicode or too long to fit max_model_len
+        tokens whatever it says: cheap checks, so run them before tokenizing."""
+        if self.max_prompt_chars is not None and len(text) > self.max_prompt_chars:
+            raise ValueError(f"the {name} is {len(text)} characters long: more than "
+                             f"max_model_len ({self.max_model_len}) tokens can hold (at most "
+                             f"{self.max_prompt_chars} characters for this tokenizer)")
+        check_text(text, name)
 
     def _check_token_params(self, params: SamplingParams) -> None:
         for name, ids in (("logit_bias", params.logit_bias or {}),
@@ -82,13 +101,13 @@ class Processor:
 
     def _bad_word_sequences(self, words: list[str]) -> list[list[int]]:
         """Each word as tokens both at the start of text and after a space, as vLLM does."""
-        sequences = []
+        sequences: dict[tuple[int, ...], None] = {}  # ordered and deduplicated in linear time
         for word in words:
             for variant in (word.strip(), " " + word.strip()):
                 ids = self.tokenizer.encode(variant, add_special_tokens=False)
-                if ids and ids not in sequences:
-                    sequences.append(ids)
-        return sequences
+                if ids:
+                    sequences.setdefault(tuple(ids))
+        return [list(ids) for ids in sequences]
 
     def _check_token_ids(self, token_ids: list[int]) -> None:
         if not token_ids:
@@ -101,12 +120,15 @@ class Processor:
             raise ValueError(f"the prompt is {len(token_ids)} tokens long, but max_model_len is "
                              f"{self.max_model_len} (the prompt must leave room for one token)")
 
-    def _resolve_max_tokens(self, prompt_len: int, max_tokens: int | None) -> int:
+    def _resolve_max_tokens(self, prompt_len: int, max_tokens: int | None,
+                            default_max_tokens: int | None = None) -> int:
         if max_tokens is None:
             max_tokens = min(self.max_model_len, self.cache_tokens) - prompt_len
             if max_tokens < 1:
                 raise ValueError(f"the prompt ({prompt_len} tokens) leaves no room to generate: "
                                  f"the KV cache holds {self.cache_tokens} tokens")
+            if default_max_tokens is not None:
+                max_tokens = min(max_tokens, default_max_tokens)
         total = prompt_len + max_tokens
         if total > self.max_model_len:
             raise ValueError(f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) "
@@ -116,11 +138,3 @@ class Processor:
                              f"is {total} tokens, more than the whole KV cache holds "
                              f"({self.cache_tokens} tokens)")
         return max_tokens
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

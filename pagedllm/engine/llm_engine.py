@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from pagedllm.config import EngineArgs
-from pagedllm.core.request import RequestStatus
+from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.stats import KVCacheStats
 from pagedllm.engine.beam_ranking import BeamSearchParams
 from pagedllm.engine.beam_search import step_params as beam_step_params
@@ -30,7 +31,18 @@ from pagedllm.sampling_params import SamplingParams
 
 logger = init_logger(__name__)
 
-__all__ = ["LLMEngine", "StepRecord"]
+__all__ = ["LLMEngine", "ProcessedInput", "StepRecord"]
+
+
+@dataclass(slots=True)
+class ProcessedInput:
+    """A request the input processor has tokenized and validated, ready to queue. For a beam
+    search, `request` is its first beam."""
+
+    request_id: str
+    request: Request
+    text: str | None  # the prompt text (None for a token-id prompt)
+    beam_search: BeamSearchParams | None = None
 
 
 class LLMEngine:
@@ -74,27 +86,46 @@ class LLMEngine:
                     arrival_time: float | None = None, priority: int = 0) -> None:
         """Validate and queue a request; raises ValueError with the reason if it is bad.
         `priority` orders the waiting queue under scheduling_policy="priority" (lower first)."""
-        self._check_new_id(request_id)
-        _check_priority(priority)
-        request, text = self.input_processor.process(request_id, prompt, params, arrival_time)
-        request.priority = priority
-        best_of = request.sampling_params.best_of
-        request.pending_fork_ids = [sequence_id(request_id, i) for i in range(1, best_of)]
-        self.engine_core.add_request(request)
-        self.output_processor.add_request(request_id, text, request.prompt_token_ids,
-                                          request.sampling_params, request.arrival_time)
+        self.add_processed(self.process_input(request_id, prompt, params, arrival_time, priority))
 
     def add_beam_search(self, request_id: str, prompt: PromptType, params: BeamSearchParams,
                         arrival_time: float | None = None, priority: int = 0) -> None:
         """Queue a beam search (engine/beam_search.py); its one RequestOutput comes when it
         ends, with the beams best first as `outputs`."""
-        self._check_new_id(request_id)
+        self.add_processed(self.process_input(request_id, prompt, params, arrival_time, priority))
+
+    def process_input(self, request_id: str, prompt: PromptType,
+                      params: SamplingParams | BeamSearchParams | None = None,
+                      arrival_time: float | None = None, priority: int = 0,
+                      default_max_tokens: int | None = None) -> ProcessedInput:
+        """Tokenize and validate one request (ValueError if it is bad) without queueing it.
+        It reads no engine state, so AsyncLLM runs it off the engine thread; `add_processed`
+        queues the result. A request without max_tokens gets at most `default_max_tokens`."""
         _check_priority(priority)
-        first, text = self.input_processor.process(f"{request_id}#beam0", prompt,
-                                                   beam_step_params(params), arrival_time)
+        if isinstance(params, BeamSearchParams):
+            first, text = self.input_processor.process(f"{request_id}#beam0", prompt,
+                                                       beam_step_params(params), arrival_time)
+        else:
+            first, text = self.input_processor.process(request_id, prompt, params, arrival_time,
+                                                       default_max_tokens)
+            best_of = first.sampling_params.best_of
+            first.pending_fork_ids = [sequence_id(request_id, i) for i in range(1, best_of)]
         first.priority = priority
-        self.engine_core.add_beam_search(request_id, text, first, params)
-        self.searches.add(request_id)
+        beam = params if isinstance(params, BeamSearchParams) else None
+        return ProcessedInput(request_id, first, text, beam)
+
+    def add_processed(self, processed: ProcessedInput) -> None:
+        """Queue a request that `process_input` made; ValueError if its id is in use."""
+        request_id, request = processed.request_id, processed.request
+        self._check_new_id(request_id)
+        if processed.beam_search is not None:
+            self.engine_core.add_beam_search(request_id, processed.text, request,
+                                             processed.beam_search)
+            self.searches.add(request_id)
+            return
+        self.engine_core.add_request(request)
+        self.output_processor.add_request(request_id, processed.text, request.prompt_token_ids,
+                                          request.sampling_params, request.arrival_time)
 
     def _check_new_id(self, request_id: str) -> None:
         """The one duplicate-id check: a front-end knows every request it has in flight."""

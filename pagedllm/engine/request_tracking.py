@@ -82,13 +82,22 @@ class TrackedRequest:
         return RequestOutput(request_id, prompt, prompt_token_ids, completions, finished=True,
                              metrics=metrics)
 
+    def error_stats(self, request_id: str) -> RequestStats:
+        """The figures of a request that a failed step (or a stopped engine) ended."""
+        prompt_len = len(self.last.prompt_token_ids) if self.last is not None else 0
+        return RequestStats(request_id=request_id, finish_reason="error",
+                            num_prompt_tokens=prompt_len,
+                            num_generation_tokens=self.num_output_tokens,
+                            arrival_time=self.arrival_time,
+                            first_scheduled_time=self.first_scheduled_time,
+                            first_token_time=None, finished_time=time.monotonic())
+
     def request_stats(self, output: RequestOutput) -> RequestStats:
         metrics = output.metrics
         reasons = [c.finish_reason for c in output.outputs if c.finish_reason]
         return RequestStats(
             request_id=output.request_id,
-            # one reason per request: any abort wins, then the first choice's
-            finish_reason="abort" if "abort" in reasons else (reasons[0] if reasons else "abort"),
+            finish_reason=request_finish_reason(reasons),
             num_prompt_tokens=len(output.prompt_token_ids),
             num_generation_tokens=self.num_output_tokens,
             arrival_time=self.arrival_time,
@@ -96,6 +105,14 @@ class TrackedRequest:
             first_token_time=metrics.first_token_time if metrics else None,
             finished_time=(metrics.finished_time if metrics else None) or time.monotonic(),
         )
+
+
+def request_finish_reason(choice_reasons: list[str]) -> str:
+    """One reason per request: an error wins, then an abort, then the first choice's."""
+    for reason in ("error", "abort"):
+        if reason in choice_reasons:
+            return reason
+    return choice_reasons[0] if choice_reasons else "abort"
 
 
 def ended_by_abort(before: CompletionOutput | None, index: int) -> CompletionOutput:

@@ -31,6 +31,9 @@ class ModelConfig:
     dtype: torch.dtype
     max_model_len: int
     eos_token_ids: list[int] = field(default_factory=list)
+    # generation_config.json's max_new_tokens: what the model's authors suggest a reply may
+    # take (a server's default when a request sets no max_tokens)
+    default_max_tokens: int | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -48,6 +51,7 @@ def load_model_config(model: str | None, dtype: str = "auto", max_model_len: int
         hf_config = text_model_config(AutoConfig.from_pretrained(source.path))
     resolve_model_class(hf_config.model_type)  # fail early on an unsupported family
     limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+    generation = _generation_config(source)
     if max_model_len is not None and max_model_len > limit:
         raise ValueError(f"max_model_len {max_model_len} exceeds the model's limit of {limit}")
     return ModelConfig(
@@ -55,7 +59,8 @@ def load_model_config(model: str | None, dtype: str = "auto", max_model_len: int
         hf_config=hf_config,
         dtype=resolve_dtype(dtype, hf_config, device, source.is_gguf),
         max_model_len=max_model_len or limit,
-        eos_token_ids=_eos_token_ids(source, hf_config),
+        eos_token_ids=_eos_token_ids(hf_config, generation),
+        default_max_tokens=getattr(generation, "max_new_tokens", None),
     )
 
 
@@ -99,10 +104,17 @@ def bf16_is_native(device: str) -> bool:
     return cpu_info().onednn_bf16 and torch.backends.mkldnn.is_available()
 
 
-def _eos_token_ids(source: ModelSource, hf_config: PretrainedConfig) -> list[int]:
-    ids = _as_list(getattr(hf_config, "eos_token_id", None))
+def _generation_config(source: ModelSource) -> GenerationConfig | None:
     if not source.is_gguf and (source.path / "generation_config.json").is_file():
-        ids += _as_list(GenerationConfig.from_pretrained(source.path).eos_token_id)
+        return GenerationConfig.from_pretrained(source.path)
+    return None
+
+
+def _eos_token_ids(hf_config: PretrainedConfig,
+                   generation: GenerationConfig | None) -> list[int]:
+    ids = _as_list(getattr(hf_config, "eos_token_id", None))
+    if generation is not None:
+        ids += _as_list(generation.eos_token_id)
     return list(dict.fromkeys(ids))
 
 

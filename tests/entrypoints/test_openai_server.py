@@ -492,7 +492,8 @@ def test_models_health_version_tokenize(server, http):
     assert [m["id"] for m in models["data"]] == [MODEL, OTHER_NAME]
     assert models["data"][0]["max_model_len"] == MAX_MODEL_LEN
     assert httpx.get(server.url + "/health").status_code == 200  # open without a key
-    assert httpx.get(server.url + "/version").json()["version"]
+    assert httpx.get(server.url + "/version").status_code == 401  # every other route needs it
+    assert http.get("/version").json()["version"]
     tokens = http.post("/tokenize", json={"prompt": "Hello world", "return_token_strs": True,
                                           "model": MODEL}).json()
     assert tokens["count"] == len(tokens["tokens"]) == len(tokens["token_strs"]) > 0

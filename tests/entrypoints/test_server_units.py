@@ -1,6 +1,8 @@
 """The server's parts that need no model: the shared stream/collect helpers of the handlers,
-and the watchdog that stops the server (with a non-zero exit status) when its engine dies.
-A scripted fake stands in for AsyncLLM, so these run in well under a second each."""
+the watchdog that stops the server (with a non-zero exit status) when its engine dies, and the
+guards in front of the engine (auth on every route, body size, strict types, request limits,
+overload, health while stalled). A scripted fake stands in for AsyncLLM, so these run in well
+under a second each."""
 
 from __future__ import annotations
 
@@ -17,10 +19,18 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
-from pagedllm.engine.async_llm import EngineDeadError, EngineStepError, NewRequest
+from pagedllm.engine.async_llm import (
+    EngineDeadError,
+    EngineOverloadedError,
+    EngineStats,
+    EngineStepError,
+    NewRequest,
+)
 from pagedllm.entrypoints.openai import api_server
 from pagedllm.entrypoints.openai.api_server import DrainingServer, build_app
+from pagedllm.entrypoints.openai.cli_args import ServerOptions
 from pagedllm.entrypoints.openai.errors import OpenAIError
+from pagedllm.entrypoints.openai.limits import DEFAULT_MAX_TOKENS, RequestLimits
 from pagedllm.entrypoints.openai.protocol import UsageInfo
 from pagedllm.entrypoints.openai.serving_base import OpenAIServing, count_usage
 from pagedllm.entrypoints.openai.serving_models import ServedModels
@@ -70,6 +80,14 @@ class FakeEngine:
                                             max_model_len=64, vocab_size=VOCAB_SIZE)
         self.scripts = list(scripts)
         self.streams: list[ScriptedStream] = []
+        self.stalled_seconds = 0.0  # what stalled_for() reports
+        self.stats = EngineStats()
+
+    def stalled_for(self) -> float:
+        return self.stalled_seconds
+
+    async def run_input_work(self, fn, *args, **kwargs):
+        return fn(*args, **kwargs)
 
     def add_observer(self, observer) -> None:
         pass
@@ -297,3 +315,192 @@ def test_a_signalled_stop_keeps_exit_code_0():
 
     assert serve_until_it_stops(server, stop) < 5
     assert server.exit_code == 0
+
+
+# ---- the guards in front of the engine ----------------------------------------------------------
+KEY = "sk-guard"
+
+
+def test_every_route_but_health_needs_the_api_key():
+    """Walk the app's own route table, so that a route added later is covered too."""
+    for public_metrics in (False, True):
+        app = build_app(FakeEngine(), [MODEL], api_key=KEY,
+                        options=ServerOptions(public_metrics=public_metrics))
+        client = TestClient(app)
+        open_paths = {"/health"} | ({"/metrics"} if public_metrics else set())
+        routes = [(method, route.path) for route in flat_routes(app.routes)
+                  for method in getattr(route, "methods", None) or {"GET"}]
+        assert {"/tokenize", "/detokenize", "/debug/step_stats", "/openapi.json"} <= {
+            path for _, path in routes}
+        for method, path in routes:
+            response = client.request(method, path)
+            if path in open_paths:
+                assert response.status_code != 401, (method, path)
+            else:
+                assert response.status_code == 401, (method, path)
+                if method != "HEAD":
+                    assert response.json()["error"]["code"] == "invalid_api_key"
+        assert client.get("/no/such/route").status_code == 401  # unknown routes too
+        authorized = client.get("/version", headers={"Authorization": f"Bearer {KEY}"})
+        assert authorized.status_code == 200
+
+
+def flat_routes(routes: list) -> list:
+    """The routes with a path, looking inside included routers (FastAPI keeps those whole)."""
+    flat = []
+    for route in routes:
+        if hasattr(route, "path"):
+            flat.append(route)
+        elif hasattr(route, "original_router"):
+            flat += flat_routes(route.original_router.routes)
+    return flat
+
+
+def test_a_body_over_the_limit_is_a_413_before_it_is_read():
+    engine = FakeEngine(two_prompts_two_choices)
+    client = TestClient(build_app(engine, [MODEL], options=ServerOptions(
+        max_request_body_bytes=1000)))
+    big = {**COMPLETION, "prompt": "x" * 2000}
+    response = client.post("/v1/completions", json=big)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+    assert "1000 bytes" in response.json()["error"]["message"]
+
+    def chunked():  # no Content-Length: the limit is enforced while reading
+        yield json.dumps(big).encode()
+
+    response = client.post("/v1/completions", content=chunked(),
+                           headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert not engine.streams  # the engine never saw either
+    assert client.post("/v1/completions", json=COMPLETION).status_code == 200
+
+
+@pytest.mark.parametrize("field,value", [
+    ("stream", "yes"), ("echo", "yes"), ("logprobs", "5"), ("n", "2"), ("n", 2.0),
+    ("max_tokens", True), ("temperature", "0.5"), ("ignore_eos", 1), ("seed", "1"),
+])
+def test_wire_types_are_strict(field, value):
+    engine = FakeEngine()
+    response = TestClient(build_app(engine, [MODEL])).post(
+        "/v1/completions", json={**COMPLETION, field: value})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == field
+    assert not engine.streams
+
+
+@pytest.mark.parametrize("body,where", [
+    ('{"model": "fake", "prompt": "\\ud800"}', "prompt"),
+    ('{"model": "fake", "prompt": "x", "stop": ["ok", "\\udfff"]}', "stop[1]"),
+    ('{"model": "fake", "prompt": "x", "bad_words": ["\\ud800"]}', "bad_words[0]"),
+    ('{"model": "fake", "prompt": "x", "user": "a\\ud800b"}', "user"),
+    ('{"model": "fake", "prompt": "x", "structured_outputs": {"json": {"\\ud800": 1}}}',
+     "structured_outputs.json"),
+])
+def test_lone_surrogates_anywhere_are_a_400_naming_the_place(body, where):
+    engine = FakeEngine()
+    response = TestClient(build_app(engine, [MODEL])).post(
+        "/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert where in response.json()["error"]["message"]
+    assert "surrogate" in response.json()["error"]["message"]
+    assert not engine.streams
+
+
+@pytest.mark.parametrize("depth", [100, 400, 100_000])
+def test_deeply_nested_bodies_are_a_400(depth):
+    schema = "[" * depth + "]" * depth
+    body = f'{{"model": "fake", "prompt": "x", "guided_json": {{"type": "object", "x": {schema}}}}}'
+    response = TestClient(build_app(FakeEngine(), [MODEL])).post(
+        "/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert "nested" in response.json()["error"]["message"] or depth > 1000
+
+
+@pytest.mark.parametrize("field,value,option", [
+    ("n", 9, "--max-n"), ("best_of", 9, "--max-n"), ("stop", ["s"] * 5, "--max-stop"),
+    ("stop", "s" * 101, "--max-stop-chars"), ("bad_words", ["w"] * 5, "--max-bad-words"),
+    ("stop_token_ids", [1] * 5, "--max-stop-token-ids"),
+    ("logit_bias", {str(i): 1 for i in range(5)}, "--max-logit-bias"),
+    ("allowed_token_ids", [1] * 5, "--max-allowed-token-ids"),
+    ("prompt", ["p"] * 5, "--max-prompts"),
+])
+def test_request_limits_are_server_options_and_a_400_names_them(field, value, option):
+    limits = RequestLimits(max_n=8, max_prompts=4, max_stop=4, max_stop_chars=100,
+                           max_stop_token_ids=4, max_bad_words=4, max_logit_bias=4,
+                           max_allowed_token_ids=4)
+    engine = FakeEngine()
+    client = TestClient(build_app(engine, [MODEL], options=ServerOptions(limits=limits)))
+    body = {**COMPLETION, "temperature": 1.0, field: value}
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == field and option in error["message"]
+    assert not engine.streams
+
+
+def test_the_openapi_document_states_the_limits_in_force():
+    limits = RequestLimits(max_n=8, max_bad_words=7, max_logit_bias=6)
+    app = build_app(FakeEngine(), [MODEL], options=ServerOptions(limits=limits))
+    schemas = TestClient(app).get("/openapi.json").json()["components"]["schemas"]
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        properties = schemas[name]["properties"]
+        assert properties["n"]["maximum"] == 8
+        assert {"type": "array", "items": {"type": "string"}, "maxItems": 7} in (
+            properties["bad_words"]["anyOf"])
+        assert any(b.get("maxProperties") == 6 for b in properties["logit_bias"]["anyOf"])
+    completions = TestClient(app).get("/openapi.json").json()["paths"]["/v1/completions"]
+    assert {"400", "401", "413", "503"} <= set(completions["post"]["responses"])
+
+
+def test_an_overloaded_engine_is_a_503_with_retry_after():
+    engine = FakeEngine()
+    engine.add_requests = _raising(EngineOverloadedError("the server is overloaded"))
+    response = TestClient(build_app(engine, [MODEL])).post("/v1/completions", json=COMPLETION)
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"
+    assert response.json()["error"]["code"] == "overloaded"
+
+
+def _raising(error: Exception):
+    async def add_requests(requests: list[NewRequest]):
+        raise error
+    return add_requests
+
+
+def test_health_is_503_while_the_engine_stalls():
+    engine = FakeEngine()
+    client = TestClient(build_app(engine, [MODEL], options=ServerOptions(
+        health_stall_timeout_s=5)))
+    engine.stalled_seconds = 4.0
+    assert client.get("/health").status_code == 200
+    engine.stalled_seconds = 6.0
+    response = client.get("/health")
+    assert response.status_code == 503 and response.json()["error"]["code"] == "engine_stalled"
+
+
+def test_the_watchdog_logs_a_stall_and_the_recovery(monkeypatch):
+    logged = []
+    monkeypatch.setattr(api_server.logger, "error", lambda msg, *a: logged.append(msg % a))
+    monkeypatch.setattr(api_server.logger, "warning", lambda msg, *a: logged.append(msg % a))
+    engine = FakeEngine()
+    server = DrainingServer(uvicorn.Config(None), engine, drain_timeout=1, stall_timeout=5)
+    engine.stalled_seconds = 6.0
+    assert server._note_stall(False) is True
+    assert server._note_stall(True) is True  # logged once per stall
+    engine.stalled_seconds = 0.0
+    assert server._note_stall(True) is False
+    assert len(logged) == 2
+    assert "6 s without finishing a step" in logged[0] and "progress again" in logged[1]
+
+
+def test_a_request_without_max_tokens_gets_the_server_default():
+    engine = FakeEngine()
+    build_app(engine, [MODEL])
+    assert engine.default_max_tokens == DEFAULT_MAX_TOKENS  # the fake model has no default
+    engine.model_config.default_max_tokens = 300  # a generation config's max_new_tokens
+    build_app(engine, [MODEL])
+    assert engine.default_max_tokens == 300
+    build_app(engine, [MODEL], options=ServerOptions(limits=RequestLimits(
+        max_tokens_default=50)))
+    assert engine.default_max_tokens == 50

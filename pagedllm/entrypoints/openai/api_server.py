@@ -4,14 +4,17 @@ Routes:
     GET  /health /version /metrics /v1/models
     POST /v1/completions /v1/chat/completions /tokenize /detokenize
     GET  /debug/step_stats   what the engine's steps batched (tests and benchmarks read it)
-With an API key, every /v1 and /debug route needs `Authorization: Bearer KEY`.
+With an API key, every route but /health (and /metrics with --public-metrics) needs
+`Authorization: Bearer KEY`: the tokenizer routes cost as much as a prompt does.
+
+Cheap refusals come first, in ASGI middleware: a missing key (401), then a body over
+--max-request-body-size (413), both before a byte of the body is parsed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import secrets
 import signal
 import socket
 from dataclasses import asdict, dataclass
@@ -19,13 +22,22 @@ from dataclasses import asdict, dataclass
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pagedllm.config import EngineArgs
 from pagedllm.engine.async_llm import AsyncLLM
-from pagedllm.entrypoints.openai.cli_args import resolve_api_key
-from pagedllm.entrypoints.openai.errors import error_response, install_error_handlers
+from pagedllm.entrypoints.openai.cli_args import (
+    DEFAULT_STALL_TIMEOUT_S,
+    ServerOptions,
+    resolve_api_key,
+)
+from pagedllm.entrypoints.openai.errors import (
+    DOCUMENTED_ERRORS,
+    error_response,
+    install_error_handlers,
+)
+from pagedllm.entrypoints.openai.limits import document_limits
 from pagedllm.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
+from pagedllm.entrypoints.openai.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
 from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -43,13 +55,13 @@ from pagedllm.logger import init_logger
 
 logger = init_logger(__name__)
 
-PROTECTED_PREFIXES = ("/v1", "/debug")
+OPEN_PATHS = ("/health",)  # answered without the API key (and /metrics by a flag)
 MAX_STEP_RECORDS = 2000  # per /debug/step_stats answer
 ENGINE_WATCH_INTERVAL_S = 0.5  # how often the server checks that its engine still runs
 DEAD_ENGINE_GRACE_S = 1.0  # after the engine died: time for responses to send its error
 EXIT_ENGINE_DIED = 1  # the process's status when it stopped because its engine did
 
-router = APIRouter()
+router = APIRouter(responses=DOCUMENTED_ERRORS)
 
 
 @dataclass
@@ -60,6 +72,7 @@ class ServerState:
     chat: OpenAIServingChat
     tokens: OpenAIServingTokens
     metrics: ServerMetrics
+    options: ServerOptions
 
 
 def _state(request: Request) -> ServerState:
@@ -69,8 +82,15 @@ def _state(request: Request) -> ServerState:
 # ---- routes -------------------------------------------------------------------------------------
 @router.get("/health")
 async def health(request: Request) -> Response:
-    if not _state(request).engine.is_running:
+    """200 while the engine runs and makes progress; 503 once it has stopped, or has held work
+    without finishing a step for longer than --health-stall-timeout."""
+    state = _state(request)
+    if not state.engine.is_running:
         return error_response(503, "the engine has stopped", code="engine_unavailable")
+    stalled = state.engine.stalled_for()
+    if stalled > state.options.health_stall_timeout_s:
+        return error_response(503, f"the engine has not finished a step for {stalled:.0f} s "
+                                   "while requests wait", code="engine_stalled")
     return Response(status_code=200)
 
 
@@ -122,52 +142,45 @@ async def step_stats(request: Request, since: int = 0) -> dict:
 
 
 # ---- the app ------------------------------------------------------------------------------------
-class APIKeyMiddleware:
-    """401 for a protected route without `Authorization: Bearer <key>` (a plain ASGI
-    middleware, so streaming responses and disconnect detection pass through untouched)."""
-
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self.app = app
-        self.api_key = api_key.encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not _is_protected(scope["path"]) or self._authorized(scope):
-            await self.app(scope, receive, send)
-            return
-        response = error_response(401, "missing or wrong API key: send the header "
-                                       "'Authorization: Bearer <key>'", code="invalid_api_key",
-                                  headers={"WWW-Authenticate": "Bearer"})
-        await response(scope, receive, send)
-
-    def _authorized(self, scope: Scope) -> bool:
-        value = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = value.partition(b" ")
-        return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.api_key)
-
-
-def _is_protected(path: str) -> bool:
-    return any(path == p or path.startswith(p + "/") for p in PROTECTED_PREFIXES)
-
-
-def build_app(engine: AsyncLLM, served_model_names: list[str],
-              api_key: str | None = None) -> FastAPI:
+def build_app(engine: AsyncLLM, served_model_names: list[str], api_key: str | None = None,
+              options: ServerOptions | None = None) -> FastAPI:
     from pagedllm import __version__
 
+    options = options or ServerOptions()
     config = engine.model_config
     models = ServedModels(list(served_model_names), str(config.source.path), config.max_model_len)
+    engine.default_max_tokens = options.limits.default_max_tokens(
+        getattr(config, "default_max_tokens", None))
     app = FastAPI(title="pagedllm", version=__version__)
     app.state.pagedllm = ServerState(
         engine=engine, models=models,
-        completion=OpenAIServingCompletion(engine, models),
-        chat=OpenAIServingChat(engine, models),
-        tokens=OpenAIServingTokens(engine, models),
+        completion=OpenAIServingCompletion(engine, models, options.limits),
+        chat=OpenAIServingChat(engine, models, options.limits),
+        tokens=OpenAIServingTokens(engine, models, options.limits),
         metrics=ServerMetrics(engine),
+        options=options,
     )
     app.include_router(router)
     install_error_handlers(app)
+    _document(app, options)
+    # Added last runs first: the key is checked before the body is read at all.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=options.max_request_body_bytes)
     if api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+        open_paths = OPEN_PATHS + (("/metrics",) if options.public_metrics else ())
+        app.add_middleware(APIKeyMiddleware, api_key=api_key, open_paths=open_paths)
     return app
+
+
+def _document(app: FastAPI, options: ServerOptions) -> None:
+    """The OpenAPI document states this server's request caps."""
+    plain_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            document_limits(plain_openapi(), options.limits)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 # ---- the process --------------------------------------------------------------------------------
@@ -184,11 +197,13 @@ class DrainingServer(uvicorn.Server):
     """
 
     def __init__(self, config: uvicorn.Config, engine: AsyncLLM, drain_timeout: float,
-                 watch_interval: float = ENGINE_WATCH_INTERVAL_S) -> None:
+                 watch_interval: float = ENGINE_WATCH_INTERVAL_S,
+                 stall_timeout: float = DEFAULT_STALL_TIMEOUT_S) -> None:
         super().__init__(config)
         self.engine = engine
         self.drain_timeout = drain_timeout
         self.watch_interval = watch_interval
+        self.stall_timeout = stall_timeout
         self.engine_died = False
 
     @property
@@ -203,17 +218,30 @@ class DrainingServer(uvicorn.Server):
             watchdog.cancel()
 
     async def watch_engine(self) -> None:
-        """Poll the engine; once it has stopped, shut the server down. The engine failed its
-        requests as it stopped, so they only need a moment to send that error: after
-        DEAD_ENGINE_GRACE_S the shutdown stops waiting for them (there is nothing to drain)."""
+        """Poll the engine; log when it stalls (and when it recovers); once it has stopped,
+        shut the server down. The engine failed its requests as it stopped, so they only need
+        a moment to send that error: after DEAD_ENGINE_GRACE_S the shutdown stops waiting for
+        them (there is nothing to drain)."""
+        stalled = False
         while self.engine.is_running:
             await asyncio.sleep(self.watch_interval)
+            stalled = self._note_stall(stalled)
         logger.error("the engine has stopped; shutting the server down (exit status %d)",
                      EXIT_ENGINE_DIED)
         self.engine_died = True
         self.should_exit = True
         await asyncio.sleep(DEAD_ENGINE_GRACE_S)
         self.force_exit = True
+
+    def _note_stall(self, was_stalled: bool) -> bool:
+        seconds = self.engine.stalled_for()
+        stalled = seconds > self.stall_timeout
+        if stalled and not was_stalled:
+            logger.error("the engine has held work for %.0f s without finishing a step; "
+                         "/health says 503 until it does", seconds)
+        elif was_stalled and not stalled:
+            logger.warning("the engine makes progress again; /health says 200")
+        return stalled
 
     async def shutdown(self, sockets=None) -> None:
         loop = asyncio.get_running_loop()
@@ -234,10 +262,12 @@ def default_served_name(args: argparse.Namespace, engine: AsyncLLM) -> str:
 
 def run_server(args: argparse.Namespace) -> int:
     api_key = resolve_api_key(args.api_key)
-    engine = AsyncLLM.from_engine_args(EngineArgs.from_cli_args(args))
+    options = ServerOptions.from_cli_args(args)  # a bad option fails before the model loads
+    engine = AsyncLLM.from_engine_args(EngineArgs.from_cli_args(args),
+                                       max_waiting_requests=args.max_waiting_requests)
     try:
         names = args.served_model_name or [default_served_name(args, engine)]
-        app = build_app(engine, names, api_key)
+        app = build_app(engine, names, api_key, options)
         config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="off",
                                 log_level=args.uvicorn_log_level,
                                 access_log=not args.disable_access_log,
@@ -248,7 +278,8 @@ def run_server(args: argparse.Namespace) -> int:
         # replaced runs; with these (log and return) a signalled stop exits with status 0.
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, _note_signal)
-        server = DrainingServer(config, engine, args.shutdown_timeout)
+        server = DrainingServer(config, engine, args.shutdown_timeout,
+                                stall_timeout=options.health_stall_timeout_s)
         server.run()
         return server.exit_code
     finally:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pagedllm.entrypoints.openai.errors import OpenAIError
 from pagedllm.entrypoints.openai.protocol import ChatMessage
 from pagedllm.inputs import TokensPrompt
+
+if TYPE_CHECKING:
+    from pagedllm.engine.async_llm import AsyncLLM
 
 TEXT_PART_TYPES = ("text", "input_text")
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name; templates know "system"
@@ -42,20 +44,26 @@ def conversation(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return result
 
 
-async def render_chat(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool,
+async def render_chat(engine: AsyncLLM, messages: list[ChatMessage], add_generation_prompt: bool,
                       continue_final_message: bool) -> TokensPrompt:
-    """Apply the chat template off the event loop; a template error is the client's 400."""
+    """Apply the chat template and tokenize on the engine's input thread (off the event loop);
+    a template error, or a conversation too long to fit the context, is the client's 400."""
     turns = conversation(messages)
+    tokenizer = engine.tokenizer
 
     def render() -> TokensPrompt:
-        text = tokenizer.apply_chat_template(
-            turns, tokenize=False, add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message)
+        try:
+            text = tokenizer.apply_chat_template(
+                turns, tokenize=False, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message)
+        except Exception as exc:  # jinja and transformers raise many kinds for a bad conversation
+            raise OpenAIError.bad_request(f"cannot apply the chat template to these messages: "
+                                          f"{exc}", "messages") from exc
+        try:
+            engine.input_processor.check_prompt_text(text, "conversation")
+        except ValueError as exc:
+            raise OpenAIError.bad_request(str(exc), "messages") from exc
         # The template wrote any BOS it wants already (as LLM.chat does).
         return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
 
-    try:
-        return await asyncio.to_thread(render)
-    except Exception as exc:  # jinja and transformers raise many kinds for a bad conversation
-        raise OpenAIError.bad_request(f"cannot apply the chat template to these messages: "
-                                      f"{exc}", "messages") from exc
+    return await engine.run_input_work(render)

@@ -20,17 +20,31 @@ logger = init_logger(__name__)
 
 MAX_VALIDATION_ERRORS_SHOWN = 3
 
+# The errors any route may answer with, for the OpenAPI document (each in ErrorResponse's shape).
+DOCUMENTED_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (400, "Invalid request: a bad field, a value over a limit, a prompt too long"),
+        (401, "Missing or wrong API key"),
+        (404, "Unknown model or route"),
+        (413, "Request body larger than --max-request-body-size"),
+        (500, "The engine failed while serving the request"),
+        (503, "Overloaded (retry after Retry-After seconds) or the engine has stopped"),
+    )
+}
+
 
 class OpenAIError(Exception):
     """Raised anywhere in a handler; becomes a JSON error response with this status."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers
 
     @classmethod
     def bad_request(cls, message: str, param: str | None = None) -> OpenAIError:
@@ -79,7 +93,7 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, str |
 # ---- handlers -----------------------------------------------------------------------------------
 async def _openai_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, OpenAIError)
-    return error_response(exc.status, exc.message, exc.param, exc.code)
+    return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
@@ -96,7 +110,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         message = f"method {request.method} is not allowed on {request.url.path}"
     else:
         message = str(exc.detail)
-    return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+    code = "request_too_large" if exc.status_code == 413 else None
+    return error_response(exc.status_code, message, code=code,
+                          headers=getattr(exc, "headers", None))
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:

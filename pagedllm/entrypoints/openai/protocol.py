@@ -3,6 +3,11 @@
 Request models accept unknown fields (clients send newer OpenAI fields all the time) and each
 knows how to become `SamplingParams`. Fields the engine cannot honour yet are listed by
 `unsupported()` so that the server can answer 400 instead of quietly ignoring them.
+
+Requests are read strictly: "true" is not a boolean and "2" not an integer (pydantic's lax mode
+would coerce both). Every string anywhere in a body must be valid Unicode (JSON's "\\ud800"
+escape can carry a lone surrogate, which no tokenizer takes) and a body may nest at most
+MAX_JSON_DEPTH levels deep (a deeper JSON schema would exhaust the stack when copied).
 """
 
 from __future__ import annotations
@@ -10,12 +15,17 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pagedllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+from pagedllm.sampling_params import (
+    SEED_RANGE,
+    RequestOutputKind,
+    SamplingParams,
+    StructuredOutputsParams,
+)
 
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs; the sampler's top-k cost grows with it
-MAX_N = 64  # completions per prompt (n, best_of): each is a sequence in the batch
+MAX_JSON_DEPTH = 64  # nesting of a request body (a JSON schema's, mostly)
 
 
 class OpenAIBaseModel(BaseModel):
@@ -24,7 +34,47 @@ class OpenAIBaseModel(BaseModel):
 
 class RequestModel(OpenAIBaseModel):
     # JSON has no inf or NaN, but Python's json module reads them; they must not reach the sampler.
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
+
+
+class RequestBody(RequestModel):
+    """A whole request body: checked for lone surrogates and depth before its fields are read."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_json(cls, data: Any) -> Any:
+        check_json_value(data)
+        return data
+
+
+def check_json_value(value: Any) -> None:
+    """ValueError naming the place of the first string that is not valid Unicode, or of the
+    first value nested more than MAX_JSON_DEPTH deep (walked with a stack, not recursion)."""
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"{path or 'the body'} is nested more than {MAX_JSON_DEPTH} levels "
+                             "deep")
+        if isinstance(item, str):
+            _check_unicode(item, path)
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                _check_unicode(key, f"{path}.{key}" if path else "a key")
+                stack.append((child, f"{path}.{key}" if path else str(key), depth + 1))
+        elif isinstance(item, list):
+            stack.extend((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(item))
+
+
+def _check_unicode(text: Any, path: str) -> None:
+    if not isinstance(text, str) or text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        where = (path or "the body").encode("utf-8", "backslashreplace").decode()  # a bad key
+        raise ValueError(f"{where} is not valid UTF-8 text: it has a lone surrogate at "
+                         f"character {exc.start}") from None
 
 
 # ---- errors -------------------------------------------------------------------------------------
@@ -55,26 +105,27 @@ class ModelList(OpenAIBaseModel):
 
 
 # ---- what both generation endpoints share -------------------------------------------------------
-class StreamOptions(OpenAIBaseModel):
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-class JsonSchemaFormat(OpenAIBaseModel):
+class JsonSchemaFormat(RequestModel):
     """OpenAI's `response_format.json_schema`; the schema is always enforced, `strict` or not."""
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="allow", populate_by_name=True, strict=True,
+                              allow_inf_nan=False)
     name: str | None = None
     description: str | None = None
     json_schema: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(OpenAIBaseModel):
+class ResponseFormat(RequestModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
 
-class StructuredOutputsRequest(OpenAIBaseModel):
+class StructuredOutputsRequest(RequestModel):
     """vLLM's `structured_outputs` field: one of json, regex, choice, grammar, json_object."""
 
     json_schema: str | dict[str, Any] | None = Field(None, alias="json")
@@ -83,19 +134,20 @@ class StructuredOutputsRequest(OpenAIBaseModel):
     grammar: str | None = None
     json_object: bool | None = None
     any_whitespace: bool = False
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="allow", populate_by_name=True, strict=True,
+                              allow_inf_nan=False)
 
 
-class SamplingRequest(RequestModel):
+class SamplingRequest(RequestBody):
     """Sampling fields of /v1/completions and /v1/chat/completions, with vLLM's extras."""
 
     model: str | None = None
-    n: int = Field(1, ge=1, le=MAX_N)
-    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    n: int = Field(1, ge=1)  # at most the server's --max-n (limits.py), as is best_of
+    best_of: int | None = Field(None, ge=1)
     temperature: float | None = None  # None: OpenAI's default of 1
     top_p: float | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator takes
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = 0.0
@@ -285,7 +337,7 @@ class CompletionResponse(OpenAIBaseModel):
 
 
 # ---- /v1/chat/completions -----------------------------------------------------------------------
-class ChatMessage(OpenAIBaseModel):
+class ChatMessage(RequestModel):
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
@@ -386,7 +438,7 @@ class ChatCompletionChunk(OpenAIBaseModel):
 
 
 # ---- /tokenize, /detokenize ---------------------------------------------------------------------
-class TokenizeRequest(RequestModel):
+class TokenizeRequest(RequestBody):
     """Either `prompt` (text) or `messages` (rendered through the chat template first)."""
 
     model: str | None = None
@@ -405,7 +457,7 @@ class TokenizeResponse(OpenAIBaseModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(RequestModel):
+class DetokenizeRequest(RequestBody):
     model: str | None = None
     tokens: list[int]
 

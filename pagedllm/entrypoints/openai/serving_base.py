@@ -13,11 +13,13 @@ from pydantic import BaseModel
 from pagedllm.engine.async_llm import (
     AsyncLLM,
     EngineDeadError,
+    EngineOverloadedError,
     EngineStepError,
     NewRequest,
     OutputStream,
 )
 from pagedllm.entrypoints.openai.errors import OpenAIError
+from pagedllm.entrypoints.openai.limits import RequestLimits
 from pagedllm.entrypoints.openai.protocol import SamplingRequest, UsageInfo
 from pagedllm.entrypoints.openai.serving_models import ServedModels
 from pagedllm.entrypoints.openai.streaming import SSE_DONE, sse_event
@@ -27,6 +29,7 @@ from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 # What an OutputStream raises when the engine fails its requests mid-way (a failed step, or
 # the engine stopping): a 500 for the request, not a crash of the server.
 ENGINE_ERRORS = (EngineStepError, EngineDeadError)
+RETRY_AFTER_S = 1  # what an overloaded server tells a client to wait (Retry-After)
 
 ToChunks = Callable[[RequestOutput], Iterable[BaseModel]]  # one engine output -> SSE chunks
 UsageChunk = Callable[[UsageInfo], BaseModel]  # the usage -> the stream's last chunk
@@ -56,16 +59,20 @@ def count_usage(usage: UsageInfo, output: RequestOutput,
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLM, models: ServedModels) -> None:
+    def __init__(self, engine: AsyncLLM, models: ServedModels,
+                 limits: RequestLimits | None = None) -> None:
         self.engine = engine
         self.models = models
+        self.limits = limits or RequestLimits()
         self.tokenizer = engine.tokenizer
         self.vocab_size = engine.model_config.vocab_size
 
     def check_request(self, request: SamplingRequest) -> str:
-        """400 for a bad or not-yet-supported field, 404 for another model; returns the name."""
+        """400 for a bad or not-yet-supported field or one over this server's limits, 404 for
+        another model; returns the model's name."""
         model = self.models.resolve(request.model)
-        for param, reason in request.invalid() + request.unsupported():
+        problems = request.invalid() + self.limits.problems(request) + request.unsupported()
+        for param, reason in problems:
             raise OpenAIError.bad_request(reason, param)
         return model
 
@@ -100,6 +107,9 @@ class OpenAIServing:
             raise OpenAIError.bad_request(str(exc)) from exc
         except EngineDeadError as exc:
             raise OpenAIError(503, str(exc), code="engine_unavailable") from exc
+        except EngineOverloadedError as exc:
+            raise OpenAIError(503, str(exc), code="overloaded",
+                              headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
 
     async def stream(self, outputs: OutputStream, to_chunks: ToChunks,
                      usage_chunk: UsageChunk | None = None,

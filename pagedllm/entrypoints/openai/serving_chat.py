@@ -103,8 +103,9 @@ class OpenAIServingChat(OpenAIServing):
                                      raw_request: Request) -> Response:
         model = self.check_request(request)
         params = self.sampling_params(request)
-        prompt = await render_chat(self.require_tokenizer(), request.messages,
-                                   request.add_generation_prompt, request.continue_final_message)
+        self.require_tokenizer()
+        prompt = await render_chat(self.engine, request.messages, request.add_generation_prompt,
+                                   request.continue_final_message)
         if request.cache_salt is not None:
             prompt["cache_salt"] = request.cache_salt
         job = _Job(request, random_id("chatcmpl"), model)

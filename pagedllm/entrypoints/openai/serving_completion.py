@@ -146,8 +146,8 @@ class OpenAIServingCompletion(OpenAIServing):
             work = self._beam_search(request, request_id, model, prompts)
             return await cancel_on_disconnect(raw_request, work)
         ids = [f"{request_id}-{i}" for i in range(len(prompts))]
-        job = _Job(request, request_id, model, ids, self._echo_texts(request, prompts),
-                   self.tokenizer)
+        echo = await self._echo_texts(request, prompts)
+        job = _Job(request, request_id, model, ids, echo, self.tokenizer)
         stream = await self.submit([NewRequest(r, p, params, request.priority)
                                     for r, p in zip(ids, prompts)])
         if request.stream:
@@ -186,13 +186,15 @@ class OpenAIServingCompletion(OpenAIServing):
             self.check_token_ids(ids, "prompt")
         return [{"prompt_token_ids": list(ids), **extra} for ids in token_lists]
 
-    def _echo_texts(self, request: CompletionRequest, prompts: list[PromptType]) -> list[str]:
+    async def _echo_texts(self, request: CompletionRequest,
+                          prompts: list[PromptType]) -> list[str]:
         if not request.echo:
             return [""] * len(prompts)
         if all("prompt" in p for p in prompts):
             return [p["prompt"] for p in prompts]
         tokenizer = self.require_tokenizer()
-        return [tokenizer.decode(p["prompt_token_ids"]) for p in prompts]
+        return await self.engine.run_input_work(
+            lambda: [tokenizer.decode(p["prompt_token_ids"]) for p in prompts])
 
     async def _collect(self, job: _Job, stream: OutputStream) -> Response:
         usage = await self.collect(stream, job.merge)
