@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
 
 from pagedllm import RequestOutputKind, SamplingParams
 from pagedllm.engine.async_llm import (
+    MAX_STEP_FAILURES,
     AsyncLLM,
     EngineDeadError,
+    EngineOverloadedError,
     EngineStepError,
     NewRequest,
     RequestStats,
@@ -173,3 +176,119 @@ def test_shutdown_ends_streams_and_refuses_new_requests(async_llm):
     rest = asyncio.run(run())
     assert rest[-1].finished and rest[-1].outputs[0].finish_reason == "abort"
     assert not async_llm.is_running
+
+
+# ---- issue 16: bounded queue, honest health, errors counted ------------------------------------
+def test_the_waiting_queue_is_bounded(offline_llm, monkeypatch):
+    """Requests accepted but not yet scheduled are capped; a request over the cap is refused
+    whole (EngineOverloadedError) and adds nothing; once the queue drains there is room."""
+    engine = AsyncLLM(offline_llm.llm_engine, max_waiting_requests=2)
+    # Nothing gets scheduled while the test fills the queue: the thread takes commands only.
+    monkeypatch.setattr(engine.engine, "ready_to_step", lambda: False)
+    try:
+        async def run() -> tuple[list[str], bool]:
+            first = await engine.add_request("a", "Hi", greedy(2))
+            with pytest.raises(EngineOverloadedError, match="at most 2"):
+                await engine.add_requests([NewRequest("b", "Hi", greedy(2)),
+                                           NewRequest("c", "Hi", greedy(2))])
+            monkeypatch.undo()
+            engine._wake()
+            texts = [o.outputs[0].text async for o in first]
+            second = await engine.add_requests([NewRequest("b", "Hi", greedy(2)),
+                                                NewRequest("c", "Hi", greedy(2))])
+            finished = [o.request_id async for o in second if o.finished]
+            return texts, sorted(finished) == ["b", "c"]
+
+        texts, second_ran = asyncio.run(run())
+        assert texts and second_ran
+    finally:
+        monkeypatch.undo()
+        engine.shutdown()
+
+
+def test_stalled_for_counts_only_while_work_waits(async_llm, monkeypatch):
+    engine = async_llm.engine
+    real_step = engine.step
+    release = threading.Event()
+
+    def stuck_step():
+        release.wait(10)
+        return real_step()
+
+    async def run() -> tuple[float, float, float]:
+        idle = async_llm.stalled_for()
+        monkeypatch.setattr(engine, "step", stuck_step)
+        stream = await async_llm.add_request("stuck", "Hi", greedy(2))
+        await asyncio.sleep(0.6)
+        stuck = async_llm.stalled_for()
+        release.set()
+        monkeypatch.setattr(engine, "step", real_step)
+        _ = [o async for o in stream]
+        await asyncio.sleep(0.1)
+        return idle, stuck, async_llm.stalled_for()
+
+    idle, stuck, after = asyncio.run(run())
+    assert idle == 0 and after == 0
+    assert stuck >= 0.5
+
+
+def test_failed_steps_count_as_error_and_three_in_a_row_stop_the_engine(offline_llm,
+                                                                       monkeypatch):
+    engine = AsyncLLM(offline_llm.llm_engine)
+    seen: list[RequestStats] = []
+    engine.add_observer(seen.append)
+
+    def broken_step():
+        raise RuntimeError("forward failed")
+
+    monkeypatch.setattr(engine.engine, "step", broken_step)
+
+    async def run() -> None:
+        for i in range(MAX_STEP_FAILURES):
+            with pytest.raises(EngineStepError, match="forward failed"):
+                _ = [o async for o in await engine.add_request(f"r{i}", "Hi", greedy(2))]
+        for _ in range(100):
+            if not engine.is_running:
+                break
+            await asyncio.sleep(0.05)
+
+    try:
+        asyncio.run(run())
+        assert [s.finish_reason for s in seen] == ["error"] * MAX_STEP_FAILURES
+        assert not engine.is_running  # the server's watchdog exits with status 1 on this
+    finally:
+        monkeypatch.undo()
+        engine.shutdown()
+    assert not offline_llm.llm_engine.has_unfinished_requests()
+
+
+def test_prompts_are_tokenized_off_the_engine_thread(async_llm, monkeypatch):
+    """A slow tokenization holds up neither the engine thread nor the event loop."""
+    processor = async_llm.engine.input_processor
+    real_tokenize = processor.tokenize
+    threads: list[str] = []
+
+    def slow_tokenize(prompt):
+        threads.append(threading.current_thread().name)
+        if prompt == "slow":
+            time.sleep(1.0)
+        return real_tokenize(prompt)
+
+    monkeypatch.setattr(processor, "tokenize", slow_tokenize)
+
+    async def run() -> tuple[int, float]:
+        long_stream = await async_llm.add_request("long", "Once upon a time",
+                                                  greedy(40, ignore_eos=True))
+        slow = asyncio.create_task(async_llm.add_request("slow", "slow", greedy(2)))
+        await asyncio.sleep(0.05)
+        turns = async_llm.stats.num_loop_turns
+        started = time.monotonic()
+        await asyncio.sleep(0.8)  # the engine keeps stepping meanwhile
+        progressed = async_llm.stats.num_loop_turns - turns
+        _ = [o async for o in await slow]
+        _ = [o async for o in long_stream]
+        return progressed, time.monotonic() - started
+
+    progressed, _ = asyncio.run(run())
+    assert progressed >= 3
+    assert set(threads) and all(name.startswith("pagedllm-input") for name in threads)
