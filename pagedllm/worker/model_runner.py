@@ -119,11 +119,18 @@ class ModelRunner:
         return seconds
 
     def _prompt_logprobs(self, hidden: torch.Tensor, rows: PromptLogprobRows):
-        count = len(rows.targets)
-        logits = self.model.compute_logits(hidden[rows.first_row : rows.first_row + count])
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        targets = torch.tensor(rows.targets, device=logprobs.device)
-        return Sampler.gather_logprobs(logprobs, targets, [rows.num_logprobs] * count)
+        """A chunk's prompt logprobs, PROMPT_LOGPROBS_SLICE positions at a time: a whole
+        2048-token chunk at once would hold two [2048, vocab] fp32 tensors (0.8 GB for a
+        49k vocabulary) where a slice holds 50 MB."""
+        result = []
+        for start in range(0, len(rows.targets), PROMPT_LOGPROBS_SLICE):
+            targets = rows.targets[start : start + PROMPT_LOGPROBS_SLICE]
+            first = rows.first_row + start
+            logits = self.model.compute_logits(hidden[first : first + len(targets)])
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            ids = torch.tensor(targets, device=logprobs.device)
+            result += Sampler.gather_logprobs(logprobs, ids, [rows.num_logprobs] * len(targets))
+        return result
 
     def prepare_inputs(self, scheduled: list[ScheduledRequest]) -> ModelInputs:
         decodes = [s for s in scheduled if s.is_decode]
@@ -249,6 +256,7 @@ class ModelRunner:
 
 INT64 = (-(2**63), 2**63 - 1)
 PLACEHOLDER_PARAMS = SamplingParams(temperature=0)  # what a failed row samples with
+PROMPT_LOGPROBS_SLICE = 256  # prompt positions whose logits are computed at once
 
 
 def _wrap_seed(seed: int) -> int:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_llm
+from conftest import make_llm, worker_of
 
 from pagedllm import SamplingParams
+from pagedllm.worker import model_runner
 
 PROMPTS = ["The capital of France is", "def add(a, b):\n    return", "Colors of the rainbow:"]
 
@@ -17,9 +18,13 @@ def hf_logprobs(hf_model, token_ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)  # row i: distribution of token i + 1
 
 
-@pytest.mark.parametrize("chunk", [None, 8])
-def test_sample_and_prompt_logprobs_match_transformers(llm, hf_model, chunk):
+@pytest.mark.parametrize("chunk,logits_slice", [(None, None), (8, None), (None, 2)])
+def test_sample_and_prompt_logprobs_match_transformers(llm, hf_model, chunk, logits_slice,
+                                                       monkeypatch):
     engine_llm = llm if chunk is None else make_llm(max_num_batched_tokens=chunk)
+    if logits_slice is not None:  # a prompt's logits computed a few positions at a time
+        worker_of(engine_llm)
+        monkeypatch.setattr(model_runner, "PROMPT_LOGPROBS_SLICE", logits_slice)
     params = SamplingParams(temperature=0, max_tokens=8, logprobs=5, prompt_logprobs=3)
     for output in engine_llm.generate(PROMPTS, params, use_tqdm=False):
         completion = output.outputs[0]
