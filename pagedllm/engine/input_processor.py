@@ -44,6 +44,9 @@ class Processor:
             raise ValueError("cache_salt must be a string")
         if salt is not None:
             check_text(salt, "cache_salt")
+        if params.best_of > self.cache_tokens:  # each sequence needs a KV slot of its own
+            raise ValueError(f"best_of (or n) is {params.best_of}: more sequences than the KV "
+                             f"cache has slots ({self.cache_tokens})")
         for name in ("top_k", "logprobs", "prompt_logprobs"):
             value = getattr(params, name)
             if value is not None and value > self.vocab_size:
