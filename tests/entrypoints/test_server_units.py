@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -30,7 +31,7 @@ from pagedllm.entrypoints.openai import api_server
 from pagedllm.entrypoints.openai.api_server import DrainingServer, build_app
 from pagedllm.entrypoints.openai.cli_args import ServerOptions
 from pagedllm.entrypoints.openai.errors import OpenAIError
-from pagedllm.entrypoints.openai.limits import DEFAULT_MAX_TOKENS, RequestLimits
+from pagedllm.entrypoints.openai.limits import DEFAULT_MAX_TOKENS, RequestLimits, decimal_below
 from pagedllm.entrypoints.openai.protocol import UsageInfo
 from pagedllm.entrypoints.openai.serving_base import OpenAIServing, count_usage
 from pagedllm.entrypoints.openai.serving_models import ServedModels
@@ -504,3 +505,62 @@ def test_a_request_without_max_tokens_gets_the_server_default():
     build_app(engine, [MODEL], options=ServerOptions(limits=RequestLimits(
         max_tokens_default=50)))
     assert engine.default_max_tokens == 50
+
+
+# ---- the OpenAPI document states what the server takes (test_schemathesis.py fuzzes it) ---------
+def openapi(app) -> dict:
+    return TestClient(app).get("/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()
+
+
+def test_the_openapi_document_states_the_model_bounds_and_the_api_key():
+    doc = openapi(build_app(FakeEngine(), [MODEL, "alias"], api_key=KEY))
+    schemas = doc["components"]["schemas"]
+    completion = schemas["CompletionRequest"]["properties"]
+    assert {"type": "string", "enum": [MODEL, "alias", ""]} in completion["model"]["anyOf"]
+    token_ids = next(b for b in completion["stop_token_ids"]["anyOf"] if b["type"] == "array")
+    assert (token_ids["items"]["minimum"], token_ids["items"]["exclusiveMaximum"]) == (
+        0, VOCAB_SIZE)
+    max_tokens = next(b for b in completion["max_tokens"]["anyOf"] if b["type"] == "integer")
+    assert (max_tokens["minimum"], max_tokens["maximum"]) == (1, 63)  # max_model_len 64 - 1
+    assert schemas["DetokenizeRequest"]["properties"]["tokens"]["maxItems"] == 64
+    assert "x-pagedllm-limits" not in json.dumps(doc)  # every placeholder filled in
+    assert doc["components"]["securitySchemes"]["APIKey"]["scheme"] == "bearer"
+    assert doc["paths"]["/v1/completions"]["post"]["security"] == [{"APIKey": []}]
+    assert "security" not in doc["paths"]["/health"]["get"]
+    assert set(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    assert "content" not in doc["paths"]["/health"]["get"]["responses"]["200"]
+    assert "securitySchemes" not in openapi(build_app(FakeEngine(), [MODEL]))["components"]
+
+
+def test_the_logit_bias_key_pattern_is_exactly_the_token_ids():
+    doc = openapi(build_app(FakeEngine(), [MODEL], api_key=KEY))
+    bias = doc["components"]["schemas"]["CompletionRequest"]["properties"]["logit_bias"]
+    pattern = re.compile(next(b for b in bias["anyOf"] if b["type"] == "object")[
+        "propertyNames"]["pattern"])
+    assert [k for k in map(str, range(VOCAB_SIZE + 50)) if pattern.search(k)] == [
+        str(i) for i in range(VOCAB_SIZE)]
+    assert pattern.search("007") and not any(pattern.search(k) for k in ("-1", "-0", "", "1a"))
+    for n in (1, 9, 10, 11, 1000, 49152, 151936):
+        exact = re.compile(f"^0*(?:{decimal_below(n)})$")
+        assert [k for k in map(str, range(n + 20)) if exact.search(k)] == list(
+            map(str, range(n)))
+
+
+@pytest.mark.parametrize("key,status", [("007", 200), ("-0", 400), ("\u0663", 400)])
+def test_logit_bias_keys_are_token_ids_in_ascii_digits(key, status):
+    """As the document's pattern says: "-0" and the Arabic-Indic digit three are not."""
+    engine = FakeEngine(two_prompts_two_choices)
+    response = TestClient(build_app(engine, [MODEL])).post(
+        "/v1/completions", json={**COMPLETION, "temperature": 1.0, "logit_bias": {key: 1}})
+    assert response.status_code == status, response.text
+    if status == 400:
+        assert response.json()["error"]["param"] == "logit_bias" and not engine.streams
+
+
+def test_max_completion_tokens_0_is_refused_not_taken_as_unset():
+    """It was read with `or`, so 0 fell back to max_tokens and the request ran."""
+    response = TestClient(build_app(FakeEngine(), [MODEL])).post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0,
+        "max_tokens": 4})
+    assert response.status_code == 400
+    assert "max_tokens must be at least 1" in response.json()["error"]["message"]

@@ -18,6 +18,7 @@ import asyncio
 import signal
 import socket
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
@@ -35,12 +36,15 @@ from pagedllm.entrypoints.openai.errors import (
     error_response,
     install_error_handlers,
 )
-from pagedllm.entrypoints.openai.limits import document_limits
+from pagedllm.entrypoints.openai.limits import ModelBounds, document_limits
 from pagedllm.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from pagedllm.entrypoints.openai.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
 from pagedllm.entrypoints.openai.protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
     ModelList,
@@ -56,6 +60,7 @@ from pagedllm.logger import init_logger
 logger = init_logger(__name__)
 
 OPEN_PATHS = ("/health",)  # answered without the API key (and /metrics by a flag)
+API_KEY_SCHEME = "APIKey"  # its name in the OpenAPI document
 MAX_STEP_RECORDS = 2000  # per /debug/step_stats answer
 ENGINE_WATCH_INTERVAL_S = 0.5  # how often the server checks that its engine still runs
 DEAD_ENGINE_GRACE_S = 1.0  # after the engine died: time for responses to send its error
@@ -79,8 +84,22 @@ def _state(request: Request) -> ServerState:
     return request.app.state.pagedllm
 
 
+def generated(whole: type, chunk: type) -> dict[int | str, dict[str, Any]]:
+    """The 200 of a generation route, for the OpenAPI document: a whole JSON response, or with
+    stream=true server-sent events, each a chunk, an error, or [DONE] (streaming.py)."""
+    event_data = {"anyOf": [
+        {"const": "[DONE]"},
+        {"contentMediaType": "application/json", "contentSchema": {"anyOf": [
+            {"$ref": f"#/components/schemas/{chunk.__name__}"},
+            {"$ref": "#/components/schemas/ErrorResponse"}]}}]}
+    event = {"type": "object", "required": ["data"], "properties": {"data": event_data}}
+    return {200: {"model": whole, "description": "The completion, or with stream=true its events",
+                  "content": {"text/event-stream": {"schema": event}}}}
+
+
 # ---- routes -------------------------------------------------------------------------------------
-@router.get("/health")
+@router.get("/health", response_class=Response,
+            responses={200: {"description": "The engine runs", "content": None}})
 async def health(request: Request) -> Response:
     """200 while the engine runs and makes progress; 503 once it has stopped, or has held work
     without finishing a step for longer than --health-stall-timeout."""
@@ -106,12 +125,13 @@ async def list_models(request: Request) -> ModelList:
     return _state(request).models.model_list()
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=generated(CompletionResponse, CompletionResponse))
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     return await _state(request).completion.create_completion(body, request)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions",
+             responses=generated(ChatCompletionResponse, ChatCompletionChunk))
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     return await _state(request).chat.create_chat_completion(body, request)
 
@@ -126,7 +146,8 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
     return await _state(request).tokens.detokenize(body)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses={200: {
+    "description": "Prometheus metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(request: Request) -> Response:
     return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE)
 
@@ -162,25 +183,44 @@ def build_app(engine: AsyncLLM, served_model_names: list[str], api_key: str | No
     )
     app.include_router(router)
     install_error_handlers(app)
-    _document(app, options)
+    open_paths = OPEN_PATHS + (("/metrics",) if options.public_metrics else ())
+    processor = getattr(engine, "input_processor", None)
+    _document(app, options, ModelBounds(
+        served_names=models.names, vocab_size=config.vocab_size,
+        max_model_len=config.max_model_len,
+        max_prompt_chars=getattr(processor, "max_prompt_chars", None),
+        cache_tokens=getattr(processor, "cache_tokens", None)),
+        open_paths=open_paths if api_key else None)
     # Added last runs first: the key is checked before the body is read at all.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=options.max_request_body_bytes)
     if api_key:
-        open_paths = OPEN_PATHS + (("/metrics",) if options.public_metrics else ())
         app.add_middleware(APIKeyMiddleware, api_key=api_key, open_paths=open_paths)
     return app
 
 
-def _document(app: FastAPI, options: ServerOptions) -> None:
-    """The OpenAPI document states this server's request caps."""
+def _document(app: FastAPI, options: ServerOptions, model: ModelBounds,
+              open_paths: tuple[str, ...] | None) -> None:
+    """The OpenAPI document states this server's request caps, its model's bounds and, with an
+    API key (`open_paths` not None), which routes need it."""
     plain_openapi = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            document_limits(plain_openapi(), options.limits)
+            document_limits(plain_openapi(), options.limits, model)
+            if open_paths is not None:
+                _document_api_key(app.openapi_schema, open_paths)
         return app.openapi_schema
 
     app.openapi = openapi
+
+
+def _document_api_key(schema: dict[str, Any], open_paths: tuple[str, ...]) -> None:
+    schema.setdefault("components", {})["securitySchemes"] = {API_KEY_SCHEME: {
+        "type": "http", "scheme": "bearer", "description": "the server's --api-key"}}
+    for path, operations in schema["paths"].items():
+        if path not in open_paths:
+            for operation in operations.values():
+                operation["security"] = [{API_KEY_SCHEME: []}]
 
 
 # ---- the process --------------------------------------------------------------------------------

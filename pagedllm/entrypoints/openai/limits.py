@@ -5,7 +5,7 @@ Without them one request can make every step slow for everyone (50,000 bad words
 against every new token; a 100,000-character stop string is searched for after every token) or
 fan out into more sequences than the server runs at once. A request over a cap gets a 400 that
 names the field and the cap. The server's OpenAPI document states the caps in force
-(`document_limits`), so a client can read them.
+and the served model's bounds (`document_limits`), so a client can read them.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the CLI imports this module; pydantic's models need not load for --help
     from pagedllm.entrypoints.openai.protocol import SamplingRequest
+
+LIMIT_KEY = "x-pagedllm-limits"  # in a schema: {keyword: a name in RequestLimits or ModelBounds}
 
 DEFAULT_MAX_TOKENS = 2048  # when neither the request, the option nor the model says
 
@@ -108,31 +110,65 @@ def add_limit_args(parser: argparse.ArgumentParser) -> None:
                            help=LIMIT_HELP[f.name] + shown)
 
 
-# Where each cap shows in the OpenAPI document: (schema, property, keyword).
-SCHEMA_CAPS = {
-    "max_n": [("n", "maximum"), ("best_of", "maximum")],
-    "max_stop_token_ids": [("stop_token_ids", "maxItems")],
-    "max_bad_words": [("bad_words", "maxItems")],
-    "max_logit_bias": [("logit_bias", "maxProperties")],
-    "max_allowed_token_ids": [("allowed_token_ids", "maxItems")],
-}
+@dataclass(frozen=True)
+class ModelBounds:
+    """What the served model bounds in a request, for the OpenAPI document."""
+
+    served_names: list[str]
+    vocab_size: int
+    max_model_len: int
+    max_prompt_chars: int | None = None  # longer text cannot fit max_model_len tokens
+    cache_tokens: int | None = None  # the whole KV cache, in tokens
+
+    def values(self) -> dict[str, Any]:
+        room = min(self.max_model_len, self.cache_tokens or self.max_model_len)
+        return {
+            "served_models": [*self.served_names, ""],  # "" (like null) names the first
+            "vocab_size": self.vocab_size,
+            "token_id_names": {"pattern": f"^0*(?:{decimal_below(self.vocab_size)})$"},
+            "max_model_len": self.max_model_len,
+            "max_prompt_tokens": room - 1,  # a prompt leaves room for one token
+            "max_new_tokens": room - 1,  # after a prompt of at least one token
+            "max_prompt_chars": self.max_prompt_chars,
+        }
 
 
-def document_limits(schema: dict[str, Any], limits: RequestLimits) -> None:
-    """Write the caps in force into the request schemas of an OpenAPI document, in place."""
-    components = schema.get("components", {}).get("schemas", {})
-    for name in ("CompletionRequest", "ChatCompletionRequest"):
-        properties = components.get(name, {}).get("properties", {})
-        for option, places in SCHEMA_CAPS.items():
-            for prop, keyword in places:
-                if prop in properties:
-                    _set_cap(properties[prop], keyword, getattr(limits, option))
+def document_limits(schema: dict[str, Any], limits: RequestLimits,
+                    model: ModelBounds | None = None) -> None:
+    """Write into an OpenAPI document's request schemas, in place, the values they name by
+    `{LIMIT_KEY: {keyword: name}}` (protocol.Limit): this server's caps and its model's bounds.
+    A keyword whose value is not known here is left out."""
+    values = {f.name: getattr(limits, f.name) for f in fields(limits)}
+    values.update(model.values() if model else {})
+    stack: list[Any] = [schema.get("components", {}).get("schemas", {})]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        for keyword, name in node.pop(LIMIT_KEY, {}).items():
+            if values.get(name) is not None:
+                node[keyword] = values[name]
+        stack.extend(node.values())
 
 
-def _set_cap(prop: dict[str, Any], keyword: str, cap: int) -> None:
-    """Put the cap on the property's schema, or on its non-null branch (`X | None` is anyOf)."""
-    kind = {"maximum": "integer", "maxItems": "array", "maxProperties": "object"}[keyword]
-    branches = prop.get("anyOf", [prop])
-    for branch in branches:
-        if branch.get("type") == kind:
-            branch[keyword] = cap
+def decimal_below(n: int) -> str:
+    """A regex matching the decimals 0 to n - 1 (n >= 1), written without leading zeros."""
+    top = str(n - 1)
+    shorter = ["0"] if len(top) > 1 else []
+    if len(top) > 2:
+        shorter.append(f"[1-9][0-9]{{0,{len(top) - 2}}}")
+    elif len(top) == 2:
+        shorter.append("[1-9]")
+    same_length = []  # as many digits as n - 1: below it at one digit, equal before it
+    for i, digit in enumerate(top):
+        lowest = 1 if i == 0 and len(top) > 1 else 0
+        if int(digit) > lowest:
+            below = str(lowest) if int(digit) - 1 == lowest else f"[{lowest}-{int(digit) - 1}]"
+            rest = len(top) - i - 1
+            tail = "" if rest == 0 else "[0-9]" if rest == 1 else f"[0-9]{{{rest}}}"
+            same_length.append(top[:i] + below + tail)
+    same_length.append(top)
+    return "|".join(shorter + same_length)

@@ -8,15 +8,24 @@ Requests are read strictly: "true" is not a boolean and "2" not an integer (pyda
 would coerce both). Every string anywhere in a body must be valid Unicode (JSON's "\\ud800"
 escape can carry a lone surrogate, which no tokenizer takes) and a body may nest at most
 MAX_JSON_DEPTH levels deep (a deeper JSON schema would exhaust the stack when copied).
+
+The OpenAPI document states what each request may hold (`rule`, `either`, below): the rules the
+handlers check, with messages of their own. tests/entrypoints/test_schemathesis.py holds the
+server to it both ways: what the document allows is accepted, what it forbids is refused.
 """
 
 from __future__ import annotations
 
+import re
 import time
-from typing import Any, Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
+from pagedllm.engine.beam_ranking import MAX_LENGTH_PENALTY
+from pagedllm.entrypoints.openai.limits import LIMIT_KEY
 from pagedllm.sampling_params import (
     SEED_RANGE,
     RequestOutputKind,
@@ -26,6 +35,108 @@ from pagedllm.sampling_params import (
 
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs; the sampler's top-k cost grows with it
 MAX_JSON_DEPTH = 64  # nesting of a request body (a JSON schema's, mostly)
+COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+# ---- what the OpenAPI document states -----------------------------------------------------------
+# Handlers check each rule with a message that names the field (and tests read those messages),
+# so most rules are stated in the document only, through json_schema_extra: `rule(...)` for one
+# field, `either(...)` for one field's value that constrains another. A value the server learns when
+# it starts (a --max-* cap, the vocabulary, max_model_len) is written `Limit(name)`;
+# limits.document_limits fills it in.
+TOKEN_ID_KEY = re.compile("[0-9]+")  # a logit_bias key: a token id in ASCII digits
+
+# keyword -> the JSON types it constrains: on a union (`anyOf`) it goes on those branches only
+_KEYWORD_TYPES = {
+    **dict.fromkeys(("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"),
+                    ("integer", "number")),
+    **dict.fromkeys(("minLength", "maxLength", "enum"), ("string",)),
+    **dict.fromkeys(("minItems", "maxItems", "items"), ("array",)),
+    **dict.fromkeys(("maxProperties", "propertyNames", "additionalProperties"), ("object",)),
+    "const": ("boolean",),
+}
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A value known when the server starts: a RequestLimits field or a model bound (limits.py).
+    The schema holds `{LIMIT_KEY: {keyword: name}}` until document_limits writes the value."""
+
+    name: str
+
+
+def rule(**keywords: Any) -> Callable[[dict[str, Any]], None]:
+    """json_schema_extra: put JSON-schema keywords on a field's schema, on the union branches of
+    the types they constrain (`maxItems` on the array branch of `str | list[str] | None`)."""
+
+    def extra(schema: dict[str, Any]) -> None:
+        branches = schema.get("anyOf", [schema])
+        for keyword, value in keywords.items():
+            targets = [b for b in branches if b.get("type") in _KEYWORD_TYPES[keyword]]
+            if not targets:
+                raise TypeError(f"{keyword} constrains none of the types of {schema}")
+            for branch in targets:
+                if isinstance(value, Limit):
+                    branch.setdefault(LIMIT_KEY, {})[keyword] = value.name
+                else:
+                    branch[keyword] = value
+
+    return extra
+
+
+def given(name: str, *types: str) -> dict[str, Any]:
+    """The field is present and not null (one of these JSON types)."""
+    return {"required": [name], "properties": {name: {"type": list(types)}}}
+
+
+def is_true(name: str) -> dict[str, Any]:
+    return {"required": [name], "properties": {name: {"const": True}}}
+
+
+def is_false(name: str) -> dict[str, Any]:
+    """False, or absent (a boolean field whose default is false)."""
+    return {"properties": {name: {"const": False}}}
+
+
+def either(*schemas: dict[str, Any]) -> dict[str, Any]:
+    """One of them holds: `A implies B` is written either(not A, B), with `not A` spelled out
+    (absent(...), is_false(...)) rather than as if/then or `not`."""
+    return {"anyOf": list(schemas)}
+
+
+def absent(*names: str) -> dict[str, Any]:
+    """None of the fields is given (each absent or null)."""
+    return {"properties": {name: {"type": "null"} for name in names}}
+
+
+def document_rules(schema: dict[str, Any], cls: type) -> None:
+    """A model's json_schema_extra: its `schema_rules()` as the schema's allOf."""
+    rules = cls.schema_rules()
+    if rules:
+        schema["allOf"] = rules
+
+
+TokenId = Annotated[int, Field(json_schema_extra=rule(minimum=0,
+                                                      exclusiveMaximum=Limit("vocab_size")))]
+TokenIds = Annotated[list[TokenId], Field(json_schema_extra=rule(
+    minItems=1, maxItems=Limit("max_prompt_tokens")))]  # one prompt's ids
+PromptText = Annotated[str, Field(json_schema_extra=rule(minLength=1,
+                                                         maxLength=Limit("max_prompt_chars")))]
+StopString = Annotated[str, Field(json_schema_extra=rule(minLength=1,
+                                                         maxLength=Limit("max_stop_chars")))]
+
+
+def max_tokens_field(default: int | None) -> Any:
+    return Field(default, json_schema_extra=rule(minimum=1, maximum=Limit("max_new_tokens")))
+
+
+def model_field() -> Any:
+    """`model`: a name this server serves (None or "": its first)."""
+    return Field(None, json_schema_extra=rule(enum=Limit("served_models")))
+
+
+TEXT_PART = {"type": "object", "required": ["type", "text"],
+             "properties": {"type": {"enum": ["text", "input_text"]}, "text": {"type": "string"}}}
 
 
 class OpenAIBaseModel(BaseModel):
@@ -121,62 +232,115 @@ class JsonSchemaFormat(RequestModel):
 
 
 class ResponseFormat(RequestModel):
+    model_config = ConfigDict(json_schema_extra=document_rules)
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
+
+    @classmethod
+    def schema_rules(cls) -> list[dict[str, Any]]:
+        json_schema = {"required": ["json_schema"], "properties": {"json_schema": {
+            "type": "object", **given("schema", "object")}}}
+        return [either({"properties": {"type": {"enum": ["text", "json_object"]}}}, json_schema)]
 
 
 class StructuredOutputsRequest(RequestModel):
     """vLLM's `structured_outputs` field: one of json, regex, choice, grammar, json_object."""
 
     json_schema: str | dict[str, Any] | None = Field(None, alias="json")
-    regex: str | None = None
-    choice: list[str] | None = None
-    grammar: str | None = None
+    regex: str | None = Field(None, json_schema_extra=rule(minLength=1))
+    choice: list[str] | None = Field(None, json_schema_extra=rule(minItems=1))
+    grammar: str | None = Field(None, json_schema_extra=rule(minLength=1))
     json_object: bool | None = None
     any_whitespace: bool = False
     model_config = ConfigDict(extra="allow", populate_by_name=True, strict=True,
-                              allow_inf_nan=False)
+                              allow_inf_nan=False, json_schema_extra=document_rules)
+
+    @classmethod
+    def schema_rules(cls) -> list[dict[str, Any]]:
+        """Exactly one of the five (json_object counts when true)."""
+        return [{"oneOf": [given("json", "string", "object"), given("regex", "string"),
+                           given("choice", "array"), given("grammar", "string"),
+                           is_true("json_object")]}]
+
+
+ONE_STRUCTURED = ("at most one of response_format (but type 'text'), structured_outputs and "
+                  "guided_*")
+STRUCTURED_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex",
+                     "guided_choice", "guided_grammar")
+
+
+def structured_absent(*except_: str) -> dict[str, Any]:
+    """No structured-output constraint but in `except_` (response_format may be 'text')."""
+    rules = absent(*(name for name in STRUCTURED_FIELDS if name not in except_))
+    if "response_format" in rules["properties"]:  # null, or an object of type text
+        rules["properties"]["response_format"] = {"properties": {"type": {"const": "text"}}}
+    return rules
 
 
 class SamplingRequest(RequestBody):
     """Sampling fields of /v1/completions and /v1/chat/completions, with vLLM's extras."""
 
-    model: str | None = None
-    n: int = Field(1, ge=1)  # at most the server's --max-n (limits.py), as is best_of
-    best_of: int | None = Field(None, ge=1)
-    temperature: float | None = None  # None: OpenAI's default of 1
-    top_p: float | None = None
-    stop: str | list[str] | None = None
+    model_config = ConfigDict(json_schema_extra=document_rules)
+    model: str | None = model_field()
+    n: int = Field(1, ge=1, json_schema_extra=rule(maximum=Limit("max_n")),
+                   description="more than 1 needs temperature > 0")
+    best_of: int | None = Field(None, ge=1, json_schema_extra=rule(maximum=Limit("max_n")),
+                                description="at least n; more than 1 needs temperature > 0")
+    temperature: float | None = Field(None, json_schema_extra=rule(minimum=0))  # None: 1
+    top_p: float | None = Field(None, json_schema_extra=rule(exclusiveMinimum=0, maximum=1))
+    stop: StopString | list[StopString] | None = Field(
+        None, json_schema_extra=rule(maxItems=Limit("max_stop")))
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(0.0, json_schema_extra=rule(minimum=-2, maximum=2))
+    frequency_penalty: float | None = Field(0.0, json_schema_extra=rule(minimum=-2, maximum=2))
+    logit_bias: dict[str, float] | None = Field(None, json_schema_extra=rule(
+        propertyNames=Limit("token_id_names"), maxProperties=Limit("max_logit_bias"),
+        additionalProperties={"type": "number", "minimum": -100, "maximum": 100}))
     user: str | None = None
     # vLLM's extras
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: int = 0
+    top_k: int | None = Field(None, json_schema_extra=rule(minimum=-1,
+                                                           maximum=Limit("vocab_size")))
+    min_p: float | None = Field(None, json_schema_extra=rule(minimum=0, maximum=1))
+    repetition_penalty: float | None = Field(None, json_schema_extra=rule(exclusiveMinimum=0))
+    min_tokens: int = Field(0, json_schema_extra=rule(minimum=0),
+                            description="at most max_tokens")
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = Field(
+        None, json_schema_extra=rule(maxItems=Limit("max_stop_token_ids")))
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    allowed_token_ids: list[int] | None = None
-    bad_words: list[str] | None = None
+    allowed_token_ids: list[TokenId] | None = Field(
+        None, json_schema_extra=rule(minItems=1, maxItems=Limit("max_allowed_token_ids")))
+    bad_words: list[str] | None = Field(None, json_schema_extra=rule(
+        maxItems=Limit("max_bad_words")))
     priority: int = 0  # lower runs first when the server uses --scheduling-policy priority
     cache_salt: str | None = None  # keeps this client's prefix-cache entries to itself
     use_beam_search: bool = False  # /v1/completions only; n (or best_of) is the beam width
     length_penalty: float = 1.0  # beam search only
     # Structured outputs: OpenAI's response_format, or vLLM's structured_outputs, or vLLM's
     # older guided_* fields; at most one of them per request.
-    response_format: ResponseFormat | None = None
-    structured_outputs: StructuredOutputsRequest | None = None
-    guided_json: str | dict[str, Any] | None = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
+    response_format: ResponseFormat | None = Field(None, description=ONE_STRUCTURED)
+    structured_outputs: StructuredOutputsRequest | None = Field(None, description=ONE_STRUCTURED)
+    guided_json: str | dict[str, Any] | None = Field(None, description=ONE_STRUCTURED)
+    guided_regex: str | None = Field(None, json_schema_extra=rule(minLength=1),
+                                     description=ONE_STRUCTURED)
+    guided_choice: list[str] | None = Field(None, json_schema_extra=rule(minItems=1),
+                                            description=ONE_STRUCTURED)
+    guided_grammar: str | None = Field(None, json_schema_extra=rule(minLength=1),
+                                       description=ONE_STRUCTURED)
+
+    @classmethod
+    def schema_rules(cls) -> list[dict[str, Any]]:
+        """What one field's value asks of another, as conditions of the request's schema.
+
+        A fuzzer's schema engine multiplies the alternatives of these conditions out over the
+        whole request, and schemathesis's gives up on the chat request at about twice the eight
+        it has now. So these rules are stated in the fields' descriptions only: best_of >= n
+        and min_tokens <= max_tokens (JSON Schema cannot compare two fields), n > 1 needing
+        temperature > 0, and at most one structured output (six alternatives on its own)."""
+        return [either(absent("stream_options"), is_true("stream"))]
 
     @property
     def include_usage(self) -> bool:
@@ -198,7 +362,7 @@ class SamplingRequest(RequestBody):
         bias = self.logit_bias or {}
         if any(not -100 <= v <= 100 for v in bias.values()):
             problems.append(("logit_bias", "logit_bias values must be in [-100, 100]"))
-        if any(not k.lstrip("-").isdigit() for k in bias):
+        if any(not TOKEN_ID_KEY.fullmatch(k) for k in bias):
             problems.append(("logit_bias", "logit_bias keys must be token ids"))
         sources = self._structured_sources()
         if len(sources) > 1:
@@ -289,11 +453,25 @@ class UsageInfo(OpenAIBaseModel):
 
 # ---- /v1/completions ----------------------------------------------------------------------------
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16  # OpenAI's default for completions
+    # A text, texts, one prompt's token ids, or token ids per prompt
+    prompt: (PromptText
+             | Annotated[list[PromptText], Field(json_schema_extra=rule(
+                 minItems=1, maxItems=Limit("max_prompts")))]
+             | TokenIds
+             | Annotated[list[TokenIds], Field(json_schema_extra=rule(
+                 minItems=1, maxItems=Limit("max_prompts")))])
+    max_tokens: int | None = max_tokens_field(COMPLETIONS_MAX_TOKENS)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
-    suffix: str | None = None
+    suffix: str | None = Field(None, json_schema_extra=rule(maxLength=0))  # not supported
+
+    @classmethod
+    def schema_rules(cls) -> list[dict[str, Any]]:
+        # beam search answers whole, takes no structured output, and bounds length_penalty
+        beam_search = structured_absent()
+        beam_search["properties"].update(stream={"const": False}, length_penalty={
+            "minimum": -MAX_LENGTH_PENALTY, "maximum": MAX_LENGTH_PENALTY})
+        return [*super().schema_rules(), either(is_false("use_beam_search"), beam_search)]
 
     def unsupported(self) -> list[tuple[str, str]]:
         problems = super().unsupported()
@@ -339,20 +517,32 @@ class CompletionResponse(OpenAIBaseModel):
 # ---- /v1/chat/completions -----------------------------------------------------------------------
 class ChatMessage(RequestModel):
     role: str
-    content: str | list[dict[str, Any]] | None = None
+    # a text, or text parts: {"type": "text", "text": ...}
+    content: str | list[dict[str, Any]] | None = Field(None, json_schema_extra=rule(
+        maxLength=Limit("max_prompt_chars"), items=TEXT_PART))
     name: str | None = None
 
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None  # None: as long as the model and the KV cache allow
-    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
+    # None: the server's --max-tokens-default, at most what the context leaves
+    max_tokens: int | None = max_tokens_field(None)
+    max_completion_tokens: int | None = max_tokens_field(None)  # OpenAI's newer name
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    # Tool calling is not supported yet: no tools, tool_choice "none" or "auto"
+    tools: list[dict[str, Any]] | None = Field(None, json_schema_extra=rule(maxItems=0))
+    tool_choice: Annotated[str | dict[str, Any] | None, WithJsonSchema(
+        {"anyOf": [{"enum": ["none", "auto"]}, {"type": "null"}]})] = None
+    use_beam_search: bool = Field(False, json_schema_extra=rule(const=False))  # completions only
     add_generation_prompt: bool = True  # vLLM's extras for the chat template
     continue_final_message: bool = False
+
+    @classmethod
+    def schema_rules(cls) -> list[dict[str, Any]]:
+        return [*super().schema_rules(),
+                either(absent("top_logprobs"), is_true("logprobs")),
+                either(is_false("continue_final_message"), NO_GENERATION_PROMPT)]
 
     def unsupported(self) -> list[tuple[str, str]]:
         problems = super().unsupported()
@@ -374,7 +564,8 @@ class ChatCompletionRequest(SamplingRequest):
         return problems
 
     def to_sampling_params(self, output_kind: RequestOutputKind) -> SamplingParams:
-        max_tokens = self.max_completion_tokens or self.max_tokens
+        max_tokens = self.max_tokens if self.max_completion_tokens is None else \
+            self.max_completion_tokens  # not `or`: 0 is a value (and refused), not unset
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._sampling_params(max_tokens, logprobs, output_kind)
 
@@ -438,16 +629,27 @@ class ChatCompletionChunk(OpenAIBaseModel):
 
 
 # ---- /tokenize, /detokenize ---------------------------------------------------------------------
+NO_GENERATION_PROMPT = {"required": ["add_generation_prompt"],
+                        "properties": {"add_generation_prompt": {"const": False}}}
+
+
 class TokenizeRequest(RequestBody):
     """Either `prompt` (text) or `messages` (rendered through the chat template first)."""
 
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    model_config = ConfigDict(json_schema_extra=document_rules)
+    model: str | None = model_field()
+    prompt: str | None = Field(None, json_schema_extra=rule(maxLength=Limit("max_prompt_chars")))
+    messages: list[ChatMessage] | None = Field(None, json_schema_extra=rule(minItems=1))
     add_special_tokens: bool = True  # for `prompt`; a chat template writes its own
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     return_token_strs: bool = False
+
+    @classmethod
+    def schema_rules(cls) -> list[dict[str, Any]]:
+        return [{"oneOf": [given("prompt", "string"), given("messages", "array")]},
+                either(absent("messages"), is_false("continue_final_message"),
+                       NO_GENERATION_PROMPT)]
 
 
 class TokenizeResponse(OpenAIBaseModel):
@@ -458,8 +660,8 @@ class TokenizeResponse(OpenAIBaseModel):
 
 
 class DetokenizeRequest(RequestBody):
-    model: str | None = None
-    tokens: list[int]
+    model: str | None = model_field()
+    tokens: list[TokenId] = Field(json_schema_extra=rule(maxItems=Limit("max_model_len")))
 
 
 class DetokenizeResponse(OpenAIBaseModel):
