@@ -4,6 +4,7 @@ shape each update as the request asked (cumulative, delta for streaming, or fina
 from __future__ import annotations
 
 import time
+import weakref
 
 from pagedllm.core.step_io import EngineCoreOutput, TokenLogprobs
 from pagedllm.logger import init_logger
@@ -129,9 +130,25 @@ def logprob_dict(entry: TokenLogprobs, tokenizer) -> dict[int, Logprob]:
         if token_id in result:
             continue
         rank = entry.sampled_rank if position == 0 else position
-        text = tokenizer.decode([token_id]) if tokenizer is not None else None
+        text = token_text(tokenizer, token_id) if tokenizer is not None else None
         result[token_id] = Logprob(value, rank, text)
     return result
+
+
+# tokenizer -> token id -> its text; at most the vocabulary per tokenizer
+_TOKEN_TEXTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """One token's text, decoded once per tokenizer and id: logprobs name up to 21 tokens per
+    position (prompt logprobs of a long prompt: 100,000s), mostly the same few thousand."""
+    texts = _TOKEN_TEXTS.get(tokenizer)
+    if texts is None:
+        texts = _TOKEN_TEXTS[tokenizer] = {}
+    text = texts.get(token_id)
+    if text is None:
+        text = texts[token_id] = tokenizer.decode([token_id])
+    return text
 
 
 class RequestState:
