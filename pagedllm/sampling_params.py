@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import json as jsonlib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,7 @@ class RequestOutputKind(enum.Enum):
 
 
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+MAX_LOGIT_BIAS = 100  # OpenAI's range for logit_bias values
 
 
 def check_text(text: str, name: str) -> None:
@@ -138,6 +140,15 @@ class SamplingParams:
         self.all_stop_token_ids = set(self.stop_token_ids)
 
     def _validate(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        for token_id, bias in (self.logit_bias or {}).items():
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:  # NaN fails this too
+                raise ValueError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS}, "
+                                 f"{MAX_LOGIT_BIAS}], got {bias} for token {token_id}")
         checks = [
             (self.n >= 1, f"n must be at least 1, got {self.n}"),
             (self.best_of >= self.n, f"best_of ({self.best_of}) must be at least n ({self.n})"),

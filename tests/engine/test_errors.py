@@ -15,6 +15,14 @@ from pagedllm import LLM, SamplingParams
     ({"top_k": -2}, "top_k"),
     ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
     ({"stop": [""]}, "stop strings"),
+    ({"temperature": float("inf")}, "temperature must be a finite number"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty must be a finite number"),
+    ({"top_p": float("nan")}, "top_p must be a finite number"),
+    ({"logit_bias": {1: float("nan")}}, r"logit_bias values must be in \[-100, 100\]"),
+    ({"logit_bias": {1: 101}}, r"logit_bias values must be in \[-100, 100\]"),
+    ({"seed": 2**64}, "seed must fit in 64 bits"),
+    ({"stop": ["ok", "\ud800"]}, r"stop\[1\] must be valid UTF-8"),
+    ({"bad_words": ["\udfff"]}, r"bad_words\[0\] must be valid UTF-8"),
 ])
 def test_bad_sampling_params(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -17,14 +17,17 @@ from .server_utils import ServerProcess, launch_server
 API_KEY = "sk-hostile"
 VICTIM_PROMPTS = ["The capital of France is", "Once upon a time, a dragon",
                   "def fibonacci(n):", "My favourite colour is"]
-VICTIM_TOKENS = 24
+VICTIM_TOKENS = 16
 MAX_TOKENS_DEFAULT = 12
 TWENTY_MB = 20 * 2**20
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    # float32: in bf16 a greedy near-tie can flip with the batch's shape, and the victims are
+    # compared with what they got in batches of their own
     server = launch_server(tmp_path_factory.mktemp("hostile"), "--kv-cache-memory", "512MiB",
+                           "--dtype", "float32",
                            "--max-tokens-default", str(MAX_TOKENS_DEFAULT),
                            "--disable-access-log", api_key=API_KEY)
     try:
