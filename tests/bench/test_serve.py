@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 # tests/ is on sys.path (this folder is a package there), so is the entrypoints tests' helper.
-from entrypoints.server_utils import ServerProcess, free_port, launch_server
+from entrypoints.server_utils import ServerProcess, free_port, running_server
 
 from pagedllm.bench.dataset import WorkItem, synthetic_text_workload
 from pagedllm.bench.serve import LoadSpec, RequestResult, arrival_offsets, send_request
@@ -29,14 +29,10 @@ NUM_PROMPTS, INPUT_LEN, OUTPUT_LEN = 8, 10, 6
 
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
-    server = launch_server(tmp_path_factory.mktemp("bench-serve"), str(tiny_model),
-                           "--max-model-len", str(MAX_POSITIONS), "--kv-cache-memory", "16MiB",
-                           "--disable-access-log", api_key=API_KEY)
-    try:
-        server.wait_until_healthy()
+    with running_server(tmp_path_factory.mktemp("bench-serve"), str(tiny_model),
+                        "--max-model-len", str(MAX_POSITIONS), "--kv-cache-memory", "16MiB",
+                        "--disable-access-log", api_key=API_KEY) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def run_serve(server: ServerProcess, tmp_path, *extra: str) -> dict:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,3 +83,15 @@ def launch_server(log_dir: Path, *args: str, api_key: str | None = None) -> Serv
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     return ServerProcess(proc, port, log_path, api_key)
+
+
+@contextlib.contextmanager
+def running_server(log_dir: Path, *args: str, api_key: str | None = None
+                   ) -> Iterator[ServerProcess]:
+    """A healthy `pagedllm serve` for the block (a module fixture's body), stopped after it."""
+    server = launch_server(log_dir, *args, api_key=api_key)
+    try:
+        server.wait_until_healthy()
+        yield server
+    finally:
+        server.stop()

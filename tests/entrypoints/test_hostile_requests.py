@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .server_utils import ServerProcess, launch_server
+from .server_utils import ServerProcess, running_server
 
 API_KEY = "sk-hostile"
 VICTIM_PROMPTS = ["The capital of France is", "Once upon a time, a dragon",
@@ -26,15 +26,10 @@ TWENTY_MB = 20 * 2**20
 def server(tmp_path_factory):
     # float32: in bf16 a greedy near-tie can flip with the batch's shape, and the victims are
     # compared with what they got in batches of their own
-    server = launch_server(tmp_path_factory.mktemp("hostile"), "--kv-cache-memory", "512MiB",
-                           "--dtype", "float32",
-                           "--max-tokens-default", str(MAX_TOKENS_DEFAULT),
-                           "--disable-access-log", api_key=API_KEY)
-    try:
-        server.wait_until_healthy()
+    with running_server(tmp_path_factory.mktemp("hostile"), "--kv-cache-memory", "512MiB",
+                        "--dtype", "float32", "--max-tokens-default", str(MAX_TOKENS_DEFAULT),
+                        "--disable-access-log", api_key=API_KEY) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @dataclass

@@ -16,7 +16,7 @@ from openai import AsyncOpenAI, OpenAI
 from pydantic import BaseModel, Field
 from structured_output.schemas import SCHEMAS
 
-from .server_utils import ServerProcess, launch_server
+from .server_utils import ServerProcess, running_server
 
 MODEL = "smol"
 USER = [{"role": "user", "content": "Give an example answer."}]
@@ -36,14 +36,10 @@ class Owner(BaseModel):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server = launch_server(tmp_path_factory.mktemp("serve-structured"), "--served-model-name",
-                           MODEL, "--kv-cache-memory", "256MiB", "--max-model-len", "1024",
-                           "--disable-access-log")
-    try:
-        server.wait_until_healthy()
+    with running_server(tmp_path_factory.mktemp("serve-structured"), "--served-model-name",
+                        MODEL, "--kv-cache-memory", "256MiB", "--max-model-len", "1024",
+                        "--disable-access-log") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
