@@ -31,6 +31,7 @@ from pagedllm.sampling_params import (
     RequestOutputKind,
     SamplingParams,
     StructuredOutputsParams,
+    check_text,
 )
 
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs; the sampler's top-k cost grows with it
@@ -178,14 +179,9 @@ def check_json_value(value: Any) -> None:
 
 
 def _check_unicode(text: Any, path: str) -> None:
-    if not isinstance(text, str) or text.isascii():
-        return
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
+    if isinstance(text, str) and not text.isascii():
         where = (path or "the body").encode("utf-8", "backslashreplace").decode()  # a bad key
-        raise ValueError(f"{where} is not valid UTF-8 text: it has a lone surrogate at "
-                         f"character {exc.start}") from None
+        check_text(text, where)
 
 
 # ---- errors -------------------------------------------------------------------------------------
