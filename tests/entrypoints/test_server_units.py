@@ -564,3 +564,11 @@ def test_max_completion_tokens_0_is_refused_not_taken_as_unset():
         "max_tokens": 4})
     assert response.status_code == 400
     assert "max_tokens must be at least 1" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("options", [{"health_stall_timeout_s": 0},
+                                     {"health_stall_timeout_s": -5},
+                                     {"max_request_body_bytes": 0}])
+def test_nonsense_server_options_are_refused(options):
+    with pytest.raises(ValueError, match="must be positive"):
+        ServerOptions(**options)

@@ -26,6 +26,14 @@ class ServerOptions:
     # /health answers 503 once the engine has had work but finished no turn for this long
     health_stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
 
+    def __post_init__(self) -> None:
+        if self.max_request_body_bytes < 1:
+            raise ValueError(f"--max-request-body-size must be positive, got "
+                             f"{self.max_request_body_bytes} bytes")
+        if not self.health_stall_timeout_s > 0:  # 0 or less: /health would always say 503
+            raise ValueError(f"--health-stall-timeout must be positive, got "
+                             f"{self.health_stall_timeout_s}")
+
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> ServerOptions:
         return cls(limits=RequestLimits.from_cli_args(args),
