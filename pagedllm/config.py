@@ -15,6 +15,10 @@ PREEMPTION_MODES = ("recompute", "swap")
 SCHEDULING_POLICIES = ("fcfs", "priority")
 LOAD_FORMATS = ("auto", "dummy")
 EXECUTOR_BACKENDS = ("uni", "mp")
+# the KV cache's element type: auto (the model's dtype) or 8-bit floats; "fp8" is e4m3
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+# mirrors model/layers/quantization.QUANTIZATION_CHOICES (this module imports no torch)
+QUANTIZATION_CHOICES = ("none", "gguf", "awq", "gptq", "compressed-tensors")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 CPU_DEFAULT_KV_CACHE_BYTES = 4 << 30  # vLLM's CPU backend also defaults to 4 GiB
 
@@ -51,6 +55,15 @@ class EngineArgs:
     load_format: str = _opt(
         "auto: the checkpoint's weights; dummy: random weights built from config.json alone, "
         "for benchmarks of real shapes without the checkpoint", "auto", choices=LOAD_FORMATS)
+    quantization: str | None = _opt(
+        "quantized-weight method (default: what the checkpoint says; a GGUF file is served in "
+        "its own types); none: dequantize a GGUF file to dtype at load", choices=QUANTIZATION_CHOICES)
+    kv_cache_dtype: str = _opt(
+        "KV cache element type: auto (the model's dtype), fp8 (= fp8_e4m3) or fp8_e5m2, which "
+        "hold twice the tokens in the same memory", "auto", choices=KV_CACHE_DTYPES)
+    calculate_kv_scales: bool = _opt(
+        "with an fp8 KV cache, set each layer's K and V scales from the first prompts' values "
+        "(default: the checkpoint's k_scale/v_scale, else 1.0)", False)
     seed: int = _opt("seed for requests that do not set their own", 0)
     max_model_len: int | None = _opt("longest prompt + output (default: from the model)")
     block_size: int = _opt("tokens per KV-cache block", 16)
@@ -108,6 +121,7 @@ class EngineArgs:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         self._check_device_options()
+        self._check_quantization()
         if self.kv_cache_memory_bytes is not None:
             self.kv_cache_memory_bytes = parse_bytes(self.kv_cache_memory_bytes)
         positive = ("block_size", "max_num_seqs", "max_num_batched_tokens")
@@ -127,6 +141,16 @@ class EngineArgs:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("gpu_memory_utilization must be in (0, 1], got "
                              f"{self.gpu_memory_utilization}")
+
+    def _check_quantization(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, "
+                             f"got {self.kv_cache_dtype!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_CHOICES:
+            raise ValueError(f"quantization must be one of {QUANTIZATION_CHOICES}, "
+                             f"got {self.quantization!r}")
+        if self.calculate_kv_scales and self.kv_cache_dtype == "auto":
+            raise ValueError("calculate_kv_scales needs an fp8 KV cache (kv_cache_dtype='fp8')")
 
     def _check_scheduling(self) -> None:
         if self.preemption_mode not in PREEMPTION_MODES:

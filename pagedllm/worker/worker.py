@@ -55,7 +55,8 @@ class Worker:
         if ":" in self.device:
             torch.cuda.set_device(self.device)  # graphs capture on the current device
         self.model_config: ModelConfig = load_model_config(
-            args.model, args.dtype, args.max_model_len, args.revision, self.device)
+            args.model, args.dtype, args.max_model_len, args.revision, self.device,
+            args.quantization)
         self.model, self._weights_bytes = self._load_model()
         on_cuda = self.device.startswith("cuda")
         # Decode steps replay CUDA graphs at these batch sizes; none on the CPU or when eager.

@@ -13,14 +13,8 @@ from safetensors.torch import load_file
 
 from pagedllm import SamplingParams
 from pagedllm.attention import get_attention_backend
-from pagedllm.model.loader import (
-    GGUFFile,
-    bf16_is_native,
-    load_model,
-    load_model_config,
-    resolve_dtype,
-    unpermute_rotary_rows,
-)
+from pagedllm.model.gguf_file import GGUFFile, unpermute_rotary_rows
+from pagedllm.model.loader import bf16_is_native, load_model, load_model_config, resolve_dtype
 from pagedllm.model.source import default_model_path, resolve_model_source
 
 

@@ -89,7 +89,9 @@ class MergedLinear(Linear):
 
 
 def prepare_for_inference(model: nn.Module) -> None:
-    """Run-time weight layouts, once every weight is loaded."""
+    """Run-time weight layouts, once every weight is loaded: float Linear layers and the
+    quantized layers that replace them (model/layers/quantization/) each know their own."""
     for module in model.modules():
-        if isinstance(module, Linear):
-            module.prepare_for_inference()
+        prepare = getattr(module, "prepare_for_inference", None)
+        if callable(prepare) and module is not model:
+            prepare()
