@@ -11,6 +11,7 @@ Every new token's K and V are first written into the paged pools at its slot
 new alike, through its block table.
 
 KV pools, per layer:  key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+in the model's dtype, or fp8 with per-layer scales (attention/kv_quant.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import abc
 from dataclasses import dataclass
 
 import torch
+
+from pagedllm.attention.kv_quant import KVScales
 
 
 @dataclass(slots=True)
@@ -59,6 +62,7 @@ class AttentionBackend(abc.ABC):
         scale: float,
         sliding_window: int | None = None,
         soft_cap: float | None = None,
+        kv_scales: KVScales | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         """Causal attention of every new token over its sequence's context.
 

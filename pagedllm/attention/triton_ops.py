@@ -39,6 +39,11 @@ context_len - query_len + t and sees keys j <= position (within the window, if a
 wholly below the tile's first query are visible to every row and skip the causal mask.
 
 Scores are kept in base 2 (scaled by log2(e)) so the softmax uses exp2; accumulation is fp32.
+
+An fp8 cache (attention/kv_quant.py) reaches the kernels as its uint8 view with FP8 = 1 (e4m3)
+or 2 (e5m2): `_widen_fp8` turns each byte into the value it codes through fp16's bit layout
+(exact), the layer's K scale multiplies the scores and its V scale the output, both loaded from a
+device tensor (scales_ptr: [k_scale, v_scale]) so a CUDA graph sees scales set after capture.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from pagedllm.attention.kv_quant import is_fp8
 
 DEFAULT_PARTITION_SIZE = 512
 
@@ -68,6 +75,17 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _widen_fp8(bits, FP8: tl.constexpr, DTYPE: tl.constexpr):
+    """uint8 codes -> values in DTYPE. e5m2 is fp16's top byte; e4m3 (bias 7) moved into fp16's
+    fields reads as the value x 2^-8, subnormals included, so one multiply by 256 restores it."""
+    wide = bits.to(tl.uint16)
+    if FP8 == 2:
+        return (wide << 8).to(tl.float16, bitcast=True).to(tl.float32).to(DTYPE)
+    half = ((wide & 0x80) << 8) | ((wide & 0x7F) << 7)
+    return (half.to(tl.float16, bitcast=True).to(tl.float32) * 256.0).to(DTYPE)
 
 
 @triton.jit
@@ -104,11 +122,12 @@ def _attend_tiles(
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr,
 ):
     """Online softmax of the query rows `q` over key positions [lo, hi), one tile per step.
 
     q_pos: each row's absolute position (for the causal and window masks). m_i is in base 2.
+    `scale` already carries an fp8 cache's K scale; the caller applies its V scale to acc.
     """
     offs = tl.arange(0, TILE_N)
     dims = tl.arange(0, D_PAD)
@@ -121,7 +140,9 @@ def _attend_tiles(
         # Without padding columns, no column mask: the loads stay fully vectorised.
         kv_mask = tok_ok[:, None] if HEAD_DIM == D_PAD else tok_ok[:, None] & (dims[None, :] < HEAD_DIM)
         k = tl.load(key_cache_ptr + block[:, None] * stride_kb + in_block[:, None] * stride_kt
-                    + kv_head_offset * stride_kh + dims[None, :], mask=kv_mask, other=0.0)
+                    + kv_head_offset * stride_kh + dims[None, :], mask=kv_mask, other=0)
+        if FP8:
+            k = _widen_fp8(k, FP8, q.dtype)
         s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST)
         if USE_SOFT_CAP:
             s = soft_cap * _tanh(s * (scale / soft_cap)) * 1.4426950408889634  # log2(e)
@@ -141,7 +162,9 @@ def _attend_tiles(
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(value_cache_ptr + block[:, None] * stride_vb + in_block[:, None] * stride_vt
-                    + kv_head_offset * stride_vh + dims[None, :], mask=kv_mask, other=0.0)
+                    + kv_head_offset * stride_vh + dims[None, :], mask=kv_mask, other=0)
+        if FP8:
+            v = _widen_fp8(v, FP8, q.dtype)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST)
         m_i = m_new
     return m_i, l_i, acc
@@ -150,7 +173,7 @@ def _attend_tiles(
 @triton.jit
 def _decode_kernel(
     out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
-    q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr,
+    q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr, scales_ptr,
     scale, soft_cap, sliding_window,
     stride_qs, stride_qh, stride_os, stride_oh, stride_bt,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
@@ -158,7 +181,7 @@ def _decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, PARTITION_SIZE: tl.constexpr,
     SPLIT: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -180,6 +203,8 @@ def _decode_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
+    if FP8:
+        scale = scale * tl.load(scales_ptr)
     # Decode needs no causal mask: keys stop at hi <= seq_len, the query's own position + 1.
     m_i, l_i, acc = _attend_tiles(
         q, q_pos, m_i, l_i, acc, lo, hi,
@@ -187,7 +212,10 @@ def _decode_kernel(
         scale, soft_cap, sliding_window,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
         HEAD_DIM, D_PAD, BLOCK_SIZE, TILE_N, False, USE_WINDOW, USE_SOFT_CAP, DOT_PRECISION, UPCAST,
+        FP8,
     )
+    if FP8:
+        acc = acc * tl.load(scales_ptr + 1)
     if SPLIT:
         part_rows = (seq * num_heads + heads).to(tl.int64) * num_partitions + part
         tl.store(part_max_ptr + part_rows, m_i, mask=rows < GROUP)
@@ -231,13 +259,13 @@ def _decode_reduce_kernel(
 @triton.jit
 def _prefill_kernel(
     out_ptr, q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, chunks_ptr, tiles_ptr,
-    scale, soft_cap, sliding_window,
+    scales_ptr, scale, soft_cap, sliding_window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, TILE_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, FP8: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -265,6 +293,8 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    if FP8:
+        scale = scale * tl.load(scales_ptr)
     if USE_WINDOW:
         lo = tl.maximum(prefix + first - sliding_window + 1, 0) // TILE_N * TILE_N
         m_i, l_i, acc = _attend_tiles(
@@ -272,6 +302,7 @@ def _prefill_kernel(
             scale, soft_cap, sliding_window,
             stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
             HEAD_DIM, D_PAD, BLOCK_SIZE, TILE_N, True, True, USE_SOFT_CAP, DOT_PRECISION, UPCAST,
+            FP8,
         )
     else:
         # Tiles ending at or before the first query's position are visible to all rows.
@@ -281,13 +312,17 @@ def _prefill_kernel(
             kv_head, scale, soft_cap, sliding_window,
             stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
             HEAD_DIM, D_PAD, BLOCK_SIZE, TILE_N, False, False, USE_SOFT_CAP, DOT_PRECISION, UPCAST,
+            FP8,
         )
         m_i, l_i, acc = _attend_tiles(
             q, q_pos, m_i, l_i, acc, diagonal, hi, table_ptr, key_cache_ptr, value_cache_ptr,
             kv_head, scale, soft_cap, sliding_window,
             stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
             HEAD_DIM, D_PAD, BLOCK_SIZE, TILE_N, True, False, USE_SOFT_CAP, DOT_PRECISION, UPCAST,
+            FP8,
         )
+    if FP8:
+        acc = acc * tl.load(scales_ptr + 1)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + token_index[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -298,11 +333,18 @@ def _prefill_kernel(
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
-             value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store each token's K/V ([T, kv_heads, D]) at its slot; a slot < 0 (padding) is skipped."""
+             value_cache: torch.Tensor, slot_mapping: torch.Tensor,
+             scales: torch.Tensor | None = None) -> None:
+    """Store each token's K/V ([T, kv_heads, D]) at its slot; a slot < 0 (padding) is skipped.
+    An fp8 cache stores key / scales[0] and value / scales[1], saturated (tensor ops on the
+    device: no host sync, so this too can be captured)."""
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
+    if is_fp8(key_cache.dtype):
+        key, value = (_quantize(x, s, key_cache.dtype).view(torch.uint8)
+                      for x, s in ((key, scales[0]), (value, scales[1])))
+        key_cache, value_cache = key_cache.view(torch.uint8), value_cache.view(torch.uint8)
     for t in (key, value, key_cache, value_cache):
         _check_last_dim_contiguous(t)
     _write_kv_kernel[(num_tokens,)](
@@ -328,6 +370,7 @@ def decode_attention(
     soft_cap: float | None = None,
     partition_size: int | None = None,
     tile_n: int | None = None,
+    scales: torch.Tensor | None = None,  # an fp8 cache's [k_scale, v_scale] (float32)
 ) -> torch.Tensor:
     """Paged attention of one query token per sequence. No host syncs: the launch depends only
     on shapes, so it can be captured in a CUDA graph. partition_size: context positions per
@@ -351,9 +394,11 @@ def decode_attention(
         part_sum = torch.empty_like(part_max)
     else:  # stage 1 writes `out` directly; these arguments go unused
         part_acc = part_max = part_sum = out
+    fp8 = _fp8_mode(key_cache.dtype)
+    key_cache, value_cache, scales = _kernel_caches(key_cache, value_cache, scales)
     _decode_kernel[(num_seqs, num_kv_heads, num_partitions)](
         out, part_acc, part_max, part_sum,
-        query, key_cache, value_cache, block_tables, seq_lens,
+        query, key_cache, value_cache, block_tables, seq_lens, scales,
         scale, soft_cap or 0.0, sliding_window or 0,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         *_cache_strides(key_cache, value_cache),
@@ -367,8 +412,8 @@ def decode_attention(
         HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_SIZE=key_cache.shape[1], TILE_N=tile_n, PARTITION_SIZE=partition_size,
         SPLIT=split, USE_WINDOW=bool(sliding_window), USE_SOFT_CAP=bool(soft_cap),
-        DOT_PRECISION=_dot_precision(query.dtype), UPCAST=_interpreting_bf16(key_cache.dtype),
-        num_warps=4, num_stages=3 if head_dim <= 128 else 2,
+        DOT_PRECISION=_dot_precision(query.dtype), UPCAST=_interpreting_bf16(query.dtype),
+        FP8=fp8, num_warps=4, num_stages=3 if head_dim <= 128 else 2,
     )
     if split:
         p_pad = triton.next_power_of_2(num_partitions)
@@ -437,6 +482,7 @@ def prefill_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     tile_n: int | None = None,
+    scales: torch.Tensor | None = None,  # an fp8 cache's [k_scale, v_scale] (float32)
 ) -> torch.Tensor:
     """Causal attention of each chunk's queries over its whole context, read through its block
     table (the chunk's own K/V must already be written). Rows outside the chunks are untouched."""
@@ -448,20 +494,43 @@ def prefill_attention(
     for t in (out, query, key_cache, value_cache):
         _check_last_dim_contiguous(t)
     group = num_heads // num_kv_heads
+    fp8 = _fp8_mode(key_cache.dtype)
+    key_cache, value_cache, scales = _kernel_caches(key_cache, value_cache, scales)
     _prefill_kernel[(num_tiles, num_kv_heads)](
         out, query, key_cache, value_cache, plan.block_tables, plan.chunks, plan.tiles,
-        scale, soft_cap or 0.0, sliding_window or 0,
+        scales, scale, soft_cap or 0.0, sliding_window or 0,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         *_cache_strides(key_cache, value_cache),
         GROUP=group, HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_SIZE=key_cache.shape[1], BLOCK_M=plan.block_m, TOKENS_PER_TILE=plan.tokens_per_tile,
         TILE_N=tile_n or _default_tile_n(head_dim, query.dtype),
         USE_WINDOW=bool(sliding_window), USE_SOFT_CAP=bool(soft_cap),
-        DOT_PRECISION=_dot_precision(query.dtype), UPCAST=_interpreting_bf16(key_cache.dtype),
-        num_warps=8 if plan.block_m * head_dim >= 64 * 128 else 4,
+        DOT_PRECISION=_dot_precision(query.dtype), UPCAST=_interpreting_bf16(query.dtype),
+        FP8=fp8, num_warps=8 if plan.block_m * head_dim >= 64 * 128 else 4,
         num_stages=3 if head_dim <= 128 else 2,
     )
     return out
+
+
+def _fp8_mode(dtype: torch.dtype) -> int:
+    """The kernels' FP8 switch: 0 a float cache, 1 e4m3, 2 e5m2."""
+    return {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}.get(dtype, 0)
+
+
+def _kernel_caches(key_cache: torch.Tensor, value_cache: torch.Tensor,
+                   scales: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the kernels take: an fp8 cache as its uint8 view, and a scales tensor always (the
+    query pointer stands in for a float cache, whose kernels never load it)."""
+    if not is_fp8(key_cache.dtype):
+        return key_cache, value_cache, key_cache
+    if scales is None:
+        raise ValueError("an fp8 KV cache needs its [k_scale, v_scale] tensor")
+    return key_cache.view(torch.uint8), value_cache.view(torch.uint8), scales
+
+
+def _quantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    limit = torch.finfo(dtype).max
+    return (x.float() / scale).clamp_(-limit, limit).to(dtype)
 
 
 def _partition_size(requested: int | None, programs_per_partition: int, max_context: int,

@@ -10,14 +10,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("level") = vec::kLevel;
   m.attr("lanes") = vec::kLanes;
   m.def("paged_decode_attention", &paged_decode_attention,
-        "decode attention over a paged KV cache, in place (CPU)");
+        "decode attention over a paged KV cache, in place (CPU)", py::arg("out"),
+        py::arg("query"), py::arg("key_cache"), py::arg("value_cache"), py::arg("block_tables"),
+        py::arg("seq_lens"), py::arg("scale"), py::arg("window"), py::arg("soft_cap"),
+        py::arg("k_scale") = 1.0, py::arg("v_scale") = 1.0);
   m.def("paged_prefill_attention", &paged_prefill_attention,
-        "every prefill chunk's attention over a paged KV cache, in place (CPU)");
+        "every prefill chunk's attention over a paged KV cache, in place (CPU)", py::arg("out"),
+        py::arg("query"), py::arg("key_cache"), py::arg("value_cache"), py::arg("chunks"),
+        py::arg("block_tables"), py::arg("scale"), py::arg("window"), py::arg("soft_cap"),
+        py::arg("k_scale") = 1.0, py::arg("v_scale") = 1.0);
   m.def("rms_norm", &rms_norm, "out = RMSNorm(x) * weight");
   m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x; x = RMSNorm(residual) * weight");
   m.def("silu_and_mul", &silu_and_mul, "out = silu(gate) * up");
   m.def("rotary_embedding", &rotary_embedding, "neox rotary on query and key, in place");
-  m.def("write_kv", &write_kv, "copy new key/value rows into their cache slots");
+  m.def("write_kv", &write_kv,
+        "copy new key/value rows into their cache slots (an fp8 cache: divided by its scales)",
+        py::arg("key"), py::arg("value"), py::arg("key_cache"), py::arg("value_cache"),
+        py::arg("slot_mapping"), py::arg("k_scale") = 1.0, py::arg("v_scale") = 1.0);
   m.def("bf16_linear", &bf16_linear, "out = x @ weight.T + bias, bf16 stored, float32 computed",
         py::arg("out"), py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
 }

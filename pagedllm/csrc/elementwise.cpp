@@ -9,7 +9,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstring>
+#include <limits>
 
 #include "kernels.h"
 #include "vec.h"
@@ -152,21 +154,36 @@ void rotary_typed(const at::Tensor& positions, at::Tensor& query, at::Tensor& ke
   });
 }
 
+// dst[i] = src[i] / scale as fp8, saturated to S's range (a cast past it would give NaN); the
+// same division and rounding as kv_quant.quantize.
+template <typename T, typename S>
+void quantize_row(S* dst, const T* src, int64_t n, float scale) {
+  const float limit = static_cast<float>(std::numeric_limits<S>::max());
+  for (int64_t i = 0; i < n; ++i)
+    dst[i] = static_cast<S>(std::clamp(to_float(src[i]) / scale, -limit, limit));
+}
+
 // Copy each new token's key and value rows into its slot of the paged pools (memcpy is already
-// the widest copy the C library has for this CPU).
-template <typename T>
+// the widest copy the C library has for this CPU); an fp8 cache quantizes them on the way.
+template <typename T, typename S>
 void write_kv_typed(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
-                    at::Tensor& value_cache, const at::Tensor& slot_mapping) {
+                    at::Tensor& value_cache, const at::Tensor& slot_mapping, float k_scale,
+                    float v_scale) {
   const int64_t tokens = key.size(0), row = key.size(1) * key.size(2);
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   const T* k = key.data_ptr<T>();
   const T* v = value.data_ptr<T>();
-  T* kc = key_cache.data_ptr<T>();
-  T* vc = value_cache.data_ptr<T>();
+  S* kc = static_cast<S*>(key_cache.data_ptr());
+  S* vc = static_cast<S*>(value_cache.data_ptr());
   const int64_t k_stride = key.stride(0), v_stride = value.stride(0);
   for (int64_t t = 0; t < tokens; ++t) {
-    std::memcpy(kc + slots[t] * row, k + t * k_stride, row * sizeof(T));
-    std::memcpy(vc + slots[t] * row, v + t * v_stride, row * sizeof(T));
+    if constexpr (std::is_same_v<T, S>) {
+      std::memcpy(kc + slots[t] * row, k + t * k_stride, row * sizeof(T));
+      std::memcpy(vc + slots[t] * row, v + t * v_stride, row * sizeof(T));
+    } else {
+      quantize_row(kc + slots[t] * row, k + t * k_stride, row, k_scale);
+      quantize_row(vc + slots[t] * row, v + t * v_stride, row, v_scale);
+    }
   }
 }
 
@@ -215,15 +232,23 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor query, at::Tensor 
 }
 
 void write_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor key_cache,
-              at::Tensor value_cache, const at::Tensor& slot_mapping) {
+              at::Tensor value_cache, const at::Tensor& slot_mapping, double k_scale,
+              double v_scale) {
   TORCH_CHECK(key.stride(1) == key.size(2) && key.stride(2) == 1 && value.stride(1) == value.size(2) &&
                   value.stride(2) == 1,
               "key/value heads must be packed within a token's row");
   TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong, "slot_mapping must be int64");
-  TORCH_CHECK(key.scalar_type() == key_cache.scalar_type(), "key and cache dtypes differ");
-  PAGEDLLM_DISPATCH(key.scalar_type(), "write_kv", write_kv_typed, key, value, key_cache, value_cache,
-                    slot_mapping);
+  TORCH_CHECK(key.scalar_type() == value.scalar_type(), "key and value dtypes differ");
+  TORCH_CHECK(key_cache.scalar_type() == value_cache.scalar_type(), "K and V cache dtypes differ");
+  TORCH_CHECK(k_scale > 0 && v_scale > 0, "k_scale and v_scale must be positive");
+  dispatch_attention(key.scalar_type(), key_cache.scalar_type(), "write_kv",
+                     [&](auto key_type, auto cache_type) {
+                       write_kv_typed<typename decltype(key_type)::type,
+                                      typename decltype(cache_type)::type>(
+                           key, value, key_cache, value_cache, slot_mapping,
+                           static_cast<float>(k_scale), static_cast<float>(v_scale));
+                     });
 }
 
 }  // namespace pagedllm

@@ -19,17 +19,49 @@
 
 namespace pagedllm {
 
-// decode_attention.cpp
+template <typename T>
+struct Type {
+  using type = T;
+};
+
+// The attention kernels' two element types: T of query and output (float32 or bfloat16) and S
+// of the KV cache (T itself, or fp8 e4m3 / e5m2 with per-layer scales). Calls
+// fn(Type<T>{}, Type<S>{}); any other pair is an error naming the kernel.
+template <typename Fn>
+void dispatch_attention(at::ScalarType query, at::ScalarType cache, const char* kernel, Fn&& fn) {
+  auto with_cache = [&](auto query_type) {
+    using T = typename decltype(query_type)::type;
+    if (cache == query) {
+      fn(query_type, query_type);
+    } else if (cache == at::kFloat8_e4m3fn) {
+      fn(query_type, Type<c10::Float8_e4m3fn>{});
+    } else if (cache == at::kFloat8_e5m2) {
+      fn(query_type, Type<c10::Float8_e5m2>{});
+    } else {
+      TORCH_CHECK(false, kernel, ": a ", cache, " cache with ", query,
+                  " queries (the cache must be the query's dtype or fp8)");
+    }
+  };
+  if (query == at::kFloat) {
+    with_cache(Type<float>{});
+  } else if (query == at::kBFloat16) {
+    with_cache(Type<c10::BFloat16>{});
+  } else {
+    TORCH_CHECK(false, kernel, " supports float32 and bfloat16 queries, got ", query);
+  }
+}
+
+// decode_attention.cpp (k_scale, v_scale: an fp8 cache's scales, ignored for a float cache)
 void paged_decode_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& key_cache,
                             const at::Tensor& value_cache, const at::Tensor& block_tables,
                             const at::Tensor& seq_lens, double scale, int64_t window,
-                            double soft_cap);
+                            double soft_cap, double k_scale, double v_scale);
 
 // prefill_attention.cpp
 void paged_prefill_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& key_cache,
                              const at::Tensor& value_cache, const at::Tensor& chunks,
                              const at::Tensor& block_tables, double scale, int64_t window,
-                             double soft_cap);
+                             double soft_cap, double k_scale, double v_scale);
 
 // elementwise.cpp
 void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps);
@@ -37,8 +69,10 @@ void fused_add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& wei
 void silu_and_mul(at::Tensor out, const at::Tensor& gate_up);
 void rotary_embedding(const at::Tensor& positions, at::Tensor query, at::Tensor key,
                       const at::Tensor& cos, const at::Tensor& sin);
+// an fp8 cache stores key / k_scale and value / v_scale, saturated to its range
 void write_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor key_cache,
-              at::Tensor value_cache, const at::Tensor& slot_mapping);
+              at::Tensor value_cache, const at::Tensor& slot_mapping, double k_scale,
+              double v_scale);
 
 // linear.cpp
 void bf16_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& weight,

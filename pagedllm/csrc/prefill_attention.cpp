@@ -34,6 +34,9 @@
 // element of the left operand times whole vectors of the right one), with zero-padded buffers
 // so that it never sees a partial vector.
 //
+// T is the query/output type, S the cache's: T, or fp8 (attention/kv_quant.py), widened as rows
+// are packed; the K scale folds into q_t's scale and the V scale into the final 1 / row_sum.
+//
 // Masked scores are a large finite negative (the kernels build with -ffast-math, which assumes
 // there are no infinities), and the running max starts at a floor above it, so a masked score's
 // weight, exp(masked - max), is exactly 0 even for a row that has seen no visible key yet.
@@ -140,16 +143,17 @@ void matmul(int64_t rows, int64_t vectors, int64_t depth, Lhs a, const float* b,
 
 // ---- the problem and one work item --------------------------------------------------------------
 
-template <typename T>
+template <typename T, typename S>
 struct PrefillProblem {
   const T* query;  // [num_tokens, num_heads, head_dim]
-  const T* key_cache;  // [num_blocks, block_size, num_kv_heads, head_dim]
-  const T* value_cache;
+  const S* key_cache;  // [num_blocks, block_size, num_kv_heads, head_dim]
+  const S* value_cache;
   T* out;  // [num_tokens, num_heads, head_dim]
   const int64_t* chunks;  // [num_chunks, 3]: query_start, query_len, context_len
   const int64_t* block_tables;  // [num_chunks, max_blocks]
   int64_t num_heads, num_kv_heads, group, head_dim, block_size, max_blocks;
   float scale, soft_cap;  // soft_cap 0: none
+  float k_scale, v_scale;  // an fp8 cache's scales (1 for a float cache)
   int64_t window;  // 0: none
   int64_t tile_positions;  // query positions per work item
   int64_t rows_padded;  // Mp: tile_positions * group rounded up to whole vectors
@@ -169,8 +173,8 @@ struct Workspace {
   std::vector<int64_t> row_offsets;  // each query row's offset in `query`
   float *q_t, *keys, *values, *scores, *acc, *row_max, *row_sum, *alpha;
 
-  template <typename T>
-  explicit Workspace(const PrefillProblem<T>& p) {
+  template <typename T, typename S>
+  explicit Workspace(const PrefillProblem<T, S>& p) {
     const int64_t mp = p.rows_padded, d = p.head_dim, dp = p.dim_padded;
     const int64_t keys_padded = round_up(kKeyTile, kRows);
     const int64_t sizes[] = {d * mp, keys_padded * d, kKeyTile * dp, keys_padded * mp, mp * dp,
@@ -203,8 +207,8 @@ struct TileColumns {
 
 // q_t[d][r] = query row r, element d, times scale; padding columns zero. Filled one q_t row at
 // a time, so the stores are contiguous and the strided reads hit the few rows already in L1.
-template <typename T>
-void load_queries(const PrefillProblem<T>& p, int64_t first_token, int64_t count, int64_t kv_head,
+template <typename T, typename S>
+void load_queries(const PrefillProblem<T, S>& p, int64_t first_token, int64_t count, int64_t kv_head,
                   int64_t* row_offsets, float* q_t) {
   const int64_t rows = count * p.group, mp = p.rows_padded;
   for (int64_t r = 0; r < rows; ++r) {
@@ -214,15 +218,15 @@ void load_queries(const PrefillProblem<T>& p, int64_t first_token, int64_t count
   for (int64_t d = 0; d < p.head_dim; ++d) {
     float* dst = q_t + d * mp;
     for (int64_t r = 0; r < rows; ++r)
-      dst[r] = vec::to_float(p.query[row_offsets[r] + d]) * p.scale;
+      dst[r] = vec::to_float(p.query[row_offsets[r] + d]) * (p.scale * p.k_scale);
     std::fill(dst + rows, dst + mp, 0.f);
   }
 }
 
 // Keys and values of tokens [first, first + count) as float32 rows (keys padded with zero rows to
 // a whole micro-kernel block; value rows padded to Dp columns, which stay zero).
-template <typename T>
-void pack_keys_values(const PrefillProblem<T>& p, const int64_t* table, int64_t kv_head,
+template <typename T, typename S>
+void pack_keys_values(const PrefillProblem<T, S>& p, const int64_t* table, int64_t kv_head,
                       int64_t first, int64_t count, float* keys, float* values) {
   const int64_t d = p.head_dim;
   for (int64_t j = 0; j < count; ++j) {
@@ -236,8 +240,8 @@ void pack_keys_values(const PrefillProblem<T>& p, const int64_t* table, int64_t 
 }
 
 // Soft cap and mask of the tile's scores, key positions [first_key, first_key + count).
-template <typename T>
-void cap_and_mask(const PrefillProblem<T>& p, const TileColumns& columns, int64_t first_key,
+template <typename T, typename S>
+void cap_and_mask(const PrefillProblem<T, S>& p, const TileColumns& columns, int64_t first_key,
                   int64_t count, float* scores) {
   const int64_t mp = p.rows_padded;
   if (p.soft_cap > 0.f)
@@ -291,8 +295,8 @@ void store_row(T* dst, const float* src, float factor, int64_t n) {
   for (; i < n; ++i) vec::store_scalar(dst + i, src[i] * factor);
 }
 
-template <typename T>
-void attend_tile(const PrefillProblem<T>& p, const WorkItem& item, Workspace& ws) {
+template <typename T, typename S>
+void attend_tile(const PrefillProblem<T, S>& p, const WorkItem& item, Workspace& ws) {
   const int64_t* info = p.chunks + 3 * item.chunk;
   const int64_t query_start = info[0], query_len = info[1], context_len = info[2];
   const int64_t* table = p.block_tables + item.chunk * p.max_blocks;
@@ -324,15 +328,15 @@ void attend_tile(const PrefillProblem<T>& p, const WorkItem& item, Workspace& ws
     for (int64_t g = 0; g < p.group; ++g) {
       const int64_t r = q * p.group + g;
       T* dst = p.out + (token * p.num_heads + item.kv_head * p.group + g) * d;
-      store_row(dst, ws.acc + r * dp, 1.f / ws.row_sum[r], d);
+      store_row(dst, ws.acc + r * dp, p.v_scale / ws.row_sum[r], d);
     }
   }
 }
 
 // Every (chunk, kv head, query tile), the most expensive first: causal tiles late in a long
 // chunk see many more keys than early ones.
-template <typename T>
-std::vector<WorkItem> plan_items(const PrefillProblem<T>& p, int64_t num_chunks) {
+template <typename T, typename S>
+std::vector<WorkItem> plan_items(const PrefillProblem<T, S>& p, int64_t num_chunks) {
   std::vector<WorkItem> items;
   for (int64_t c = 0; c < num_chunks; ++c) {
     const int64_t query_len = p.chunks[3 * c + 1], context_len = p.chunks[3 * c + 2];
@@ -350,8 +354,8 @@ std::vector<WorkItem> plan_items(const PrefillProblem<T>& p, int64_t num_chunks)
 
 // Threads take items from a shared counter (longest first), which balances causal work better
 // than a static split of the item range.
-template <typename T>
-void run_prefill(const PrefillProblem<T>& p, int64_t num_chunks) {
+template <typename T, typename S>
+void run_prefill(const PrefillProblem<T, S>& p, int64_t num_chunks) {
   const std::vector<WorkItem> items = plan_items(p, num_chunks);
   if (items.empty()) return;
   std::atomic<size_t> next{0};
@@ -384,15 +388,18 @@ void check_chunks(const at::Tensor& chunks, const at::Tensor& block_tables, int6
   }
 }
 
-template <typename T>
+template <typename T, typename S>
 void prefill_typed(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                    const at::Tensor& value_cache, const at::Tensor& chunks,
                    const at::Tensor& block_tables, double scale, int64_t window,
-                   double soft_cap) {
-  PrefillProblem<T> p{};
+                   double soft_cap, double k_scale, double v_scale) {
+  constexpr bool kScaled = !std::is_same_v<T, S>;  // only an fp8 cache has scales
+  PrefillProblem<T, S> p{};
   p.query = query.data_ptr<T>();
-  p.key_cache = key_cache.data_ptr<T>();
-  p.value_cache = value_cache.data_ptr<T>();
+  p.key_cache = static_cast<const S*>(key_cache.data_ptr());
+  p.value_cache = static_cast<const S*>(value_cache.data_ptr());
+  p.k_scale = kScaled ? static_cast<float>(k_scale) : 1.f;
+  p.v_scale = kScaled ? static_cast<float>(v_scale) : 1.f;
   p.out = out.data_ptr<T>();
   p.chunks = chunks.data_ptr<int64_t>();
   p.block_tables = block_tables.data_ptr<int64_t>();
@@ -416,7 +423,7 @@ void prefill_typed(at::Tensor& out, const at::Tensor& query, const at::Tensor& k
 void paged_prefill_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& key_cache,
                              const at::Tensor& value_cache, const at::Tensor& chunks,
                              const at::Tensor& block_tables, double scale, int64_t window,
-                             double soft_cap) {
+                             double soft_cap, double k_scale, double v_scale) {
   for (const at::Tensor& t : {out, query, key_cache, value_cache, chunks, block_tables})
     TORCH_CHECK(t.device().is_cpu(), "paged_prefill_attention takes CPU tensors");
   TORCH_CHECK(query.dim() == 3 && out.sizes() == query.sizes(),
@@ -428,10 +435,9 @@ void paged_prefill_attention(at::Tensor out, const at::Tensor& query, const at::
   TORCH_CHECK(query.is_contiguous() && out.is_contiguous(), "query and out must be contiguous");
   TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(),
               "caches must be contiguous");
-  TORCH_CHECK(query.scalar_type() == out.scalar_type() &&
-                  query.scalar_type() == key_cache.scalar_type() &&
-                  query.scalar_type() == value_cache.scalar_type(),
-              "query, out and cache dtypes differ");
+  TORCH_CHECK(query.scalar_type() == out.scalar_type(), "query and out dtypes differ");
+  TORCH_CHECK(key_cache.scalar_type() == value_cache.scalar_type(), "K and V cache dtypes differ");
+  TORCH_CHECK(k_scale > 0 && v_scale > 0, "k_scale and v_scale must be positive");
   TORCH_CHECK(chunks.scalar_type() == at::kLong && block_tables.scalar_type() == at::kLong,
               "chunks and block_tables must be int64");
   TORCH_CHECK(chunks.dim() == 2 && chunks.size(1) == 3, "chunks must be [num_chunks, 3]");
@@ -443,8 +449,13 @@ void paged_prefill_attention(at::Tensor out, const at::Tensor& query, const at::
               "heads must be a multiple of kv heads");
   TORCH_CHECK(window >= 0 && soft_cap >= 0, "window and soft_cap must be >= 0 (0: none)");
   check_chunks(chunks, block_tables, query.size(0), key_cache.size(0), key_cache.size(1));
-  PAGEDLLM_DISPATCH(query.scalar_type(), "paged_prefill_attention", prefill_typed, out, query,
-                    key_cache, value_cache, chunks, block_tables, scale, window, soft_cap);
+  dispatch_attention(query.scalar_type(), key_cache.scalar_type(), "paged_prefill_attention",
+                     [&](auto query_type, auto cache_type) {
+                       prefill_typed<typename decltype(query_type)::type,
+                                     typename decltype(cache_type)::type>(
+                           out, query, key_cache, value_cache, chunks, block_tables, scale,
+                           window, soft_cap, k_scale, v_scale);
+                     });
 }
 
 }  // namespace pagedllm

@@ -8,11 +8,20 @@
 //   AVX2+FMA  F = __m256,  8 float lanes
 //   portable  F = float[8]; plain loops that the compiler vectorizes for whatever it targets
 //
-// Storage is float32 or bfloat16; arithmetic is always float32. bf16 is the top half of a
-// float: loading shifts it up 16 bits (exact), storing rounds to nearest even, as c10 does.
+// Storage is float32 or bfloat16 (and, for KV caches, fp8 loaded only); arithmetic is always
+// float32. bf16 is the top half of a float: loading shifts it up 16 bits (exact), storing
+// rounds to nearest even, as c10 does.
+//
+// fp8 loads go through fp16, whose layout holds both fp8 kinds exactly:
+//   e5m2  s eeeee mm            is fp16's top byte:        fp16 bits = byte << 8
+//   e4m3  s eeee mmm (bias 7)   moved into fp16's fields:  fp16 bits = s << 15 | (rest << 7)
+//         reads as the value x 2^-8 (fp16's bias is 15), subnormals included; times 256 fixes it
+// and the CPU's fp16 -> float conversion (F16C, AVX-512) widens eight or sixteen at once.
 #pragma once
 
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
 
 #include <algorithm>
 #include <cmath>
@@ -27,9 +36,13 @@
 namespace pagedllm::vec {
 
 using bf16 = c10::BFloat16;
+using fp8e4m3 = c10::Float8_e4m3fn;
+using fp8e5m2 = c10::Float8_e5m2;
 
 // ---- scalar conversions, shared by every level -----------------------------------------------
 inline float to_float(float x) { return x; }
+inline float to_float(fp8e4m3 x) { return static_cast<float>(x); }
+inline float to_float(fp8e5m2 x) { return static_cast<float>(x); }
 inline float to_float(bf16 x) {
   const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
   float value;
@@ -76,6 +89,17 @@ inline F load(const bf16* p) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16))};
 }
+inline F load(const fp8e5m2* p) {
+  const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return {_mm512_cvtph_ps(_mm256_slli_epi16(bytes, 8))};
+}
+inline F load(const fp8e4m3* p) {
+  const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i half = _mm256_or_si256(
+      _mm256_slli_epi16(_mm256_and_si256(bytes, _mm256_set1_epi16(0x80)), 8),
+      _mm256_slli_epi16(_mm256_and_si256(bytes, _mm256_set1_epi16(0x7F)), 7));
+  return {_mm512_mul_ps(_mm512_cvtph_ps(half), _mm512_set1_ps(256.f))};
+}
 inline void store(float* p, F x) { _mm512_storeu_ps(p, x.v); }
 inline void store(bf16* p, F x) {
   const __m512i bits = _mm512_castps_si512(x.v);
@@ -113,6 +137,16 @@ inline F load(const float* p) { return {_mm256_loadu_ps(p)}; }
 inline F load(const bf16* p) {
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))};
+}
+inline F load(const fp8e5m2* p) {
+  const __m128i bytes = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return {_mm256_cvtph_ps(_mm_slli_epi16(bytes, 8))};
+}
+inline F load(const fp8e4m3* p) {
+  const __m128i bytes = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m128i half = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(bytes, _mm_set1_epi16(0x80)), 8),
+                                    _mm_slli_epi16(_mm_and_si128(bytes, _mm_set1_epi16(0x7F)), 7));
+  return {_mm256_mul_ps(_mm256_cvtph_ps(half), _mm256_set1_ps(256.f))};
 }
 inline void store(float* p, F x) { _mm256_storeu_ps(p, x.v); }
 inline void store(bf16* p, F x) {
@@ -169,6 +203,8 @@ inline F set1(float x) { return each([&](int) { return x; }); }
 inline F zero() { return set1(0.f); }
 inline F load(const float* p) { return each([&](int i) { return p[i]; }); }
 inline F load(const bf16* p) { return each([&](int i) { return to_float(p[i]); }); }
+inline F load(const fp8e4m3* p) { return each([&](int i) { return to_float(p[i]); }); }
+inline F load(const fp8e5m2* p) { return each([&](int i) { return to_float(p[i]); }); }
 inline void store(float* p, F x) { std::copy(x.v, x.v + kLanes, p); }
 inline void store(bf16* p, F x) {
   for (int i = 0; i < kLanes; ++i) store_scalar(p + i, x.v[i]);

@@ -17,6 +17,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from pagedllm.attention import AttentionBackend, AttentionMetadata
+from pagedllm.attention.kv_quant import KVScales
 from pagedllm.model.layers.linear import Linear, MergedLinear
 from pagedllm.model.weights import copy_checked
 
@@ -58,13 +59,14 @@ class BiasedSelfAttention(nn.Module):
         self.qkv_proj = MergedLinear(size, [size, size, size], bias=spec.bias)
         self.out_proj = Linear(size, size, bias=spec.bias)
         self.backend, self.scale = backend, scale
+        self.kv_scales = KVScales()  # an fp8 KV cache's scales (attention/kv_quant.py)
 
     def forward(self, hidden: torch.Tensor, kv_cache: KVCache,
                 metadata: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split(self.qkv_proj.output_sizes, dim=-1)
         shape = (-1, self.num_heads, self.head_dim)
         out = self.backend.forward(q.reshape(shape), k.reshape(shape), v.reshape(shape),
-                                   kv_cache, metadata, self.scale)
+                                   kv_cache, metadata, self.scale, kv_scales=self.kv_scales)
         return self.out_proj(out.reshape(-1, self.num_heads * self.head_dim))
 
 

@@ -21,11 +21,12 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from pagedllm.attention import AttentionBackend, AttentionMetadata
+from pagedllm.attention.kv_quant import KVScales
 from pagedllm.model.layers.activation import SiluAndMul
 from pagedllm.model.layers.linear import Linear, MergedLinear
 from pagedllm.model.layers.norm import RMSNorm
 from pagedllm.model.layers.rotary import RotaryEmbedding
-from pagedllm.model.weights import copy_checked
+from pagedllm.model.weights import copy_checked, load_kv_scale
 from pagedllm.utils import head_dim_of
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -76,6 +77,7 @@ class LlamaAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.sliding_window = sliding_window
         self.soft_cap: float | None = None  # Gemma 2 caps attention scores
+        self.kv_scales = KVScales()  # an fp8 KV cache's scales (attention/kv_quant.py)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache,
                 metadata: AttentionMetadata) -> torch.Tensor:
@@ -86,7 +88,8 @@ class LlamaAttention(nn.Module):
         q, k = self.normalize_qk(q, k)
         q, k = self.rotary(positions, q, k)
         out = self.backend.forward(q, k, v, kv_cache, metadata, self.scale,
-                                   sliding_window=self.sliding_window, soft_cap=self.soft_cap)
+                                   sliding_window=self.sliding_window, soft_cap=self.soft_cap,
+                                   kv_scales=self.kv_scales)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 
     def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,6 +193,8 @@ class LlamaForCausalLM(nn.Module):
             if "rotary_emb.inv_freq" in name:
                 continue
             if name == "lm_head.weight" and self.tie_word_embeddings:
+                continue
+            if load_kv_scale(self, name, tensor):
                 continue
             target = self._load_one(name, tensor, params)
             missing.discard(target)

@@ -1,7 +1,9 @@
 """The paged KV pools, sized from a memory budget.
 
 All layers share one allocation, [layers, 2 (K, V), num_blocks, block_size, kv_heads, head_dim];
-each layer gets a (key_cache, value_cache) pair of views into it.
+each layer gets a (key_cache, value_cache) pair of views into it. Its element type is the
+model's dtype, or one byte with kv_cache_dtype="fp8" (attention/kv_quant.py): half a bf16
+block's bytes, so twice the tokens fit in the same budget.
 
 Slots that hold no token yet are masked by attention, but a masked slot still meets a zero
 weight in probs @ V, so it must never hold NaN/Inf. The pools therefore start as zeros. On the
@@ -60,10 +62,21 @@ def allocate_kv_caches(shape: KVCacheShape, num_blocks: int,
     return [(layer[0], layer[1]) for layer in pools]
 
 
-def describe_plan(shape: KVCacheShape, num_blocks: int, max_model_len: int) -> str:
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers, each storage counted once (tied weights)."""
+    storages: dict[int, int] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def describe_plan(shape: KVCacheShape, num_blocks: int, max_model_len: int,
+                  weights: int | None = None) -> str:
     tokens = num_blocks * shape.block_size
     gib = num_blocks * shape.bytes_per_block / 2**30
     fits = tokens / max_model_len
-    return (f"KV cache: {num_blocks} blocks x {shape.block_size} tokens = {tokens} tokens "
-            f"({gib:.2f} GiB, {shape.dtype}); {fits:.1f} sequences of max_model_len "
-            f"{max_model_len} fit at once")
+    weights_text = "" if weights is None else f"weights {weights / 2**20:.1f} MiB; "
+    return (f"{weights_text}KV cache: {num_blocks} blocks x {shape.block_size} tokens = "
+            f"{tokens} tokens ({gib:.2f} GiB, {str(shape.dtype).removeprefix('torch.')}); "
+            f"{fits:.1f} sequences of max_model_len {max_model_len} fit at once")

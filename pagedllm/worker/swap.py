@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from pagedllm.attention.kv_quant import as_bytes
+
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -58,8 +60,9 @@ class SwapSpace:
             staged[row].copy_(self.host[host_id], non_blocking=True)
         dst = self._index([device_id for _, device_id in copies])
         for layer, (key_cache, value_cache) in enumerate(self.kv_caches):
-            key_cache.index_copy_(0, dst, staged[:, layer, 0])
-            value_cache.index_copy_(0, dst, staged[:, layer, 1])
+            # as bytes: an fp8 pool has no index_copy_ kernel on the CPU
+            as_bytes(key_cache).index_copy_(0, dst, as_bytes(staged[:, layer, 0]))
+            as_bytes(value_cache).index_copy_(0, dst, as_bytes(staged[:, layer, 1]))
 
     def _index(self, ids: list[int]) -> torch.Tensor:
         return torch.tensor(ids, dtype=torch.long, device=self.device)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedllm.attention import get_attention_backend
+from pagedllm.attention.kv_quant import KVScales, cache_dtype
 from pagedllm.config import EngineArgs
 from pagedllm.core.step_io import ModelRunnerOutput, SchedulerOutput
 from pagedllm.logger import init_logger
@@ -29,6 +30,7 @@ from pagedllm.worker.kv_cache import (
     allocate_kv_caches,
     describe_plan,
     kv_cache_budget,
+    weight_bytes,
 )
 from pagedllm.worker.memory_plan import GpuMemoryPlan, plan_gpu_memory
 from pagedllm.worker.model_runner import ModelRunner
@@ -62,8 +64,10 @@ class Worker:
         # Decode steps replay CUDA graphs at these batch sizes; none on the CPU or when eager.
         self.cuda_graph_sizes = ([] if not on_cuda or args.enforce_eager else
                                  capture_sizes(args.max_num_seqs, args.max_num_batched_tokens))
-        self.kv_shape = KVCacheShape.from_config(self.model_config.hf_config, args.block_size,
-                                                 self.model_config.dtype)
+        self.kv_shape = KVCacheShape.from_config(
+            self.model_config.hf_config, args.block_size,
+            cache_dtype(args.kv_cache_dtype, self.model_config.dtype))
+        self._prepare_kv_scales()
         self.memory_plan: GpuMemoryPlan | None = None
         self.runner: ModelRunner | None = None  # built by initialize_cache
         self.cuda_graph_capture_s = 0.0
@@ -76,6 +80,15 @@ class Worker:
                            self.args.load_format)
         after = torch.cuda.memory_allocated(self.device) if on_cuda else 0
         return model, after - before
+
+    def _prepare_kv_scales(self) -> None:
+        """Each layer's KV scales on the model's device; with calculate_kv_scales, armed to take
+        the first batch's values (replacing any the checkpoint had)."""
+        for module in self.model.modules():
+            scales = getattr(module, "kv_scales", None)
+            if isinstance(scales, KVScales):
+                scales.to(self.device)
+                scales.calculate = self.args.calculate_kv_scales
 
     # ---- the three calls ------------------------------------------------------------------------
     def determine_num_blocks(self) -> KVCachePlan:
@@ -98,7 +111,8 @@ class Worker:
                     "max_num_seqs)" if self.memory_plan else "")
             raise ValueError(f"KV-cache memory of {budget} bytes holds no block; one block needs "
                              f"{per_block} bytes{hint}")
-        logger.info(describe_plan(self.kv_shape, num_blocks, self.model_config.max_model_len))
+        logger.info(describe_plan(self.kv_shape, num_blocks, self.model_config.max_model_len,
+                                  weight_bytes(self.model)))
         return KVCachePlan(args.block_size, num_blocks, per_block, self._num_host_blocks())
 
     def _num_host_blocks(self) -> int:
