@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from pagedllm.config import EngineArgs
 from pagedllm.entrypoints.cli import SERVE_DEFAULTS, build_parser
 from pagedllm.entrypoints.openai.cli_args import API_KEY_ENV, resolve_api_key
@@ -46,3 +48,17 @@ def test_api_key_from_flag_or_environment(monkeypatch):
     assert resolve_api_key(None) is None
     monkeypatch.delenv(API_KEY_ENV)
     assert resolve_api_key(None) is None
+
+
+def test_serve_quantization_and_kv_cache_options(capsys):
+    args = build_parser().parse_args(["serve", "m.gguf", "--quantization", "gguf",
+                                      "--kv-cache-dtype", "fp8", "--calculate-kv-scales"])
+    engine_args = EngineArgs.from_cli_args(args)
+    assert (engine_args.quantization, engine_args.kv_cache_dtype) == ("gguf", "fp8")
+    assert engine_args.calculate_kv_scales
+    for flag, value, a_choice in (("--kv-cache-dtype", "int8", "fp8_e5m2"),
+                                  ("--quantization", "bitsandbytes", "compressed-tensors")):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", flag, value])
+        error = capsys.readouterr().err
+        assert f"invalid choice: '{value}'" in error and a_choice in error
