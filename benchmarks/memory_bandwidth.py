@@ -8,7 +8,9 @@ sequence's K/V (decode attention). This measures, on this machine, with all its 
 - gemv: one row times a 128 MiB bf16 weight, through oneDNN's packed layout (where this CPU runs
   bf16) and through bf16_linear (bf16 weights, float32 arithmetic);
 - decode attention: the C++ kernel over --seqs sequences of --context tokens (SmolLM2's shape:
-  9 heads, 3 kv heads, head_dim 64), bytes = the K and V it must read.
+  9 heads, 3 kv heads, head_dim 64), bytes = the K and V it must read; with bf16, float32 and
+  fp8 (e4m3, kv_cache_dtype="fp8") caches, and the time of one call for each, since an fp8
+  cache's point is reading half the bytes of bf16 in less time.
 
     python benchmarks/memory_bandwidth.py [--level avx2] [--output-json FILE]
 
@@ -63,21 +65,22 @@ def gemv_gbps(ops, repeats: int) -> dict[str, float]:
     return results
 
 
-def decode_attention_gbps(ops, seqs: int, context: int, dtype: torch.dtype,
-                          repeats: int) -> float:
+def decode_attention(ops, seqs: int, context: int, dtype: torch.dtype, cache_dtype: torch.dtype,
+                     repeats: int) -> tuple[float, float]:
+    """(GB/s of K/V read, seconds per call); queries in `dtype`, the cache in `cache_dtype`."""
     block_size, heads, kv_heads, dim = 16, 9, 3, 64
     blocks_per_seq = -(-context // block_size)
     num_blocks = seqs * blocks_per_seq
     shape = (num_blocks, block_size, kv_heads, dim)
-    key_cache, value_cache = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+    key_cache, value_cache = (torch.randn(shape).to(cache_dtype) for _ in range(2))
     tables = torch.randperm(num_blocks).view(seqs, blocks_per_seq).contiguous()
     lens = torch.full((seqs,), context, dtype=torch.long)
     query = torch.randn(seqs, heads, dim).to(dtype)
     out = torch.empty_like(query)
     seconds = best_seconds(lambda: ops.paged_decode_attention(
-        out, query, key_cache, value_cache, tables, lens, dim**-0.5, 0, 0.0), repeats)
+        out, query, key_cache, value_cache, tables, lens, dim**-0.5, 0, 0.0, 1.0, 1.0), repeats)
     bytes_read = 2 * seqs * context * kv_heads * dim * key_cache.element_size()
-    return bytes_read / seconds / 1e9
+    return bytes_read / seconds / 1e9, seconds
 
 
 def main() -> None:
@@ -97,13 +100,21 @@ def main() -> None:
               f"stream, {cores} threads": stream_gbps(cores, args.repeats),
               "stream, 1 thread": stream_gbps(1, args.repeats),
               **gemv_gbps(ops, args.repeats)}
-    for dtype in (torch.bfloat16, torch.float32):
-        name = f"decode attention {str(dtype).removeprefix('torch.')}"
-        report[name] = decode_attention_gbps(ops, args.seqs, args.context, dtype, args.repeats)
+    caches = {"bfloat16": (torch.bfloat16, torch.bfloat16), "float32": (torch.float32,) * 2,
+              "fp8 (bf16 queries)": (torch.bfloat16, torch.float8_e4m3fn)}
+    call_ms = {}
+    for name, (dtype, cache_dtype) in caches.items():
+        gbps, seconds = decode_attention(ops, args.seqs, args.context, dtype, cache_dtype,
+                                         args.repeats)
+        report[f"decode attention {name}"] = gbps
+        call_ms[name] = seconds * 1e3
+    report["decode attention ms per call"] = call_ms
     print(report["cpu"], "| kernels:", ops.level)
     for name, value in report.items():
         if isinstance(value, float):
             print(f"  {name:<32}{value:8.1f} GB/s")
+    for name, ms in call_ms.items():
+        print(f"  decode attention {name:<18} {ms:8.2f} ms per call")
     if args.output_json:
         with open(args.output_json, "w") as handle:
             json.dump(report, handle, indent=2)
