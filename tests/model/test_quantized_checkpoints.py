@@ -96,7 +96,42 @@ def test_gptq_on_bf16_activations(float_model, tmp_path):
 
 
 # ---- bad checkpoints ------------------------------------------------------------------------
-def write_gptq_config(folder, **changes) -> None:
+def assert_activations_quantized(llm, model) -> None:
+    """One projection on its own: our output is the reference's (input quantized per token,
+    then the dequantized weight), and measurably not the unquantized input's product."""
+    ours = worker_of(llm).runner.model.model.layers[0].mlp.down_proj
+    reference = model.model.layers[0].mlp.down_proj  # carries the fake-quantizing hook
+    x = torch.randn(5, ours.in_features) * torch.logspace(-2, 1, ours.in_features)
+    with torch.inference_mode():
+        expected, unquantized = reference(x), x @ reference.weight.T
+        got = ours(x)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert (got - unquantized).abs().max() > 1e-2 * unquantized.abs().max()
+
+
+def assert_greedy_near_reference(llm, model, prompts, max_tokens: int,
+                                 max_gap: float = 0.05) -> None:
+    """Quantized activations: a last-bit difference in x (kernel vs PyTorch summation order)
+    can move a value to the next fp8/int8 code, so two correct runs may part where the top two
+    logits are close. Every token we chose must be the reference's best, or within max_gap
+    nats of it, at every step of our own continuation (one teacher-forced forward pass)."""
+    from pagedllm import SamplingParams, TokensPrompt
+
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
+                            detokenize=False)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                           use_tqdm=False)
+    for prompt, output in zip(prompts, outputs):
+        chosen = list(output.outputs[0].token_ids)
+        with torch.inference_mode():
+            logits = model(torch.tensor([prompt + chosen])).logits[0, len(prompt) - 1 : -1]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        gaps = logprobs.max(-1).values - logprobs[torch.arange(len(chosen)), chosen]
+        assert gaps.max().item() <= max_gap, f"greedy token {gaps.max().item():.3f} nats " \
+                                             f"below the reference's best"
+
+
+def write_config(folder, **changes) -> None:
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"].update(changes)
     (folder / "config.json").write_text(json.dumps(config))
@@ -104,7 +139,7 @@ def write_gptq_config(folder, **changes) -> None:
 
 def test_unsupported_bits_are_a_clear_error(float_model, tmp_path):
     write_quantized(float_model, tmp_path, reference_model(float_model), "gptq", 4, 32)
-    write_gptq_config(tmp_path, bits=3)
+    write_config(tmp_path, bits=3)
     with pytest.raises(ValueError, match="bits=3 are not supported; supported: 4, 8"):
         load_model_config(str(tmp_path))
 
@@ -119,7 +154,7 @@ def test_settings_that_do_not_match_the_tensors_name_the_weight(float_model, tmp
     from pagedllm.model.loader import load_model
 
     write_quantized(float_model, tmp_path, reference_model(float_model), "gptq", 4, 32)
-    write_gptq_config(tmp_path, **changes)
+    write_config(tmp_path, **changes)
     config = load_model_config(str(tmp_path), "float32")
     with pytest.raises(ValueError, match=message):
         load_model(config, get_attention_backend("cpu"), "cpu")
@@ -127,6 +162,148 @@ def test_settings_that_do_not_match_the_tensors_name_the_weight(float_model, tmp
 
 def test_awq_gemv_is_refused(float_model, tmp_path):
     write_quantized(float_model, tmp_path, reference_model(float_model), "awq", 4, 32)
-    write_gptq_config(tmp_path, version="gemv")
+    write_config(tmp_path, version="gemv")
     with pytest.raises(ValueError, match="AWQ version 'gemv' is not supported"):
         load_model_config(str(tmp_path))
+
+
+# ---- compressed-tensors, written by llm-compressor --------------------------------------------
+def llmcompressor_schemes() -> dict:
+    """Data-free schemes (min-max observers, no calibration set): presets and two custom groups
+    that reach the asymmetric-zero-point and per-tensor-scale paths."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    def group(weights: dict, activations: dict | None = None) -> dict:
+        return {"config_groups": {"group_0": QuantizationScheme(
+            targets=["Linear"], weights=QuantizationArgs(**weights),
+            input_activations=QuantizationArgs(**activations) if activations else None)}}
+
+    per_token_fp8 = dict(num_bits=8, type="float", strategy="token", dynamic=True, symmetric=True)
+    return {
+        "W4A16": {"scheme": "W4A16", "targets": ["Linear"]},
+        "W8A16": {"scheme": "W8A16", "targets": ["Linear"]},
+        "W4A16-asym-g32": group(dict(num_bits=4, type="int", symmetric=False, strategy="group",
+                                     group_size=32)),
+        "W8A8": {"scheme": "W8A8", "targets": ["Linear"]},
+        "FP8_DYNAMIC": {"scheme": "FP8_DYNAMIC", "targets": ["Linear"]},
+        "FP8-per-tensor": group(dict(num_bits=8, type="float", symmetric=True, strategy="tensor"),
+                                per_token_fp8),
+    }
+
+
+def compress_with_llmcompressor(float_dir, out_dir, recipe_args: dict) -> None:
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32)
+    oneshot(model=model, recipe=QuantizationModifier(ignore=["lm_head"], **recipe_args))
+    model.save_pretrained(out_dir, save_compressed=True)
+
+
+def transformers_dequantized(folder):
+    """transformers' own reading of a compressed-tensors folder, weights decompressed."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    return AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32,
+        quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+
+
+def quantize_activations_per_token(model, kind: str) -> None:
+    """The dynamic activation scheme (symmetric, one scale per token: amax / 127 for int8,
+    amax / 448 for fp8), applied to every decoder projection's input: transformers'
+    decompressed model runs the weights only."""
+    def fake_quantize(_module, args):
+        x = args[0]
+        amax = x.abs().amax(-1, keepdim=True).clamp(min=1e-12)
+        if kind == "int8":
+            scale = amax / 127
+            return ((x / scale).round().clamp(-128, 127) * scale,)
+        scale = amax / 448
+        return ((x / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale,)
+
+    for name, module in model.named_modules():
+        if name.endswith("_proj"):
+            module.register_forward_pre_hook(fake_quantize)
+
+
+@pytest.fixture(scope="module")
+def compressed_models(float_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("compressed")
+    folders = {}
+    for name, recipe in llmcompressor_schemes().items():
+        folders[name] = root / name
+        compress_with_llmcompressor(float_model, folders[name], recipe)
+    return folders
+
+
+ACTIVATIONS = {"W8A8": "int8", "FP8_DYNAMIC": "fp8", "FP8-per-tensor": "fp8"}
+
+
+@pytest.mark.parametrize("scheme", sorted(["W4A16", "W8A16", "W4A16-asym-g32", "W8A8",
+                                           "FP8_DYNAMIC", "FP8-per-tensor"]))
+def test_compressed_tensors_matches_transformers(scheme, compressed_models):
+    folder = compressed_models[scheme]
+    model = transformers_dequantized(folder)
+    if scheme in ACTIVATIONS:
+        quantize_activations_per_token(model, ACTIVATIONS[scheme])
+    llm = tiny_engine(folder)
+    if scheme in ACTIVATIONS:
+        assert_activations_quantized(llm, model)
+        assert_greedy_near_reference(llm, model, PROMPTS, 12)
+    else:
+        assert_matches_transformers(llm, model, PROMPTS, 12, logprobs=3)
+    assert_weights_stay_packed(llm, folder)
+    head = worker_of(llm).runner.model.lm_head
+    assert not isinstance(head, PackedLinear) and head.weight.dtype == torch.float32  # ignored
+
+
+def test_compressed_tensors_refuses_what_it_cannot_run(compressed_models, tmp_path):
+    import shutil
+
+    folder = tmp_path / "static"
+    shutil.copytree(compressed_models["W8A8"], folder)
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    config["config_groups"]["group_0"]["input_activations"]["dynamic"] = False
+    write_config(folder, config_groups=config["config_groups"])
+    with pytest.raises(ValueError, match="input activations .* are not supported"):
+        load_model_config(str(folder))
+    config["config_groups"]["group_0"]["input_activations"]["dynamic"] = True
+    config["config_groups"]["group_0"]["format"] = "nvfp4-pack-quantized"
+    write_config(folder, config_groups=config["config_groups"])
+    with pytest.raises(ValueError, match="nvfp4-pack-quantized.* is not supported"):
+        load_model_config(str(folder))
+    write_config(folder, sparsity_config={"format": "sparse-24-bitmask"})
+    with pytest.raises(ValueError, match="sparsity_config is not supported"):
+        load_model_config(str(folder))
+
+
+@pytest.mark.slow
+def test_default_model_w4a16_matches_transformers(reference_dir, tmp_path):
+    """The bundled model (its GGUF read by transformers, saved as an HF folder), quantized
+    W4A16 by llm-compressor: our greedy text is transformers' on the decompressed weights."""
+    import shutil
+
+    from conftest import PROMPTS as TEXT_PROMPTS
+
+    from pagedllm import LLM
+
+    folder = tmp_path / "w4a16"
+    compress_with_llmcompressor(reference_dir, folder, {"scheme": "W4A16", "targets": ["Linear"]})
+    for path in reference_dir.iterdir():
+        if "token" in path.name or path.name in ("vocab.json", "merges.txt"):
+            shutil.copy(path, folder / path.name)
+    model = transformers_dequantized(folder)
+    llm = LLM(model=str(folder), dtype="float32", kv_cache_memory_bytes=256 << 20)
+    tokenizer = llm.get_tokenizer()
+    prompts = [tokenizer.encode(text) for text in TEXT_PROMPTS[:4]]
+    assert_matches_transformers(llm, model, prompts, 16)
+    assert_weights_stay_packed_default(llm)
+
+
+def assert_weights_stay_packed_default(llm) -> None:
+    model = worker_of(llm).runner.model
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert packed and all(m.int_weight.bits == 4 for m in packed)
