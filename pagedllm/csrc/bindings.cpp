@@ -24,7 +24,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int_linear", &int_linear,
         "out = x @ W.T, W 4/8-bit packed with per-group scales and zero points (CPU)",
         py::arg("out"), py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
-        py::arg("bits"), py::arg("group_size"));
+        py::arg("bits"), py::arg("group_size"), py::arg("bf16_gemm") = false);
   m.def("int_dequantize", &int_dequantize, "the float32 weight int_linear multiplies by",
         py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bits"),
         py::arg("group_size"));

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from pagedllm.ops.cpu import kernels_for
+from pagedllm.platform.cpu import cpu_info
 
 BLOCK = 32  # input channels per 16-byte block of 4-bit codes
 
@@ -138,7 +139,7 @@ def int_linear(x: torch.Tensor, weight: IntWeight, bias: torch.Tensor | None) ->
         rows = rows.contiguous()
         out = rows.new_empty(rows.shape[0], weight.out_features)
         ops.int_linear(out, rows, weight.qweight, weight.scales, weight.zeros, weight.bits,
-                       weight.group_size)
+                       weight.group_size, bf16_gemm=cpu_info().onednn_bf16)
     if bias is not None:
         out += bias
     return out.view(*x.shape[:-1], weight.out_features)
