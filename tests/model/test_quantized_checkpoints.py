@@ -14,7 +14,7 @@ import torch
 from conftest import worker_of
 from quant_formats import write_quantized
 from tiny_models import assert_matches_transformers, save_tiny_model, tiny_engine
-from transformers import LlamaConfig
+from transformers import LlamaConfig, Qwen2Config
 
 from pagedllm.model.layers.quantization.packed_linear import PackedLinear
 from pagedllm.model.loader import load_model_config
@@ -67,6 +67,20 @@ def test_awq_matches_the_dequantized_model(group_size, float_model, tmp_path):
     llm = tiny_engine(tmp_path)
     assert_matches_transformers(llm, model, PROMPTS, 12, logprobs=3)
     assert_weights_stay_packed(llm, tmp_path)
+
+
+def test_gptq_with_biases_qwen2(tmp_path_factory):
+    """Qwen2 has q/k/v biases: float tensors beside the packed ones, loaded shard by shard."""
+    float_dir, quant_dir = tmp_path_factory.mktemp("qwen2"), tmp_path_factory.mktemp("qwen2q")
+    save_tiny_model(Qwen2Config(**TINY), float_dir)
+    model = reference_model(float_dir)
+    with torch.no_grad():  # transformers initialises biases to zero: make them count
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)
+    model.save_pretrained(float_dir)
+    write_quantized(float_dir, quant_dir, model, "gptq", 4, 64, sym=False, desc_act=True)
+    assert_matches_transformers(tiny_engine(quant_dir), model, PROMPTS, 12, logprobs=3)
 
 
 def assert_weights_stay_packed(llm, folder) -> None:
