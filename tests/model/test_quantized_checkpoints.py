@@ -174,6 +174,13 @@ def test_settings_that_do_not_match_the_tensors_name_the_weight(float_model, tmp
         load_model(config, get_attention_backend("cpu"), "cpu")
 
 
+def test_gptq_marlin_format_is_refused(float_model, tmp_path):
+    write_quantized(float_model, tmp_path, reference_model(float_model), "gptq", 4, 32)
+    write_config(tmp_path, is_marlin_format=True)
+    with pytest.raises(ValueError, match="checkpoint_format 'marlin' is not supported"):
+        load_model_config(str(tmp_path))
+
+
 def test_awq_gemv_is_refused(float_model, tmp_path):
     write_quantized(float_model, tmp_path, reference_model(float_model), "awq", 4, 32)
     write_config(tmp_path, version="gemv")

@@ -297,7 +297,7 @@ class PackedIntLinear(CompressedLinear):
         codes = unpack_int32(self.weight_packed, bits, dim=1)[:, :k_dim]
         offset = 1 << (bits - 1)  # codes are stored shifted up by it, zero points too
         if self.scheme.symmetric:
-            zeros = torch.full((self.out_features, self.groups), float(offset))
+            zeros = torch.full((self.out_features, self.groups), offset, device=codes.device)
         else:
             zeros = unpack_int32(self.weight_zero_point, bits, dim=0).float()
         g_idx = self.weight_g_idx if self.scheme.actorder else None
@@ -322,10 +322,10 @@ class Int8Linear(CompressedLinear):
             self.add("weight_zero_point", torch.empty(self.scale_shape(), dtype=torch.int32))
 
     def repack(self) -> IntWeight:
-        codes = self.weight.to(torch.int32) + 128
-        zeros = 128.0 + (torch.zeros(1) if self.scheme.symmetric
-                         else self.row_values(self.weight_zero_point))
-        zeros = zeros.expand(self.out_features, self.groups)
+        codes = self.weight.to(torch.int32) + 128  # int8 -> the unsigned codes of the layout
+        zeros = torch.full((self.out_features, self.groups), 128.0, device=codes.device)
+        if not self.scheme.symmetric:
+            zeros = zeros + self.row_values(self.weight_zero_point)
         return pack_int_weight(codes, self.row_values(self.weight_scale), zeros, 8,
                                self.group_size)
 

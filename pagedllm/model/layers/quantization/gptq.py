@@ -60,6 +60,8 @@ class GPTQQuantization(QuantizationMethod):
     def from_checkpoint(cls, hf_config: PretrainedConfig, source: ModelSource) -> GPTQQuantization:
         config = quantization_config(hf_config)
         checkpoint_format = str(config.get("checkpoint_format", "gptq")).lower()
+        if config.get("is_marlin_format"):  # AutoGPTQ's older flag for the same thing
+            checkpoint_format = "marlin"
         if checkpoint_format not in ("gptq", "gptq_v2"):
             raise ValueError(f"GPTQ checkpoint_format {checkpoint_format!r} is not supported; "
                              f"supported: gptq (v1), gptq_v2")
