@@ -60,6 +60,16 @@ def test_gptq_matches_the_dequantized_model(case, float_model, tmp_path):
     assert_weights_stay_packed(llm, tmp_path)
 
 
+def test_gptq_pytorch_path_matches_the_dequantized_model(float_model, tmp_path, monkeypatch):
+    """Where the C++ kernel cannot run (CUDA, no compiler) each layer dequantizes its packed
+    weight and calls F.linear: the same tokens and logprobs."""
+    monkeypatch.setattr("pagedllm.model.layers.quantization.int_weight.kernels_for",
+                        lambda *tensors: None)
+    model = reference_model(float_model)
+    write_quantized(float_model, tmp_path, model, "gptq", 4, 64, sym=False, desc_act=True)
+    assert_matches_transformers(tiny_engine(tmp_path), model, PROMPTS, 12, logprobs=3)
+
+
 @pytest.mark.parametrize("group_size", [32, 128])
 def test_awq_matches_the_dequantized_model(group_size, float_model, tmp_path):
     model = reference_model(float_model)
@@ -172,6 +182,16 @@ def test_settings_that_do_not_match_the_tensors_name_the_weight(float_model, tmp
     config = load_model_config(str(tmp_path), "float32")
     with pytest.raises(ValueError, match=message):
         load_model(config, get_attention_backend("cpu"), "cpu")
+
+
+def test_dummy_weights_are_refused_for_packed_layers(float_model, tmp_path):
+    from pagedllm.attention import get_attention_backend
+    from pagedllm.model.loader import load_model
+
+    write_quantized(float_model, tmp_path, reference_model(float_model), "gptq", 4, 32)
+    config = load_model_config(str(tmp_path), "float32")
+    with pytest.raises(ValueError, match="cannot fill the quantized weight .*qweight"):
+        load_model(config, get_attention_backend("cpu"), "cpu", load_format="dummy")
 
 
 def test_gptq_marlin_format_is_refused(float_model, tmp_path):
