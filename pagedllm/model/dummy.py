@@ -40,6 +40,9 @@ def initialize_dummy_weights(model: nn.Module, seed: int = DUMMY_SEED) -> None:
         if name in norms:
             param.fill_(1.0 if name.endswith("weight") else 0.0)
             continue
+        if not param.dtype.is_floating_point or param.element_size() == 1:  # codes, fp8
+            raise ValueError(f"load_format='dummy' cannot fill the quantized weight {name!r} "
+                             f"({param.dtype}); load the checkpoint's own weights")
         generator = generators.get(param.device)
         if generator is None:
             generator = generators[param.device] = torch.Generator(device=param.device)
