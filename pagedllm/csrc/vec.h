@@ -16,7 +16,9 @@
 //   e5m2  s eeeee mm            is fp16's top byte:        fp16 bits = byte << 8
 //   e4m3  s eeee mmm (bias 7)   moved into fp16's fields:  fp16 bits = s << 15 | (rest << 7)
 //         reads as the value x 2^-8 (fp16's bias is 15), subnormals included; times 256 fixes it
-// and the CPU's fp16 -> float conversion (F16C, AVX-512) widens eight or sixteen at once.
+// and the CPU's fp16 -> float conversion (F16C, AVX-512) widens eight or sixteen at once. For
+// e4m3 the byte is sign-extended to 16 bits and shifted left 7: that puts s at bit 15 and the
+// rest at bits 7-13, and (for s = 1) a stray 1 at bit 14 that one AND clears.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -94,10 +96,8 @@ inline F load(const fp8e5m2* p) {
   return {_mm512_cvtph_ps(_mm256_slli_epi16(bytes, 8))};
 }
 inline F load(const fp8e4m3* p) {
-  const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m256i half = _mm256_or_si256(
-      _mm256_slli_epi16(_mm256_and_si256(bytes, _mm256_set1_epi16(0x80)), 8),
-      _mm256_slli_epi16(_mm256_and_si256(bytes, _mm256_set1_epi16(0x7F)), 7));
+  const __m256i wide = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i half = _mm256_and_si256(_mm256_slli_epi16(wide, 7), _mm256_set1_epi16(-0x4001));
   return {_mm512_mul_ps(_mm512_cvtph_ps(half), _mm512_set1_ps(256.f))};
 }
 inline void store(float* p, F x) { _mm512_storeu_ps(p, x.v); }
@@ -143,9 +143,8 @@ inline F load(const fp8e5m2* p) {
   return {_mm256_cvtph_ps(_mm_slli_epi16(bytes, 8))};
 }
 inline F load(const fp8e4m3* p) {
-  const __m128i bytes = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  const __m128i half = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(bytes, _mm_set1_epi16(0x80)), 8),
-                                    _mm_slli_epi16(_mm_and_si128(bytes, _mm_set1_epi16(0x7F)), 7));
+  const __m128i wide = _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m128i half = _mm_and_si128(_mm_slli_epi16(wide, 7), _mm_set1_epi16(-0x4001));
   return {_mm256_mul_ps(_mm256_cvtph_ps(half), _mm256_set1_ps(256.f))};
 }
 inline void store(float* p, F x) { _mm256_storeu_ps(p, x.v); }
