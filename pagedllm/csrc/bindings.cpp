@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "kernels.h"
+#include "quant_kernels.h"
 #include "vec.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -20,4 +21,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("write_kv", &write_kv, "copy new key/value rows into their cache slots");
   m.def("bf16_linear", &bf16_linear, "out = x @ weight.T + bias, bf16 stored, float32 computed",
         py::arg("out"), py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
+  m.def("gguf_linear", &gguf_linear,
+        "out = x @ W.T from llama.cpp's quantized blocks (out may be a column slice)",
+        py::arg("out"), py::arg("x"), py::arg("weight"), py::arg("ggml_type"),
+        py::arg("int8_activations"));
+  m.def("gguf_dequantize", &gguf_dequantize, "out = the values of llama.cpp's quantized blocks",
+        py::arg("out"), py::arg("weight"), py::arg("ggml_type"));
 }
