@@ -401,6 +401,52 @@ Q8DotRows q8_dot_rows_for(int64_t type, int64_t rows) {
   }
 }
 
+// Decode: one input row against kCols weight rows at once. The activation block is loaded once
+// for all of them, and their kCols accumulators are independent: one row alone would chain
+// every block's FMA on the last one's result (4 cycles each), several rows overlap them.
+constexpr int64_t kCols = 4;
+
+template <int64_t kType, int C>
+void q8_dot_cols(const Q8Rows& x, const uint8_t* w_rows, int64_t row_bytes, float* sums) {
+  constexpr int64_t kBytes = kType == kQ4_0 ? 18 : kType == kQ4_1 ? 20 : 34;
+  const int64_t blocks = x.k_dim / kQ8Values;
+  Acc acc[C];
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int8_t* qx = x.q.data() + b * kQ8Values;
+    for (int c = 0; c < C; ++c) {
+      const uint8_t* w = w_rows + c * row_bytes + b * kBytes;
+      block_q8<kType>(w, block_values<kType>(w), qx, x.scale[b], x.sum[b], acc[c]);
+    }
+  }
+  for (int c = 0; c < C; ++c) sums[c] = acc[c].total();
+}
+
+template <int64_t kType, typename T>
+void q8_one_row_type(T* o, const Q8Rows& x, const uint8_t* w, int64_t n_dim, int64_t row_bytes) {
+  at::parallel_for(0, n_dim, kWeightRows, [&](int64_t n0, int64_t n1) {
+    float sums[kCols];
+    int64_t n = n0;
+    for (; n + kCols <= n1; n += kCols) {
+      q8_dot_cols<kType, kCols>(x, w + n * row_bytes, row_bytes, sums);
+      for (int64_t c = 0; c < kCols; ++c) vec::store_scalar(o + n + c, sums[c]);
+    }
+    for (; n < n1; ++n) {
+      q8_dot_cols<kType, 1>(x, w + n * row_bytes, row_bytes, sums);
+      vec::store_scalar(o + n, sums[0]);
+    }
+  });
+}
+
+template <typename T>
+void q8_one_row(T* o, const Q8Rows& x, const uint8_t* w, int64_t n_dim, int64_t row_bytes,
+                int64_t type) {
+  switch (type) {
+    case kQ4_0: return q8_one_row_type<kQ4_0>(o, x, w, n_dim, row_bytes);
+    case kQ4_1: return q8_one_row_type<kQ4_1>(o, x, w, n_dim, row_bytes);
+    default: return q8_one_row_type<kQ8_0>(o, x, w, n_dim, row_bytes);
+  }
+}
+
 bool has_int8_path(int64_t type) { return type == kQ4_0 || type == kQ4_1 || type == kQ8_0; }
 
 // ---- drivers --------------------------------------------------------------------------------
@@ -430,6 +476,10 @@ void linear_few_rows(at::Tensor& out, const at::Tensor& x, const at::Tensor& wei
   T* o = out.data_ptr<T>();
   if (int8_activations && has_int8_path(type)) {
     const Q8Rows q8 = quantize_rows(x32.data_ptr<float>(), m_dim, k_dim);
+    if (m_dim == 1) {
+      q8_one_row(o, q8, w, n_dim, weight.size(1), type);
+      return;
+    }
     few_rows(o, out.stride(0), m_dim, n_dim, w, weight.size(1),
              [&](int64_t m0, int64_t rows, const uint8_t* w_row, float* sums) {
                q8_dot_rows_for(type, rows)(Q8Pass{&q8, m0}, w_row, sums);

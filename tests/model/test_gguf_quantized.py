@@ -20,10 +20,11 @@ from transformers import LlamaConfig
 
 from pagedllm import SamplingParams, TokensPrompt
 from pagedllm.attention import get_attention_backend
-from pagedllm.model.layers.quantization.gguf import GGUFEmbedding, GGUFLinear
+from pagedllm.model.layers.quantization.gguf import GEMM_ROWS, GGUFEmbedding, GGUFLinear
 from pagedllm.model.layers.quantization.gguf_blocks import BLOCK_FORMATS, dequantize
 from pagedllm.model.loader import load_model, load_model_config
 from pagedllm.model.source import default_model_path
+from pagedllm.platform.cpu import cpu_info
 
 Q = gguf.GGMLQuantizationType
 TYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
@@ -160,12 +161,27 @@ def mixed_qkv_layer() -> tuple[GGUFLinear, torch.Tensor]:
 
 
 @pytest.mark.parametrize("use_kernels", [True, False], ids=["kernels", "torch"])
-def test_mixed_type_fused_layer(use_kernels):
+@pytest.mark.parametrize("rows", [3, 40])  # decode-sized, prefill-sized
+def test_mixed_type_fused_layer(use_kernels, rows):
     layer, weight = mixed_qkv_layer()
     assert len(layer.runs) == 2 and layer.weight.dim() == 1  # Q4_K rows, then Q6_K rows
     layer.use_kernels = use_kernels
-    x = torch.randn(3, 256)
+    x = torch.randn(rows, 256)
     torch.testing.assert_close(layer(x), F.linear(x, weight, layer.bias), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [3, 40])
+def test_bfloat16_layer(rows):
+    """bf16 activations: the kernel (or, for prefill where oneDNN runs bf16, a bf16 GEMM on the
+    dequantized weight) agrees with the float32 product to bf16 precision."""
+    layer, weight = mixed_qkv_layer()
+    layer.bias = None
+    x = torch.randn(rows, 256).bfloat16()
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    if rows >= GEMM_ROWS and cpu_info().onednn_bf16:  # the GEMM multiplies bf16 weights
+        weight = weight.bfloat16().float()
+    torch.testing.assert_close(out.float(), x.float() @ weight.T, rtol=1e-2, atol=2e-2)
 
 
 def test_fused_shard_of_the_wrong_type_is_refused():

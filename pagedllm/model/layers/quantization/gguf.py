@@ -38,6 +38,7 @@ from pagedllm.model.layers.quantization.base import QuantizationMethod, frozen
 from pagedllm.model.layers.quantization.gguf_blocks import BLOCK_FORMATS, FLOAT_TYPES, dequantize
 from pagedllm.model.source import ModelSource
 from pagedllm.ops.cpu import cpu_ops
+from pagedllm.platform.cpu import cpu_info
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,14 +68,23 @@ def weight_runs(output_sizes: list[int], types: list[int], in_features: int) -> 
     return runs
 
 
+GEMM_ROWS = 32  # from this many rows on (prefill) the kernel dequantizes and calls a GEMM
+
+
 def gguf_matmul(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ggml_type: int,
                 use_kernels: bool) -> None:
     """out[M, N] = x[M, K] @ W.T for a run's packed rows W [N, bytes_per_row]."""
     ops = cpu_ops() if use_kernels else None
-    if ops is not None:
-        ops.gguf_linear(out, x, weight, ggml_type, x.dtype == torch.bfloat16)
-    else:
+    if ops is None:
         out.copy_(F.linear(x, dequantize(weight, ggml_type).to(x.dtype)))
+    elif x.shape[0] >= GEMM_ROWS and x.dtype == torch.bfloat16 and cpu_info().onednn_bf16:
+        # prefill in bf16 where oneDNN runs it natively (AMX here): several times the float32
+        # GEMM the kernel's own prefill path calls
+        dense = x.new_empty(weight.shape[0], x.shape[1])
+        ops.gguf_dequantize(dense, weight, ggml_type)
+        out.copy_(F.linear(x, dense))
+    else:
+        ops.gguf_linear(out, x, weight, ggml_type, x.dtype == torch.bfloat16)
 
 
 class GGUFLinear(nn.Module):
