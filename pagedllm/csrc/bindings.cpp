@@ -4,6 +4,7 @@
 
 #include "int_kernels.h"
 #include "kernels.h"
+#include "quant_kernels.h"
 #include "vec.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -37,4 +38,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int_dequantize", &int_dequantize, "the float32 weight int_linear multiplies by",
         py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bits"),
         py::arg("group_size"));
+  m.def("gguf_linear", &gguf_linear,
+        "out = x @ W.T from llama.cpp's quantized blocks (out may be a column slice)",
+        py::arg("out"), py::arg("x"), py::arg("weight"), py::arg("ggml_type"),
+        py::arg("int8_activations"));
+  m.def("gguf_dequantize", &gguf_dequantize, "out = the values of llama.cpp's quantized blocks",
+        py::arg("out"), py::arg("weight"), py::arg("ggml_type"));
 }

@@ -40,6 +40,9 @@ def initialize_dummy_weights(model: nn.Module, seed: int = DUMMY_SEED) -> None:
         if name in norms:
             param.fill_(1.0 if name.endswith("weight") else 0.0)
             continue
+        if param.dtype == torch.uint8:  # packed quantized blocks (GGUF): random bytes would
+            param.zero_()  # make NaN scales; zero blocks are valid, the work per token the same
+            continue
         if not param.dtype.is_floating_point or param.element_size() == 1:  # codes, fp8
             raise ValueError(f"load_format='dummy' cannot fill the quantized weight {name!r} "
                              f"({param.dtype}); load the checkpoint's own weights")

@@ -85,7 +85,8 @@ def _open_gguf(path: Path, mtime_ns: int):
 
 
 class GGUFFile:
-    """One open GGUF file: its metadata as an HF config, and its tensors dequantized."""
+    """One open GGUF file: its metadata as an HF config, and its tensors (dequantized, or
+    as stored for model/layers/quantization/gguf.py)."""
 
     def __init__(self, path: Path) -> None:
         import gguf
@@ -153,19 +154,30 @@ class GGUFFile:
             found["query_pre_attn_scalar"] = self.field(f"{a}.attention.key_length")
         return found
 
+    def tensor_types(self) -> dict[str, int]:
+        """HF weight name -> the ggml type id the file stores it in."""
+        return {gguf_to_hf_name(t.name, self.arch): int(t.tensor_type) for t in self.reader.tensors}
+
     def weights(self, config: PretrainedConfig,
                 keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-        if keep_quantized:
-            raise NotImplementedError("quantized GGUF weights: model/layers/quantization/gguf.py")
+        """(HF name, tensor) for every tensor: float32, or with keep_quantized the quantized
+        ones as their raw blocks, uint8 [rows, bytes_per_row] (F32/F16/BF16 stay float)."""
         permuted = self.arch == "llama"  # llama.cpp permutes q/k only for this architecture
         for tensor in self.reader.tensors:
             name = gguf_to_hf_name(tensor.name, self.arch)
-            array = self._gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-            weight = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32).copy())
+            weight = self._tensor(tensor, keep_quantized)
             if self.arch in GGUF_GEMMA_ARCHS and name.endswith("norm.weight"):
                 weight -= 1.0
+            # whole rows move, so the permutation works on rows of packed blocks as well
             if permuted and ".q_proj." in name:
                 weight = unpermute_rotary_rows(weight, config.num_attention_heads)
             elif permuted and ".k_proj." in name:
                 weight = unpermute_rotary_rows(weight, config.num_key_value_heads)
             yield name, weight
+
+    def _tensor(self, tensor, keep_quantized: bool) -> torch.Tensor:
+        quant = self._gguf.GGMLQuantizationType
+        if keep_quantized and tensor.tensor_type not in (quant.F32, quant.F16, quant.BF16):
+            return torch.from_numpy(np.array(tensor.data, dtype=np.uint8))  # a copy: rows move
+        array = self._gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32).copy())

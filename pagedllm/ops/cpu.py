@@ -34,7 +34,7 @@ ISA_FLAGS = {
     "portable": [],  # the compiler's baseline for this architecture (SSE2 on x86-64)
     "avx2": _AVX2,
     "avx512": _AVX512,
-    "avx512_bf16": [*_AVX512, "-mavx512bf16"],
+    "avx512_bf16": [*_AVX512, "-mavx512bf16", "-mavx512vnni"],
 }
 
 

@@ -36,7 +36,7 @@ ISA_ENV = "PAGEDLLM_CPU_ISA"
 LEVEL_FLAGS = {
     "avx2": {"avx2", "fma", "f16c"},
     "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"},
-    "avx512_bf16": {"avx512_bf16"},
+    "avx512_bf16": {"avx512_bf16", "avx512_vnni"},  # every bf16 CPU has VNNI (int8 dots)
 }
 ONEDNN_BF16_FLAGS = ({"avx512bw", "avx512vl", "avx512dq"}, {"avx_ne_convert"})
 

@@ -31,7 +31,7 @@ def test_greedy_matches_transformers_at_every_kernel_level(force_cpu_isa, hf_gre
 def test_bfloat16_generates_without_onednn_bf16(force_cpu_isa, hf_greedy):
     force_cpu_isa("avx2")
     assert not cpu_info().onednn_bf16
-    llm = make_llm(dtype="bfloat16")
+    llm = make_llm(dtype="bfloat16", quantization="none")  # float Linear layers
     linears = loaded_linears(llm)
     assert linears and all(m.float32_compute and m.packed_weight is None for m in linears)
     outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),

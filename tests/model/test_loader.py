@@ -1,5 +1,5 @@
-"""Loading: GGUF dequantization is bit-exact with transformers, HF folders load the same weights,
-and the model-source rules give clear errors."""
+"""Loading: GGUF dequantization (quantization="none") is bit-exact with transformers, HF
+folders load the same weights, and the model-source rules give clear errors."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pagedllm.model.source import default_model_path, resolve_model_source
 
 @pytest.fixture(scope="module")
 def gguf_model():
-    config = load_model_config(None, "float32")
+    config = load_model_config(None, "float32", quantization="none")
     return load_model(config, get_attention_backend("cpu"), "cpu")
 
 

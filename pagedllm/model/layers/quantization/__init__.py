@@ -58,8 +58,6 @@ def resolve_quantization(requested: str | None, hf_config: PretrainedConfig,
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)}, "
                          f"got {requested!r}")
     stored = checkpoint_method(hf_config, source)
-    if stored == "gguf" and requested is None:
-        return None  # (interim) GGUF dequantized at load until gguf.py lands
     if requested == "none":
         if stored not in (None, "gguf"):
             raise ValueError(f"the checkpoint is quantized with {stored!r} and cannot be "
