@@ -126,8 +126,10 @@ def test_prefill_kernel_rejects_bad_inputs(ops):
     rows, tables = chunk_tensors(chunks)
     out = torch.empty_like(query)
     call = ops.paged_prefill_attention
-    with pytest.raises(RuntimeError, match="dtypes differ"):
+    with pytest.raises(RuntimeError, match="must be the query's dtype or fp8"):
         call(out, query, key_cache.bfloat16(), value_cache.bfloat16(), rows, tables, 1.0, 0, 0.0)
+    with pytest.raises(RuntimeError, match="K and V cache dtypes differ"):
+        call(out, query, key_cache, value_cache.bfloat16(), rows, tables, 1.0, 0, 0.0)
     with pytest.raises(RuntimeError, match="int64"):
         call(out, query, key_cache, value_cache, rows.int(), tables, 1.0, 0, 0.0)
     with pytest.raises(RuntimeError, match="needs 2 blocks"):
