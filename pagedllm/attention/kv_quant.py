@@ -85,8 +85,9 @@ class KVScales:
                  max(value.abs().max().item() / KV_SCALE_TARGET, tiny))
 
 
-def quantize(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """x / scale as `dtype`, saturating (a cast past fp8's range would give NaN)."""
+def quantize(x: torch.Tensor, scale: float | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x / scale as `dtype`, saturating (a cast past fp8's range would give NaN). A tensor
+    scale keeps it on the device without a host sync (the Triton path)."""
     limit = torch.finfo(dtype).max
     return (x.float() / scale).clamp_(-limit, limit).to(dtype)
 

@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.attention.kv_quant import is_fp8
+from pagedllm.attention.kv_quant import is_fp8, quantize
 
 DEFAULT_PARTITION_SIZE = 512
 
@@ -342,7 +342,7 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
     if num_tokens == 0:
         return
     if is_fp8(key_cache.dtype):
-        key, value = (_quantize(x, s, key_cache.dtype).view(torch.uint8)
+        key, value = (quantize(x, s, key_cache.dtype).view(torch.uint8)
                       for x, s in ((key, scales[0]), (value, scales[1])))
         key_cache, value_cache = key_cache.view(torch.uint8), value_cache.view(torch.uint8)
     for t in (key, value, key_cache, value_cache):
@@ -526,11 +526,6 @@ def _kernel_caches(key_cache: torch.Tensor, value_cache: torch.Tensor,
     if scales is None:
         raise ValueError("an fp8 KV cache needs its [k_scale, v_scale] tensor")
     return key_cache.view(torch.uint8), value_cache.view(torch.uint8), scales
-
-
-def _quantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    limit = torch.finfo(dtype).max
-    return (x.float() / scale).clamp_(-limit, limit).to(dtype)
 
 
 def _partition_size(requested: int | None, programs_per_partition: int, max_context: int,

@@ -71,8 +71,12 @@ def test_outputs_match_the_offline_engine(proc_llm, offline_llm):
 def test_stop_strings_n_and_grammars_end_cleanly(proc_llm, offline_llm):
     schema = {"type": "object", "properties": {"city": {"type": "string"}},
               "required": ["city"]}
+    # a stop string from the middle of the model's own greedy text, so it is sure to come
+    full = offline_llm.generate(PROMPTS[:1], greedy(30, RequestOutputKind.FINAL_ONLY),
+                                use_tqdm=False)[0].outputs[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
     params = [
-        greedy(30, stop=[","]),
+        greedy(30, stop=[stop]),
         SamplingParams(n=2, temperature=0.8, seed=3, max_tokens=6,
                        output_kind=RequestOutputKind.FINAL_ONLY),
         greedy(40, structured_outputs=StructuredOutputsParams(json=schema),
@@ -81,7 +85,8 @@ def test_stop_strings_n_and_grammars_end_cleanly(proc_llm, offline_llm):
     requests = [NewRequest(f"s{i}", p, sp) for i, (p, sp) in enumerate(zip(PROMPTS, params))]
     outputs = asyncio.run(collect(proc_llm, requests))
     stopped = "".join(o.outputs[0].text for o in outputs["s0"])
-    assert "," not in stopped and outputs["s0"][-1].outputs[0].finish_reason == "stop"
+    assert stopped == full[: full.index(stop)]
+    assert outputs["s0"][-1].outputs[0].finish_reason == "stop"
     assert len(outputs["s1"][-1].outputs) == 2
     assert list(json.loads(outputs["s2"][-1].outputs[0].text)) == ["city"]
     wait_until_all_blocks_free(proc_llm)
