@@ -8,7 +8,7 @@ x @ W.T through:
   runs bf16, else bf16_linear), the float baseline;
 - int4 / int8: the C++ kernel on 4- / 8-bit codes, group size --group-size, bf16 activations.
 
-    python benchmarks/quantized_linear.py [--shapes 576x1536,4096x4096] [--output-json FILE]
+    python -m benchmarks.quantized_linear [--shapes 576x1536,4096x4096] [--output-json FILE]
 
 Each figure is the best of --repeats runs; weight bytes and GB/s (bytes of the weight read per
 second) are printed beside the times, so the decode rows show how close each layout comes to
@@ -19,23 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-from collections.abc import Callable
 
 import torch
 
+from benchmarks.memory_bandwidth import best_seconds
 from pagedllm.model.layers.linear import Linear
 from pagedllm.model.layers.quantization.int_weight import IntWeight, int_linear, pack_int_weight
-
-
-def best_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def bf16_layer(n: int, k: int) -> Linear:

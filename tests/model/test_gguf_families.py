@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import gguf
 import pytest
-from tiny_models import assert_matches_transformers, save_tiny_model, tiny_engine
-from transformers import Gemma2Config, Gemma3TextConfig, PretrainedConfig, Qwen2Config, Qwen3Config
+from tiny_models import (
+    assert_matches_transformers,
+    save_tiny_model,
+    tiny_engine,
+    write_metadata,
+)
+from transformers import Gemma2Config, Gemma3TextConfig, Qwen2Config, Qwen3Config
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=512, max_position_embeddings=256, head_dim=16)
@@ -46,28 +51,6 @@ def write_gguf(model, arch: gguf.MODEL_ARCH, path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-
-
-def write_metadata(writer: gguf.GGUFWriter, config: PretrainedConfig) -> None:
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(config.head_dim)
-    writer.add_value_length(config.head_dim)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-    rope = config.rope_parameters
-    writer.add_rope_freq_base(rope["full_attention"]["rope_theta"] if "full_attention" in rope
-                              else rope["rope_theta"])
-    if getattr(config, "sliding_window", None):
-        writer.add_sliding_window(config.sliding_window)
-    if getattr(config, "attn_logit_softcapping", None):
-        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
-    if getattr(config, "final_logit_softcapping", None):
-        writer.add_final_logit_softcapping(config.final_logit_softcapping)
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))

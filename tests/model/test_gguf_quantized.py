@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import PROMPTS, make_llm, worker_of
-from tiny_models import save_tiny_model
+from tiny_models import save_tiny_model, write_metadata
 from transformers import LlamaConfig
 
 from pagedllm import SamplingParams, TokensPrompt
@@ -211,15 +211,7 @@ TINY_TYPES = {"attn_q": Q.Q4_K, "attn_k": Q.Q4_K, "attn_v": Q.Q6_K, "attn_output
 def write_quantized_llama(model, path) -> None:
     config = model.config
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    write_metadata(writer, config)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     rng = np.random.default_rng(0)
     for hf_name, tensor in model.state_dict().items():

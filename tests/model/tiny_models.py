@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
 import torch
 from conftest import make_llm
 from transformers import AutoModelForCausalLM, PretrainedConfig
@@ -77,3 +78,26 @@ def assert_matches_transformers(llm: LLM, model, prompts: list[list[int]], max_t
         assert completion.token_ids == transformers_greedy(model, prompt, max_tokens)
         if logprobs is not None:
             assert_logprobs_match(model, prompt, completion)
+
+
+def write_metadata(writer: gguf.GGUFWriter, config: PretrainedConfig) -> None:
+    """A tiny model's config as GGUF metadata, through gguf-py's own writer."""
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    rope = config.rope_parameters
+    writer.add_rope_freq_base(rope["full_attention"]["rope_theta"] if "full_attention" in rope
+                              else rope["rope_theta"])
+    if getattr(config, "sliding_window", None):
+        writer.add_sliding_window(config.sliding_window)
+    if getattr(config, "attn_logit_softcapping", None):
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+    if getattr(config, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
