@@ -63,12 +63,15 @@ def allocate_kv_caches(shape: KVCacheShape, num_blocks: int,
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the model's parameters and buffers, each storage counted once (tied weights)."""
+    """Bytes of the model's parameters and buffers, each storage counted once (tied weights),
+    plus the run-time layouts that quantized layers keep outside them (a PackedLinear's
+    `int_weight`, model/layers/quantization/packed_linear.py)."""
     storages: dict[int, int] = {}
     for tensor in [*model.parameters(), *model.buffers()]:
         storage = tensor.untyped_storage()
         storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
+    packed = (getattr(module, "int_weight", None) for module in model.modules())
+    return sum(storages.values()) + sum(layout.nbytes for layout in packed if layout is not None)
 
 
 def describe_plan(shape: KVCacheShape, num_blocks: int, max_model_len: int,

@@ -18,6 +18,7 @@ from transformers import LlamaConfig, Qwen2Config
 
 from pagedllm.model.layers.quantization.packed_linear import PackedLinear
 from pagedllm.model.loader import load_model_config
+from pagedllm.worker.kv_cache import weight_bytes
 
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512, max_position_embeddings=256,
@@ -105,6 +106,9 @@ def assert_weights_stay_packed(llm, folder) -> None:
                      if "_proj." in name)
     resident = sum(m.weight_nbytes for m in layers)
     assert 0.8 * stored <= resident <= 1.2 * stored, (resident, stored)
+    # the start-up line's weight bytes count the packed layouts too
+    others = sum(p.nbytes for name, p in model.named_parameters() if "_proj." not in name)
+    assert weight_bytes(model) >= others + resident
 
 
 def test_gptq_on_bf16_activations(float_model, tmp_path):
