@@ -17,7 +17,8 @@ LOAD_FORMATS = ("auto", "dummy")
 EXECUTOR_BACKENDS = ("uni", "mp")
 # the KV cache's element type: auto (the model's dtype) or 8-bit floats; "fp8" is e4m3
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
-# mirrors model/layers/quantization.QUANTIZATION_CHOICES (this module imports no torch)
+# what quantization= may name: a method of model/layers/quantization/ (its registry maps each to
+# a module), or none (a GGUF file dequantized at load); defined here, where no torch is imported
 QUANTIZATION_CHOICES = ("none", "gguf", "awq", "gptq", "compressed-tensors")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 CPU_DEFAULT_KV_CACHE_BYTES = 4 << 30  # vLLM's CPU backend also defaults to 4 GiB

@@ -135,3 +135,11 @@ def test_dtype_auto_keeps_bf16_checkpoints_only_where_the_cpu_runs_bf16(force_cp
     assert resolve_dtype("auto", config, "cpu") == torch.float32
     assert resolve_dtype("auto", config, "cpu", is_gguf=True) == torch.float32
     assert resolve_dtype("bfloat16", config, "cpu") == torch.bfloat16  # asked for: it runs
+
+
+def test_every_quantization_choice_is_none_or_a_registered_method():
+    from pagedllm.config import QUANTIZATION_CHOICES
+    from pagedllm.model.layers.quantization import QUANTIZATION_METHODS, method_class
+
+    assert set(QUANTIZATION_CHOICES) == {"none", *QUANTIZATION_METHODS}
+    assert all(method_class(name).name == name for name in QUANTIZATION_METHODS)

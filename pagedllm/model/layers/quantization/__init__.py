@@ -13,6 +13,7 @@ import importlib
 
 from transformers import PretrainedConfig
 
+from pagedllm.config import QUANTIZATION_CHOICES
 from pagedllm.model.layers.quantization.base import QuantizationMethod
 from pagedllm.model.source import ModelSource
 
@@ -24,9 +25,8 @@ QUANTIZATION_METHODS = {
     "compressed-tensors":
         "pagedllm.model.layers.quantization.compressed_tensors:CompressedTensorsQuantization",
 }
-# what a user may ask for: a method, "none" (a GGUF file dequantized to dtype at load), or
-# None (whatever the checkpoint is)
-QUANTIZATION_CHOICES = ("none", *QUANTIZATION_METHODS)
+# QUANTIZATION_CHOICES (config.py) is what a user may ask for: one of these methods, or "none";
+# None asks for whatever the checkpoint is (tests/model/test_loader.py checks the two agree)
 
 
 def method_class(name: str) -> type[QuantizationMethod]:
