@@ -21,6 +21,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("query"), py::arg("key_cache"), py::arg("value_cache"), py::arg("chunks"),
         py::arg("block_tables"), py::arg("scale"), py::arg("window"), py::arg("soft_cap"),
         py::arg("k_scale") = 1.0, py::arg("v_scale") = 1.0);
+  m.def("argmax", &argmax, "torch.argmax(logits, dim=-1) of contiguous float32/bfloat16 rows");
   m.def("rms_norm", &rms_norm, "out = RMSNorm(x) * weight");
   m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x; x = RMSNorm(residual) * weight");
   m.def("silu_and_mul", &silu_and_mul, "out = silu(gate) * up");
@@ -41,7 +42,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_linear", &gguf_linear,
         "out = x @ W.T from llama.cpp's quantized blocks (out may be a column slice)",
         py::arg("out"), py::arg("x"), py::arg("weight"), py::arg("ggml_type"),
-        py::arg("int8_activations"));
+        py::arg("int8_activations"), py::arg("interleaved") = false);
   m.def("gguf_dequantize", &gguf_dequantize, "out = the values of llama.cpp's quantized blocks",
-        py::arg("out"), py::arg("weight"), py::arg("ggml_type"));
+        py::arg("out"), py::arg("weight"), py::arg("ggml_type"), py::arg("interleaved") = false,
+        py::arg("rows") = py::none());
+  m.def("gguf_interleave", &gguf_interleave,
+        "the weight's bytes regrouped 16 rows at a time (Q4_0, Q4_1, Q8_0) for gguf_linear",
+        py::arg("weight"), py::arg("ggml_type"));
 }

@@ -187,11 +187,75 @@ void write_kv_typed(const at::Tensor& key, const at::Tensor& value, at::Tensor& 
   }
 }
 
+// NaN tests on the bits: the kernels build with -ffast-math, under which the compiler may assume
+// a float is never NaN (std::isnan, x != x and x * 0 all fold away). A value's magnitude bits,
+// as an unsigned integer, are above infinity's exactly when it is NaN.
+inline uint32_t magnitude_bits(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return bits & 0x7fffffffu;
+}
+inline uint32_t magnitude_bits(bf16 x) { return static_cast<uint32_t>(x.x & 0x7fff) << 16; }
+constexpr uint32_t kInfinityBits = 0x7f800000u;
+
+template <typename T>
+int64_t first_nan(const T* x, int64_t n) {
+  uint32_t largest = 0;
+  for (int64_t j = 0; j < n; ++j) largest = std::max(largest, magnitude_bits(x[j]));  // vectorized
+  if (largest <= kInfinityBits) return -1;
+  for (int64_t j = 0; j < n; ++j) {
+    if (magnitude_bits(x[j]) > kInfinityBits) return j;
+  }
+  return -1;
+}
+
+// The index of a row's first largest value, as torch.argmax: a NaN counts as the largest (its
+// first one wins). One vector pass finds the maximum; its first index is then found a tile at a
+// time, skipping the tiles whose maximum is below it.
+template <typename T>
+int64_t argmax_row(const T* x, int64_t n) {
+  if (const int64_t nan = first_nan(x, n); nan >= 0) return nan;
+  constexpr int64_t kTile = 8 * kLanes;
+  F best = vec::set1(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) best = vec::max(best, vec::load(x + i));
+  float top = vec::reduce_max(best);
+  for (int64_t j = i; j < n; ++j) top = std::max(top, to_float(x[j]));
+  int64_t start = 0;
+  for (; start + kTile <= n; start += kTile) {
+    F tile = vec::load(x + start);
+    for (int64_t k = kLanes; k < kTile; k += kLanes) tile = vec::max(tile, vec::load(x + start + k));
+    if (vec::reduce_max(tile) == top) break;
+  }
+  for (int64_t j = start; j < n; ++j) {
+    if (to_float(x[j]) == top) return j;
+  }
+  return 0;  // not reached: top is one of the row's values
+}
+
+template <typename T>
+void argmax_typed(at::Tensor& out, const at::Tensor& logits) {
+  const int64_t rows = logits.size(0), n = logits.size(1);
+  const T* x = logits.data_ptr<T>();
+  int64_t* o = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) o[r] = argmax_row(x + r * n, n);
+  });
+}
+
 void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.stride(-1) == 1, name, " must be contiguous in its last dimension");
 }
 
 }  // namespace
+
+at::Tensor argmax(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.size(1) > 0,
+              "argmax takes contiguous non-empty rows [rows, vocab]");
+  at::Tensor out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
+  PAGEDLLM_DISPATCH(logits.scalar_type(), "argmax", argmax_typed, out, logits);
+  return out;
+}
 
 void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && weight.is_contiguous(),

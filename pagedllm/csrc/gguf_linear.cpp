@@ -35,50 +35,62 @@
 
 #include <vector>
 
+#include "gguf_common.h"
 #include "quant_kernels.h"
 #include "vec.h"
 
 namespace pagedllm {
+namespace gguf {
+
+template <typename T>
+Q8Rows quantize_rows(const T* x, int64_t rows, int64_t k_dim) {
+  static_assert(kQ8Values % vec::kLanes == 0);
+  constexpr int kVecs = kQ8Values / vec::kLanes;
+  Q8Rows out;
+  const int64_t blocks = k_dim / kQ8Values;
+  out.q.resize(rows * k_dim);
+  out.scale.resize(rows * blocks);
+  out.sum.resize(rows * blocks);
+  out.k_dim = k_dim;
+  for (int64_t b = 0; b < rows * blocks; ++b, x += kQ8Values) {
+    vec::F v[kVecs], amax = vec::zero();
+    for (int i = 0; i < kVecs; ++i) {
+      v[i] = vec::load(x + i * vec::kLanes);
+      amax = vec::max(amax, vec::max(v[i], vec::sub(vec::zero(), v[i])));
+    }
+    const float d = vec::reduce_max(amax) / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+    alignas(64) float q[kQ8Values];  // whole numbers in [-127, 127]
+    for (int i = 0; i < kVecs; ++i) {
+      vec::store(q + i * vec::kLanes, vec::round_nearest(vec::mul(v[i], vec::set1(inv))));
+    }
+    int8_t* qb = out.q.data() + b * kQ8Values;
+    int sum = 0;
+    for (int l = 0; l < kQ8Values; ++l) {
+      qb[l] = static_cast<int8_t>(q[l]);
+      sum += qb[l];
+    }
+    out.scale[b] = d;
+    out.sum[b] = d * static_cast<float>(sum);
+  }
+  return out;
+}
+
+template Q8Rows quantize_rows<float>(const float*, int64_t, int64_t);
+template Q8Rows quantize_rows<vec::bf16>(const vec::bf16*, int64_t, int64_t);
+
+}  // namespace gguf
+
 namespace {
 
+using namespace gguf;
 using vec::F;
 using vec::kLanes;
 
-// ggml_type ids (ggml.h)
-constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14;
 constexpr int64_t kMaxBlockValues = 256;
 constexpr int64_t kRowsPerPass = 8;   // input rows sharing one read of a weight row
 constexpr int64_t kWeightRows = 16;   // weight rows per parallel task
 constexpr int64_t kGemmRows = 32;     // from this many input rows on, dequantize and call GEMM
 constexpr int64_t kTileElements = 1 << 22;  // a dequantized tile: at most 16 MiB of float32
-constexpr int64_t kQ8Values = 32;     // values per block of a quantized activation row
-
-struct BlockFormat {
-  int64_t values;
-  int64_t bytes;
-};
-
-BlockFormat block_format(int64_t type) {
-  switch (type) {
-    case kQ4_0: return {32, 18};
-    case kQ4_1: return {32, 20};
-    case kQ8_0: return {32, 34};
-    case kQ4_K: return {256, 144};
-    case kQ5_K: return {256, 176};
-    case kQ6_K: return {256, 210};
-    default: TORCH_CHECK(false, "gguf kernels: unsupported ggml type ", type);
-  }
-}
-
-inline float fp16(const uint8_t* p) {
-  uint16_t bits;
-  std::memcpy(&bits, p, sizeof(bits));
-#if defined(__F16C__)
-  return _cvtsh_ss(bits);
-#else
-  return c10::detail::fp16_ieee_to_fp32_value(bits);
-#endif
-}
 
 // ---- one block -> float values --------------------------------------------------------------
 // kLanes int8 -> kLanes floats, for Q8_0, whose plain loop gcc left scalar (the nibble formats'
@@ -250,40 +262,7 @@ FloatDotRows float_dot_rows_for(int64_t type, int64_t rows) {
 }
 
 // ---- int8 path ----------------------------------------------------------------------------
-// Input rows quantized as llama.cpp's Q8 activation blocks: per 32 values an fp32 scale dx, the
-// int8 values q = round(x / dx) with dx = max|x| / 127, and dx * sum(q), which folds a weight
-// block's offset (Q4_0's -8, Q4_1's min) into one multiply.
-struct Q8Rows {
-  std::vector<int8_t> q;       // [rows, K]
-  std::vector<float> scale;    // [rows, K / 32]
-  std::vector<float> sum;      // [rows, K / 32]
-  int64_t k_dim = 0;
-};
-
-Q8Rows quantize_rows(const float* x32, int64_t rows, int64_t k_dim) {
-  Q8Rows out;
-  const int64_t blocks = k_dim / kQ8Values;
-  out.q.resize(rows * k_dim);
-  out.scale.resize(rows * blocks);
-  out.sum.resize(rows * blocks);
-  out.k_dim = k_dim;
-  for (int64_t b = 0; b < rows * blocks; ++b) {
-    const float* x = x32 + b * kQ8Values;
-    float amax = 0.f;
-    for (int l = 0; l < kQ8Values; ++l) amax = std::max(amax, std::fabs(x[l]));
-    const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
-    int sum = 0;
-    for (int l = 0; l < kQ8Values; ++l) {
-      const int q = static_cast<int>(std::nearbyint(x[l] * inv));
-      out.q[b * kQ8Values + l] = static_cast<int8_t>(q);
-      sum += q;
-    }
-    out.scale[b] = d;
-    out.sum[b] = d * static_cast<float>(sum);
-  }
-  return out;
-}
-
+// (the input rows quantized to Q8 blocks: gguf_common.h)
 #if defined(__AVX2__)
 // 32 weight values as bytes, in value order; the int32 dot product with 32 int8 activations
 // comes back as 8 partial sums.
@@ -497,63 +476,82 @@ void few_rows(T* o, int64_t out_stride, int64_t m_dim, int64_t n_dim, const uint
   });
 }
 
-template <typename T>
-void linear_few_rows(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
-                     int64_t type, bool int8_activations) {
-  const int64_t m_dim = x.size(0), k_dim = x.size(1), n_dim = weight.size(0);
-  const at::Tensor x32 = x.to(at::kFloat).contiguous();
-  const uint8_t* w = weight.data_ptr<uint8_t>();
-  T* o = out.data_ptr<T>();
-  if (int8_activations && has_int8_path(type)) {
-    const Q8Rows q8 = quantize_rows(x32.data_ptr<float>(), m_dim, k_dim);
-    if (m_dim == 1) {
-      q8_one_row(o, q8, w, n_dim, weight.size(1), type);
-      return;
+// How a weight tensor's rows are laid out: as the file stores them, or regrouped 16 at a time
+// (gguf_interleaved.cpp).
+struct Weight {
+  const uint8_t* data;
+  int64_t rows, row_bytes, type;
+  bool interleaved;
+
+  explicit Weight(const at::Tensor& weight, int64_t ggml_type, bool regrouped)
+      : data(weight.data_ptr<uint8_t>()), rows(weight.size(0)), row_bytes(weight.size(1)),
+        type(ggml_type), interleaved(regrouped) {}
+
+  void dequantize_row(int64_t row, int64_t k_dim, float* y) const {
+    if (interleaved) {
+      dequantize_interleaved_row(data, row, row_bytes, k_dim, type, y);
+    } else {
+      dequant_row(dequant_for(type), block_format(type), data + row * row_bytes, k_dim, y);
     }
-    few_rows(o, out.stride(0), m_dim, n_dim, w, weight.size(1),
-             [&](int64_t m0, int64_t rows, const uint8_t* w_row, float* sums) {
-               q8_dot_rows_for(type, rows)(Q8Pass{&q8, m0}, w_row, sums);
-             });
+  }
+};
+
+template <typename T>
+void linear_few_rows(at::Tensor& out, const at::Tensor& x, const Weight& w,
+                     bool int8_activations) {
+  const int64_t m_dim = x.size(0), k_dim = x.size(1), n_dim = w.rows;
+  T* o = out.data_ptr<T>();
+  if (int8_activations && has_int8_path(w.type)) {
+    const Q8Rows q8 = quantize_rows(x.data_ptr<T>(), m_dim, k_dim);
+    if (w.interleaved) {
+      interleaved_linear(o, out.stride(0), q8, m_dim, w.data, n_dim, w.row_bytes, w.type);
+    } else if (m_dim == 1) {
+      q8_one_row(o, q8, w.data, n_dim, w.row_bytes, w.type);
+    } else {
+      few_rows(o, out.stride(0), m_dim, n_dim, w.data, w.row_bytes,
+               [&](int64_t m0, int64_t rows, const uint8_t* w_row, float* sums) {
+                 q8_dot_rows_for(w.type, rows)(Q8Pass{&q8, m0}, w_row, sums);
+               });
+    }
     return;
   }
+  const at::Tensor x32 = x.to(at::kFloat).contiguous();
   const float* xs = x32.data_ptr<float>();
-  few_rows(o, out.stride(0), m_dim, n_dim, w, weight.size(1),
+  few_rows(o, out.stride(0), m_dim, n_dim, w.data, w.row_bytes,
            [&](int64_t m0, int64_t rows, const uint8_t* w_row, float* sums) {
-             float_dot_rows_for(type, rows)(FloatPass{xs + m0 * k_dim, k_dim}, w_row, sums);
+             float_dot_rows_for(w.type, rows)(FloatPass{xs + m0 * k_dim, k_dim}, w_row, sums);
            });
 }
 
+// out[i] = the values of weight row row_ids[i] (row_ids == nullptr: first_row + i), i < count
 template <typename T>
-void dequantize_rows(T* out, const uint8_t* w, int64_t n_dim, int64_t row_bytes, int64_t k_dim,
-                     int64_t type) {
-  const DequantBlock dequant = dequant_for(type);
-  const BlockFormat format = block_format(type);
-  at::parallel_for(0, n_dim, kWeightRows, [&](int64_t n0, int64_t n1) {
+void dequantize_rows(T* out, const Weight& w, const int64_t* row_ids, int64_t first_row,
+                     int64_t count, int64_t k_dim) {
+  at::parallel_for(0, count, kWeightRows, [&](int64_t i0, int64_t i1) {
     std::vector<float> row(std::is_same_v<T, float> ? 0 : k_dim);
-    for (int64_t n = n0; n < n1; ++n) {
-      float* y = std::is_same_v<T, float> ? reinterpret_cast<float*>(out + n * k_dim) : row.data();
-      dequant_row(dequant, format, w + n * row_bytes, k_dim, y);
-      if constexpr (!std::is_same_v<T, float>) vec::convert(out + n * k_dim, y, k_dim);
+    for (int64_t i = i0; i < i1; ++i) {
+      float* y = std::is_same_v<T, float> ? reinterpret_cast<float*>(out + i * k_dim) : row.data();
+      w.dequantize_row(row_ids == nullptr ? first_row + i : row_ids[i], k_dim, y);
+      if constexpr (!std::is_same_v<T, float>) vec::convert(out + i * k_dim, y, k_dim);
     }
   });
 }
 
-void linear_many_rows(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
-                      int64_t type) {
-  const int64_t k_dim = x.size(1), n_dim = weight.size(0), row_bytes = weight.size(1);
-  const int64_t tile_rows = std::max<int64_t>(kLanes, kTileElements / std::max<int64_t>(k_dim, 1));
+void linear_many_rows(at::Tensor& out, const at::Tensor& x, const Weight& w) {
+  const int64_t k_dim = x.size(1), n_dim = w.rows;
+  const int64_t tile_rows = std::max<int64_t>(kGroupRows,
+                                              kTileElements / std::max<int64_t>(k_dim, 1));
   const at::Tensor x32 = x.to(at::kFloat);
   at::Tensor tile = at::empty({std::min(tile_rows, n_dim), k_dim}, x32.options());
   for (int64_t n0 = 0; n0 < n_dim; n0 += tile_rows) {
     const int64_t n1 = std::min(n_dim, n0 + tile_rows);
     at::Tensor w32 = tile.slice(0, 0, n1 - n0);
-    dequantize_rows(w32.data_ptr<float>(), weight.data_ptr<uint8_t>() + n0 * row_bytes, n1 - n0,
-                    row_bytes, k_dim, type);
+    dequantize_rows(w32.data_ptr<float>(), w, nullptr, n0, n1 - n0, k_dim);
     out.slice(1, n0, n1).copy_(at::mm(x32, w32.t()));  // rounds to out's dtype once
   }
 }
 
-void check_weight(const at::Tensor& weight, int64_t k_dim, int64_t type) {
+void check_weight(const at::Tensor& weight, int64_t k_dim, int64_t type, bool interleaved) {
   const BlockFormat format = block_format(type);
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kByte && weight.is_contiguous(),
               "gguf kernels take the weight as a contiguous uint8 tensor [rows, bytes_per_row]");
@@ -562,46 +560,76 @@ void check_weight(const at::Tensor& weight, int64_t k_dim, int64_t type) {
   TORCH_CHECK(weight.size(1) == k_dim / format.values * format.bytes, "gguf kernels: ",
               weight.size(1), " bytes per weight row, expected ",
               k_dim / format.values * format.bytes, " for ", k_dim, " values of type ", type);
+  TORCH_CHECK(!interleaved || (interleavable(type) && weight.size(0) % kGroupRows == 0),
+              "gguf kernels: a regrouped weight is Q4_0, Q4_1 or Q8_0 with a multiple of ",
+              kGroupRows, " rows");
 }
 
 }  // namespace
 
 void gguf_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& weight,
-                 int64_t ggml_type, bool int8_activations) {
+                 int64_t ggml_type, bool int8_activations, bool interleaved) {
   TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && x.is_contiguous(),
               "gguf_linear takes a contiguous 2-D input and a 2-D output");
   TORCH_CHECK(out.scalar_type() == x.scalar_type(), "gguf_linear: out and x differ in dtype");
   TORCH_CHECK(out.stride(1) == 1, "gguf_linear: out's rows must be contiguous");
-  check_weight(weight, x.size(1), ggml_type);
+  check_weight(weight, x.size(1), ggml_type, interleaved);
   TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) == weight.size(0),
               "gguf_linear: out has the wrong shape");
+  TORCH_CHECK(!interleaved || int8_activations,
+              "gguf_linear: a regrouped weight multiplies int8 activations only");
   if (x.size(0) == 0) return;
+  const Weight w(weight, ggml_type, interleaved);
   if (x.size(0) >= kGemmRows) {
-    linear_many_rows(out, x, weight, ggml_type);
+    linear_many_rows(out, x, w);
     return;
   }
   if (x.scalar_type() == at::kFloat) {
-    linear_few_rows<float>(out, x, weight, ggml_type, int8_activations);
+    linear_few_rows<float>(out, x, w, int8_activations);
   } else {
     TORCH_CHECK(x.scalar_type() == at::kBFloat16, "gguf_linear takes float32 or bfloat16, got ",
                 x.scalar_type());
-    linear_few_rows<vec::bf16>(out, x, weight, ggml_type, int8_activations);
+    linear_few_rows<vec::bf16>(out, x, w, int8_activations);
   }
 }
 
-void gguf_dequantize(at::Tensor out, const at::Tensor& weight, int64_t ggml_type) {
-  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == weight.size(0),
+void gguf_dequantize(at::Tensor out, const at::Tensor& weight, int64_t ggml_type,
+                     bool interleaved, const std::optional<at::Tensor>& rows) {
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous(),
               "gguf_dequantize: out must be a contiguous [rows, values] tensor");
-  check_weight(weight, out.size(1), ggml_type);
-  const uint8_t* w = weight.data_ptr<uint8_t>();
+  check_weight(weight, out.size(1), ggml_type, interleaved);
+  at::Tensor row_ids;
+  if (rows.has_value()) {
+    row_ids = rows->to(at::kLong).contiguous();
+    TORCH_CHECK(row_ids.dim() == 1 && row_ids.size(0) == out.size(0),
+                "gguf_dequantize: one row id per output row");
+    if (row_ids.numel() > 0) {
+      TORCH_CHECK(row_ids.min().item<int64_t>() >= 0 &&
+                      row_ids.max().item<int64_t>() < weight.size(0),
+                  "gguf_dequantize: row id out of range [0, ", weight.size(0), ")");
+    }
+  } else {
+    TORCH_CHECK(out.size(0) == weight.size(0), "gguf_dequantize: out needs one row per weight row");
+  }
+  const int64_t* ids = rows.has_value() ? row_ids.data_ptr<int64_t>() : nullptr;
+  const Weight w(weight, ggml_type, interleaved);
   if (out.scalar_type() == at::kFloat) {
-    dequantize_rows(out.data_ptr<float>(), w, out.size(0), weight.size(1), out.size(1), ggml_type);
+    dequantize_rows(out.data_ptr<float>(), w, ids, 0, out.size(0), out.size(1));
   } else {
     TORCH_CHECK(out.scalar_type() == at::kBFloat16,
                 "gguf_dequantize writes float32 or bfloat16, got ", out.scalar_type());
-    dequantize_rows(out.data_ptr<vec::bf16>(), w, out.size(0), weight.size(1), out.size(1),
-                    ggml_type);
+    dequantize_rows(out.data_ptr<vec::bf16>(), w, ids, 0, out.size(0), out.size(1));
   }
+}
+
+at::Tensor gguf_interleave(const at::Tensor& weight, int64_t ggml_type) {
+  TORCH_CHECK(weight.dim() == 2, "gguf_interleave takes a [rows, bytes_per_row] weight");
+  const BlockFormat format = block_format(ggml_type);
+  check_weight(weight, weight.size(1) / format.bytes * format.values, ggml_type, true);
+  at::Tensor out = at::empty_like(weight);
+  gguf::interleave_rows(weight.data_ptr<uint8_t>(), out.data_ptr<uint8_t>(), weight.size(0),
+                        weight.size(1), ggml_type);
+  return out;
 }
 
 }  // namespace pagedllm

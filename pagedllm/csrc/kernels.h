@@ -64,6 +64,9 @@ void paged_prefill_attention(at::Tensor out, const at::Tensor& query, const at::
                              double soft_cap, double k_scale, double v_scale);
 
 // elementwise.cpp
+// torch.argmax(logits, dim=-1) for contiguous [rows, vocab] rows (greedy sampling's hot spot:
+// ATen's reduction is not vectorized along one long row)
+at::Tensor argmax(const at::Tensor& logits);
 void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps);
 void fused_add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& weight, double eps);
 void silu_and_mul(at::Tensor out, const at::Tensor& gate_up);

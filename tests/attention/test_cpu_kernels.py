@@ -125,6 +125,20 @@ def test_silu_and_mul_matches_torch(ops, dtype, width):
     torch.testing.assert_close(out, torch.nn.functional.silu(gate) * up, atol=1e-6, rtol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 49152), (5, 1000), (3, 7), (2, 1)])
+def test_argmax_kernel_matches_torch(ops, dtype, shape):
+    """Greedy sampling's argmax: torch.argmax's index, ties to the first, NaN as the largest."""
+    logits = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    assert torch.equal(ops.argmax(logits), logits.argmax(dim=-1))
+    if shape[1] >= 7:
+        logits[0, 3] = logits[0, shape[1] - 1] = logits[0].max() + 1  # a tie: the first wins
+        logits[-1, :] = float("-inf")
+        assert torch.equal(ops.argmax(logits), logits.argmax(dim=-1))
+        logits[0, 5] = logits[0, 6] = float("nan")
+        assert ops.argmax(logits)[0] == 5 == logits.argmax(dim=-1)[0]
+
+
 @pytest.mark.parametrize("head_dim", [16, 64])  # half a head below and above a vector's width
 @pytest.mark.parametrize("rotary_fraction", [1.0, 0.5])
 def test_rotary_kernel_rotates_fused_qkv_in_place(ops, rotary_fraction, head_dim):

@@ -20,7 +20,12 @@ from transformers import LlamaConfig
 
 from pagedllm import SamplingParams, TokensPrompt
 from pagedllm.attention import get_attention_backend
-from pagedllm.model.layers.quantization.gguf import GEMM_ROWS, GGUFEmbedding, GGUFLinear
+from pagedllm.model.layers.quantization.gguf import (
+    GEMM_ROWS,
+    GGUFEmbedding,
+    GGUFLinear,
+    is_interleaved,
+)
 from pagedllm.model.layers.quantization.gguf_blocks import BLOCK_FORMATS, dequantize
 from pagedllm.model.loader import load_model, load_model_config
 from pagedllm.model.source import default_model_path
@@ -145,6 +150,57 @@ def test_wrong_row_bytes_is_an_error(ops):
                         int(Q.Q4_0), False)
 
 
+# ---- rows regrouped 16 at a time (csrc/gguf_interleaved.cpp) -------------------------------
+@pytest.mark.parametrize("ggml_type", INT8_TYPES, ids=lambda t: t.name)
+def test_regrouped_weight_has_the_same_values(ops, ggml_type):
+    """Regrouping moves bytes, never changes a value: the whole weight and any gathered rows
+    dequantize to exactly the file layout's values, from a weight of the same size."""
+    blocks = blocks_of(ggml_type, 48, 512)
+    regrouped = ops.gguf_interleave(blocks, int(ggml_type))
+    assert regrouped.shape == blocks.shape and not torch.equal(regrouped, blocks)
+    out = torch.empty(48, 512)
+    ops.gguf_dequantize(out, regrouped, int(ggml_type), True)
+    assert torch.equal(out, reference(blocks, ggml_type))
+    ids = torch.tensor([47, 0, 17, 17, 31])
+    rows = torch.empty(5, 512, dtype=torch.bfloat16)
+    ops.gguf_dequantize(rows, regrouped, int(ggml_type), True, ids)
+    assert torch.equal(rows, reference(blocks, ggml_type)[ids].bfloat16())
+
+
+@pytest.mark.parametrize("ggml_type", INT8_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("m", [1, 6, 40])  # decode, a few rows, prefill (GEMM tiles)
+def test_regrouped_matmul_equals_the_file_layout(ops, ggml_type, m):
+    """The regrouped kernel takes the same integer dot products as the file-layout kernel (and
+    prefill the same dequantized GEMM): equal to float rounding, in float32 and bfloat16."""
+    blocks = blocks_of(ggml_type, 64, 1024)
+    regrouped = ops.gguf_interleave(blocks, int(ggml_type))
+    x = torch.randn(m, 1024, generator=torch.Generator().manual_seed(3))
+    for dtype in (torch.float32, torch.bfloat16):
+        expected, out = torch.empty(m, 64, dtype=dtype), torch.empty(m, 64, dtype=dtype)
+        ops.gguf_linear(expected, x.to(dtype), blocks, int(ggml_type), True)
+        ops.gguf_linear(out, x.to(dtype), regrouped, int(ggml_type), True, True)
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
+    if m < GEMM_ROWS:  # the decode kernel against the Q8 activation product (not the GEMM's)
+        expected32 = q8_activations(x) @ reference(blocks, ggml_type).T
+        ops.gguf_linear(out32 := torch.empty(m, 64), x, regrouped, int(ggml_type), True, True)
+        torch.testing.assert_close(out32, expected32, rtol=1e-4, atol=2e-4)
+
+
+def test_regrouped_weight_misuse_is_an_error(ops):
+    blocks = blocks_of(Q.Q4_1, 40, 256)  # 40 rows: not whole groups of 16
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        ops.gguf_interleave(blocks, int(Q.Q4_1))
+    with pytest.raises(RuntimeError, match="Q4_0, Q4_1 or Q8_0"):
+        ops.gguf_interleave(blocks_of(Q.Q4_K, 32, 256), int(Q.Q4_K))
+    regrouped = ops.gguf_interleave(blocks_of(Q.Q4_1, 32, 256), int(Q.Q4_1))
+    with pytest.raises(RuntimeError, match="int8 activations only"):
+        ops.gguf_linear(torch.empty(1, 32), torch.randn(1, 256), regrouped, int(Q.Q4_1), False,
+                        True)
+    with pytest.raises(RuntimeError, match="row id out of range"):
+        ops.gguf_dequantize(torch.empty(1, 256), regrouped, int(Q.Q4_1), True, torch.tensor([32]))
+
+
 # ---- layers --------------------------------------------------------------------------------
 def mixed_qkv_layer() -> tuple[GGUFLinear, torch.Tensor]:
     """A q|k|v layer stored Q4_K | Q4_K | Q6_K (as Q4_K_M files do), and its float weight."""
@@ -182,6 +238,29 @@ def test_bfloat16_layer(rows):
     if rows >= GEMM_ROWS and cpu_info().onednn_bf16:  # the GEMM multiplies bf16 weights
         weight = weight.bfloat16().float()
     torch.testing.assert_close(out.float(), x.float() @ weight.T, rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_layer_regroups_for_the_integer_path_and_a_tied_embedding_follows(dtype):
+    """bf16 layers (the integer path) regroup their weight once at prepare_for_inference; the
+    embedding tied to it reads the regrouped bytes right. float32 layers keep the file layout
+    (their float path reads it)."""
+    blocks = blocks_of(Q.Q8_0, 64, 256)
+    layer = GGUFLinear(256, [64], [int(Q.Q8_0)], bias=False, dtype=dtype)
+    layer.weight.data.copy_(blocks)
+    embedding = GGUFEmbedding(64, 256, int(Q.Q8_0), dtype)
+    embedding.weight = layer.weight  # tied, as the loader ties lm_head and embed_tokens
+    x = torch.randn(3, 256).to(dtype)
+    before = layer(x)
+    for _ in range(2):  # a second call must not regroup the regrouped bytes again
+        layer.prepare_for_inference()
+        embedding.prepare_for_inference()
+    regrouped = dtype == torch.bfloat16
+    assert is_interleaved(layer.weight) == regrouped
+    assert torch.equal(layer.weight, blocks) != regrouped
+    torch.testing.assert_close(layer(x), before, rtol=1e-2, atol=1e-2)
+    ids = torch.tensor([63, 0, 5, 16])
+    assert torch.equal(embedding(ids), reference(blocks, Q.Q8_0)[ids].to(dtype))
 
 
 def test_fused_shard_of_the_wrong_type_is_refused():

@@ -19,6 +19,11 @@ Q4_0/Q4_1/Q8_0); with float32 activations it dequantizes each block into registe
 result is the dequantized float32 model's up to summation order. Elsewhere (CUDA, or no C++
 kernels) each call dequantizes the weight in PyTorch (gguf_blocks.py) and runs a float matmul.
 
+For the integer path, prepare_for_inference regroups a Q4_0/Q4_1/Q8_0 weight's rows 16 at a
+time (csrc/gguf_interleaved.cpp draws the layout: the same bytes, in the order VNNI's dot
+product reads them), and marks the parameter `gguf_interleaved`; every reader of the bytes (the
+matmul, prefill's dequantization, a tied embedding's row lookup) passes that mark to the kernels.
+
 The lm_head tied to a quantized token embedding shares its `weight` parameter (the loader's
 tie): both read the same bytes, the embedding only the rows it looks up.
 """
@@ -69,6 +74,22 @@ def weight_runs(output_sizes: list[int], types: list[int], in_features: int) -> 
 
 
 GEMM_ROWS = 32  # from this many rows on (prefill) the kernel dequantizes and calls a GEMM
+INT8_TYPES = frozenset({2, 3, 8})  # Q4_0, Q4_1, Q8_0: the integer-dot-product path
+GROUP_ROWS = 16  # rows per group of a regrouped weight
+
+
+def is_interleaved(weight: torch.Tensor) -> bool:
+    """Whether the weight's bytes were regrouped by `interleave` (the mark is on the parameter,
+    which a tied lm_head and embedding share)."""
+    return getattr(weight, "gguf_interleaved", False)
+
+
+def interleave(weight: nn.Parameter, ggml_type: int) -> None:
+    """Regroup the weight's rows in place for the integer kernels (once: the mark stays)."""
+    if not is_interleaved(weight):
+        with torch.no_grad():
+            weight.copy_(cpu_ops().gguf_interleave(weight, ggml_type))
+        weight.gguf_interleaved = True
 
 
 def gguf_matmul(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ggml_type: int,
@@ -81,10 +102,11 @@ def gguf_matmul(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ggml_t
         # prefill in bf16 where oneDNN runs it natively (AMX here): several times the float32
         # GEMM the kernel's own prefill path calls
         dense = x.new_empty(weight.shape[0], x.shape[1])
-        ops.gguf_dequantize(dense, weight, ggml_type)
+        ops.gguf_dequantize(dense, weight, ggml_type, is_interleaved(weight))
         out.copy_(F.linear(x, dense))
     else:
-        ops.gguf_linear(out, x, weight, ggml_type, x.dtype == torch.bfloat16)
+        ops.gguf_linear(out, x, weight, ggml_type, x.dtype == torch.bfloat16,
+                        is_interleaved(weight))
 
 
 class GGUFLinear(nn.Module):
@@ -103,6 +125,7 @@ class GGUFLinear(nn.Module):
                  else (sum(r.rows * r.row_bytes for r in self.runs),))
         self.weight = frozen(torch.empty(shape, dtype=torch.uint8))
         self.bias = frozen(torch.empty(self.out_features, dtype=dtype)) if bias else None
+        self.dtype = dtype  # the activations'
         self.use_kernels = True  # prepare_for_inference: the C++ kernels on CPU
 
     @property
@@ -138,17 +161,25 @@ class GGUFLinear(nn.Module):
             target.copy_(tensor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).contiguous()
-        out = rows.new_empty(rows.shape[0], self.out_features)
-        for run in self.runs:
-            part = out[:, run.row_start : run.row_start + run.rows]
-            gguf_matmul(part, rows, self.run_weight(run), run.ggml_type, self.use_kernels)
+        # lean on purpose: a decode step calls this ~120 times for ~50 us of kernel time each,
+        # so every PyTorch call saved here is a few percent of the step
+        rows = (x if x.dim() == 2 else x.reshape(-1, self.in_features)).contiguous()
+        out = torch.empty(rows.shape[0], self.out_features, dtype=rows.dtype, device=rows.device)
+        if self.uniform:
+            gguf_matmul(out, rows, self.weight, self.runs[0].ggml_type, self.use_kernels)
+        else:
+            for run in self.runs:
+                part = out[:, run.row_start : run.row_start + run.rows]
+                gguf_matmul(part, rows, self.run_weight(run), run.ggml_type, self.use_kernels)
         if self.bias is not None:
             out += self.bias
-        return out.view(*x.shape[:-1], self.out_features)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
     def prepare_for_inference(self) -> None:
-        self.use_kernels = self.weight.device.type == "cpu"
+        self.use_kernels = self.weight.device.type == "cpu" and cpu_ops() is not None
+        if (self.use_kernels and self.dtype == torch.bfloat16 and self.uniform
+                and self.ggml_type in INT8_TYPES and self.out_features % GROUP_ROWS == 0):
+            interleave(self.weight, self.ggml_type)
 
     def extra_repr(self) -> str:
         types = "|".join(BLOCK_FORMATS[t].name for t in self.shard_types)
@@ -168,17 +199,17 @@ class GGUFEmbedding(nn.Module):
         self.use_kernels = True
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        packed = self.weight.index_select(0, input_ids.reshape(-1))
-        ops = cpu_ops() if self.use_kernels else None
-        if ops is not None:
-            rows = packed.new_empty(packed.shape[0], self.embedding_dim, dtype=self.dtype)
-            ops.gguf_dequantize(rows, packed, self.ggml_type)
+        ids = input_ids.reshape(-1)
+        if self.use_kernels:
+            rows = torch.empty(ids.shape[0], self.embedding_dim, dtype=self.dtype)
+            cpu_ops().gguf_dequantize(rows, self.weight, self.ggml_type,
+                                      is_interleaved(self.weight), ids)
         else:
-            rows = dequantize(packed, self.ggml_type).to(self.dtype)
+            rows = dequantize(self.weight.index_select(0, ids), self.ggml_type).to(self.dtype)
         return rows.view(*input_ids.shape, self.embedding_dim)
 
     def prepare_for_inference(self) -> None:
-        self.use_kernels = self.weight.device.type == "cpu"
+        self.use_kernels = self.weight.device.type == "cpu" and cpu_ops() is not None
 
     def extra_repr(self) -> str:
         name = BLOCK_FORMATS[self.ggml_type].name
