@@ -13,8 +13,9 @@ namespace pagedllm {
 //   bits 4: qweight uint8 [N, K/2], each 32 input channels in 16 bytes: byte j holds channel
 //           j in its low nibble and channel 16 + j in its high nibble
 //   bits 8: qweight uint8 [N, K]
-//   w[n][k] = (q[n][k] - zeros[n][g]) * scales[n][g], g = k / group_size, scales float32 and
-//   zeros uint8, both [N, K / group_size]; group_size a multiple of 32 that divides K.
+//   w[n][k] = (q[n][k] - zeros[n][g]) * scales[n][g], g = k / group_size, scales float32,
+//   float16 or bfloat16 and zeros uint8, both [N, K / group_size]; group_size a multiple of 32
+//   that divides K.
 // bf16_gemm: for many rows of bf16 x, multiply bf16 tiles (say so only where oneDNN runs bf16
 // natively; elsewhere float32 tiles are faster).
 void int_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& qweight,

@@ -9,7 +9,8 @@
 //             low    [ c0  c1 ... c15 ]   one widening load gives 16 (or 8) lanes of each
 //             high   [ c16 c17 .. c31 ]
 //   8 bits: one weight row = K bytes, channel k in byte k
-//   scales float32, zeros uint8, both [N, K / group_size];  w = (q - zero) * scale
+//   scales float16, bfloat16 or float32, zeros uint8, both [N, K / group_size];
+//   w = (q - zero) * scale
 //
 // Why this shape: a block never straddles a group (group_size is a multiple of 32), one vector
 // load of bytes widens to whole vectors of consecutive channels at every ISA level, and x is
@@ -94,9 +95,23 @@ inline void block_weights(const uint8_t* row, int64_t k, F scale, F zero, F* w) 
   for (int i = 0; i < kVecs; ++i) w[i] = vec::mul(vec::sub(w[i], zero), scale);
 }
 
+// A group's scale in the type the layout keeps it (int_weight.py: fp16 or bf16 where they hold
+// the checkpoint's scales exactly); read once per group, so the switch costs nothing.
+struct Scales {
+  const void* data;
+  at::ScalarType type;
+  float operator[](int64_t i) const {
+    switch (type) {
+      case at::kHalf: return static_cast<float>(static_cast<const c10::Half*>(data)[i]);
+      case at::kBFloat16: return vec::to_float(static_cast<const vec::bf16*>(data)[i]);
+      default: return static_cast<const float*>(data)[i];
+    }
+  }
+};
+
 struct Weights {
   const uint8_t* q;
-  const float* scales;
+  Scales scales;
   const uint8_t* zeros;
   int64_t k_dim, group_size, groups, row_bytes;
 };
@@ -238,9 +253,11 @@ Weights check_weights(const at::Tensor& qweight, const at::Tensor& scales,
   TORCH_CHECK(bits == 4 || bits == 8, "int kernels take 4- or 8-bit weights, got ", bits);
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte && qweight.is_contiguous(),
               "qweight must be a contiguous uint8 matrix");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kByte &&
-                  scales.is_contiguous() && zeros.is_contiguous(),
-              "scales must be contiguous float32, zeros contiguous uint8");
+  const at::ScalarType scale_type = scales.scalar_type();
+  TORCH_CHECK((scale_type == at::kFloat || scale_type == at::kHalf || scale_type == at::kBFloat16) &&
+                  zeros.scalar_type() == at::kByte && scales.is_contiguous() &&
+                  zeros.is_contiguous(),
+              "scales must be contiguous float32/float16/bfloat16, zeros contiguous uint8");
   const int64_t n_dim = qweight.size(0), k_dim = qweight.size(1) * (8 / bits);
   TORCH_CHECK(group_size > 0 && group_size % kBlock == 0 && k_dim % group_size == 0,
               "group_size ", group_size, " must be a multiple of 32 dividing ", k_dim);
@@ -248,7 +265,8 @@ Weights check_weights(const at::Tensor& qweight, const at::Tensor& scales,
   TORCH_CHECK(scales.dim() == 2 && scales.size(0) == n_dim && scales.size(1) == groups &&
                   zeros.sizes() == scales.sizes(),
               "scales and zeros must be [", n_dim, ", ", groups, "]");
-  return {qweight.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<uint8_t>(),
+  return {qweight.data_ptr<uint8_t>(), Scales{scales.data_ptr(), scale_type},
+          zeros.data_ptr<uint8_t>(),
           k_dim, group_size, groups, qweight.size(1)};
 }
 
@@ -281,7 +299,7 @@ void int_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& qweight,
 at::Tensor int_dequantize(const at::Tensor& qweight, const at::Tensor& scales,
                           const at::Tensor& zeros, int64_t bits, int64_t group_size) {
   const Weights wt = check_weights(qweight, scales, zeros, bits, group_size);
-  at::Tensor out = at::empty({qweight.size(0), wt.k_dim}, scales.options());
+  at::Tensor out = at::empty({qweight.size(0), wt.k_dim}, scales.options().dtype(at::kFloat));
   dequantize_into(wt, bits, 0, qweight.size(0), out.data_ptr<float>());
   return out;
 }

@@ -16,11 +16,14 @@ from pagedllm.model.layers.quantization.int_weight import (
 )
 
 
-def random_weight(n: int, k: int, bits: int, group_size: int, seed: int = 0, g_idx=None):
+def random_weight(n: int, k: int, bits: int, group_size: int, seed: int = 0, g_idx=None,
+                  scale_dtype: torch.dtype = torch.float32):
+    """scale_dtype: the checkpoint's scales are values of this type (given to packing as
+    float32, as formats that widen them do)."""
     generator = torch.Generator().manual_seed(seed)
     groups = -(-k // group_size)
     codes = torch.randint(0, 1 << bits, (n, k), generator=generator)
-    scales = torch.rand(n, groups, generator=generator) * 0.02 + 0.001
+    scales = (torch.rand(n, groups, generator=generator) * 0.02 + 0.001).to(scale_dtype).float()
     zeros = torch.randint(0, 1 << bits, (n, groups), generator=generator).to(torch.uint8)
     return codes, scales, zeros, pack_int_weight(codes, scales, zeros, bits, group_size, g_idx)
 
@@ -51,9 +54,12 @@ def test_unpack_int32_is_least_significant_first():
 @pytest.mark.parametrize(("bits", "group_size"), [(4, 32), (4, 64), (4, 128), (8, 32), (8, 128)])
 @pytest.mark.parametrize("rows", [1, 3, 7, 40])  # passes of the decode path; the GEMM path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_matches_the_definition(ops, bits, group_size, rows, dtype):
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kernel_matches_the_definition(ops, bits, group_size, rows, dtype, scale_dtype):
     n, k = 72, 256
-    codes, scales, zeros, weight = random_weight(n, k, bits, group_size)
+    codes, scales, zeros, weight = random_weight(n, k, bits, group_size, scale_dtype=scale_dtype)
+    # kept in a type as narrow as the checkpoint's (these bf16 values are fp16 values too)
+    assert weight.scales.element_size() == scale_dtype.itemsize
     expected_weight = reference_weight(codes, scales, zeros, group_size)
     assert torch.equal(ops.int_dequantize(weight.qweight, weight.scales, weight.zeros, bits,
                                           group_size), expected_weight)

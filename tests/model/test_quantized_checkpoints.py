@@ -105,7 +105,7 @@ def assert_weights_stay_packed(llm, folder) -> None:
         stored = sum(handle.get_tensor(name).nbytes for name in handle.keys()  # noqa: SIM118
                      if "_proj." in name)
     resident = sum(m.weight_nbytes for m in layers)
-    assert 0.8 * stored <= resident <= 1.2 * stored, (resident, stored)
+    assert 0.9 * stored <= resident <= 1.1 * stored, (resident, stored)  # the issue: within 10%
     # the start-up line's weight bytes count the packed layouts too
     others = sum(p.nbytes for name, p in model.named_parameters() if "_proj." not in name)
     assert weight_bytes(model) >= others + resident

@@ -89,7 +89,7 @@ class AWQLinear(PackedLinear):
     def repack(self) -> IntWeight:
         codes = awq_unpack(self.qweight).t()  # [N, K]
         zeros = awq_unpack(self.qzeros).t()  # [N, G]
-        return pack_int_weight(codes, self.scales.t().float(), zeros.float(), 4,
+        return pack_int_weight(codes, self.scales.t(), zeros.float(), 4,
                                self.group_size)
 
 

@@ -135,5 +135,5 @@ class GPTQLinear(PackedLinear):
         codes = unpack_int32(self.qweight, bits, dim=0).t()  # [N, K]
         zeros = unpack_int32(self.qzeros, bits, dim=1).t() + self.settings.zero_offset
         group_size = self.settings.group_size if self.settings.group_size > 0 else k_dim
-        return pack_int_weight(codes, self.scales.t().float(), zeros.float(), bits, group_size,
+        return pack_int_weight(codes, self.scales.t(), zeros.float(), bits, group_size,
                                g_idx=self.g_idx)

@@ -9,10 +9,12 @@ packed here:
     4 bits  qweight uint8 [N, K/2]; every 32 input channels are 16 bytes,
             byte j = channel j (low nibble) | channel 16 + j (high nibble)
     8 bits  qweight uint8 [N, K]
-    scales float32, zeros uint8, both [N, K / group_size];
+    scales float16, bfloat16 or float32, zeros uint8, both [N, K / group_size];
             w[n, k] = (q[n, k] - zeros[n, g]) * scales[n, g]
-            (float32 scales hold any checkpoint's fp16/bf16/fp32 scales exactly; a zero point is
-            a code, so one byte: 5 bytes per group, 1.25 bits a weight at group_size 32)
+            (scales are kept in the narrowest of those types that holds every one exactly:
+            checkpoints store fp16 or bf16 scales, and float32 ones would add a bit per weight at
+            group_size 32, 13% over a GPTQ file; a zero point is a code, so one byte: 3 bytes
+            per group, 0.75 bits a weight at group_size 32)
     perm    int64 [K] or None: desc_act / actorder checkpoints give each input channel a group
             out of order (g_idx); the channels are sorted by group so that every group is
             contiguous, and x's columns are put in the same order at run time (x[:, perm]).
@@ -37,7 +39,7 @@ BLOCK = 32  # input channels per 16-byte block of 4-bit codes
 @dataclass(slots=True)
 class IntWeight:
     qweight: torch.Tensor  # uint8, see the module docstring
-    scales: torch.Tensor  # float32 [N, groups]
+    scales: torch.Tensor  # float16 / bfloat16 / float32 [N, groups]
     zeros: torch.Tensor  # uint8 [N, groups]: the code that means 0
     bits: int
     group_size: int  # input channels per group (K for one group per row)
@@ -79,9 +81,18 @@ def pack_int_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     perm = group_order(g_idx, k_dim, group_size)
     if perm is not None:
         codes = codes[:, perm]
-    return IntWeight(qweight=pack_codes(codes, bits), scales=scales.float().contiguous(),
+    return IntWeight(qweight=pack_codes(codes, bits), scales=compact_scales(scales),
                      zeros=zeros.to(torch.uint8).contiguous(), bits=bits, group_size=group_size,
                      in_features=k_dim, perm=perm)
+
+
+def compact_scales(scales: torch.Tensor) -> torch.Tensor:
+    """The scales in the narrowest float type that holds every one of them exactly."""
+    for dtype in (torch.float16, torch.bfloat16):
+        narrow = scales.to(dtype)
+        if torch.equal(narrow.float(), scales.float()):
+            return narrow.contiguous()
+    return scales.float().contiguous()
 
 
 def group_order(g_idx: torch.Tensor | None, k_dim: int, group_size: int) -> torch.Tensor | None:
@@ -122,7 +133,7 @@ def dequantize(weight: IntWeight, dtype: torch.dtype) -> torch.Tensor:
     """The float weight [N, K] in perm order, computed as the kernel does: (q - zero) * scale in
     float32, rounded to dtype once."""
     k_dim = weight.in_features
-    scales = weight.scales.repeat_interleave(weight.group_size, dim=1)[:, :k_dim]
+    scales = weight.scales.float().repeat_interleave(weight.group_size, dim=1)[:, :k_dim]
     zeros = weight.zeros.float().repeat_interleave(weight.group_size, dim=1)[:, :k_dim]
     return ((unpack_codes(weight).float() - zeros) * scales).to(dtype)
 
