@@ -86,6 +86,11 @@ class EngineStats:
     kv_cache: KVCacheStats | None = None  # usage, prefix-cache hits, preemptions, swaps
     engine_core_pid: int | None = None  # the engine core's own process (None: in this one)
     worker_pids: tuple[int, ...] = ()  # the executor's worker processes ("mp"), wherever
+    # LoRA (enable_lora; max_loras 0 when off): the adapters of running and waiting requests
+    max_loras: int = 0
+    running_loras: tuple[str, ...] = ()
+    waiting_loras: tuple[str, ...] = ()
+    published_at: float = 0.0  # wall-clock time of this snapshot (time.time())
 
     @property
     def kv_cache_usage(self) -> float:
@@ -479,6 +484,10 @@ class AsyncLLM:
             kv_cache=kv,
             engine_core_pid=getattr(self.engine.engine_core, "pid", None),
             worker_pids=self.engine.engine_core.worker_pids,
+            max_loras=self.engine.args.max_loras if self.engine.args.enable_lora else 0,
+            running_loras=core.running_loras,
+            waiting_loras=core.waiting_loras,
+            published_at=time.time(),
         )
 
     def _stop(self) -> None:

@@ -147,3 +147,28 @@ def test_prefix_cache_never_crosses_adapters(adapters):
     assert len({tuple(first), tuple(second), tuple(plain)}) == 3
     for tokens, folder in ((first, folders[0]), (second, folders[1]), (plain, None)):
         assert tokens == transformers_greedy(peft_reference(base, folder), list(range(40, 90)), 4)
+
+
+def test_running_and_waiting_adapters_are_reported(adapters):
+    """With one slot, the first adapter runs and the second waits: the core's stats (and
+    vLLM's lora_requests_info metric built from them) say so."""
+    from pagedllm.engine.async_llm import EngineStats
+    from pagedllm.entrypoints.openai.metrics import lora_requests_info
+
+    base, folders = adapters
+    llm = tiny_engine(base, enable_lora=True, max_loras=1, max_lora_rank=16)
+    engine = llm.llm_engine
+    prompt = TokensPrompt(prompt_token_ids=list(range(1, 9)))
+    engine.add_request("x", prompt, greedy(3), lora_request=lora("first", 31, folders[0]))
+    engine.add_request("y", prompt, greedy(3), lora_request=lora("second", 32, folders[1]))
+    engine.step()
+    stats = engine.engine_core.stats()
+    assert (stats.running_loras, stats.waiting_loras) == (("first",), ("second",))
+    while engine.has_unfinished_requests():
+        engine.step()
+    sample = lora_requests_info(EngineStats(max_loras=1, running_loras=stats.running_loras,
+                                            waiting_loras=stats.waiting_loras,
+                                            published_at=123.0)).samples[0]
+    assert sample.labels == {"max_lora": "1", "running_lora_adapters": "first",
+                             "waiting_lora_adapters": "second"}
+    assert sample.value == 123.0

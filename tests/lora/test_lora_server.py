@@ -202,3 +202,10 @@ def test_bad_lora_modules_are_refused(text):
 
     with pytest.raises(argparse.ArgumentTypeError, match="--lora-modules"):
         parse_lora_module(text)
+
+
+def test_metrics_carry_lora_requests_info(server):
+    with httpx.Client(base_url=server.url, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+        text = http.get("/metrics").text
+    assert 'pagedllm:lora_requests_info{max_lora="2"' in text
