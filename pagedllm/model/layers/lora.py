@@ -15,7 +15,8 @@ of the slot are in use (0: the adapter leaves this layer alone).
 The batch's tokens are grouped by slot once per step (LoRABatch): the rows under an adapter
 are gathered sorted by slot, each slot's run computes its delta with two matmuls, and one
 index_add puts the deltas back. Rows of the base model cost nothing; a Python loop runs over
-the slots of the step (at most max_loras), never over requests.
+the slots of the step (at most max_loras), never over requests. On CUDA the same sum is one
+Triton shrink and one expand over every row, each reading its row's slot (lora/triton_ops.py).
 """
 
 from __future__ import annotations
@@ -104,6 +105,10 @@ class LoRALinear(nn.Module):
         batch = self.context.batch
         if batch is None or x.shape[0] != batch.num_rows:
             return out  # no adapter runs (or a warm-up batch of another shape)
+        if x.is_cuda:  # one shrink and one expand launch over every row (lora/triton_ops.py)
+            from pagedllm.lora.triton_ops import lora_delta_triton
+
+            return lora_delta_triton(out, x, self.lora_a, self.lora_b, batch.slots)
         return add_lora_delta(out, x, self.lora_a, self.lora_b, batch, self.slot_rows)
 
     def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
