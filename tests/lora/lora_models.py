@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+
+from benchmarks.lora_throughput import write_adapter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))  # tiny_models.py
 
@@ -32,18 +33,10 @@ def save_base(family: str, folder: Path) -> None:
 
 
 def save_adapter(base: Path, folder: Path, rank: int, alpha: float, targets: list[str],
-                 seed: int, use_rslora: bool = False, **extra) -> None:
+                 seed: int, use_rslora: bool = False) -> None:
     """A PEFT LoRA adapter of `base` with random A and B, saved with save_pretrained."""
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=use_rslora,
-                        lora_dropout=0.0, **extra)
-    peft_model = get_peft_model(model, config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-    peft_model.save_pretrained(folder)
+    write_adapter(base, folder, rank, alpha, targets, seed, scale=0.3, use_rslora=use_rslora,
+                  lora_dropout=0.0)
 
 
 def peft_reference(base: Path, adapter: Path | None):

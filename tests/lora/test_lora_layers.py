@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pagedllm.model.layers.linear import Linear
-from pagedllm.model.layers.lora import BASE, LoRABatch, LoRAContext, LoRALinear
+from pagedllm.model.layers.lora import BASE, FLOAT32_ROWS, LoRABatch, LoRAContext, LoRALinear
 
 IN, OUT, SLOTS, MAX_RANK = 24, 40, 3, 8
 
@@ -65,3 +65,21 @@ def test_set_slot_clears_what_was_there():
     assert layer.slot_rows[0] == 2 and not layer.lora_a[0, 2:].any()
     layer.set_slot(0, None, None)
     assert layer.slot_rows[0] == 0 and not layer.lora_a[0].any() and not layer.lora_b[0].any()
+
+
+@pytest.mark.parametrize("num_rows", [12, FLOAT32_ROWS + 20])
+def test_bf16_layers_take_the_float32_copy_for_small_steps(num_rows):
+    """A bf16 layer on the CPU multiplies small steps with its float32 copy of the slots and
+    larger ones in bf16: both give the float32 sum, to bf16's precision."""
+    layer = layer_with_slots([8, 3, 5], dtype=torch.bfloat16)
+    assert layer.lora_a32 is not None and torch.equal(layer.lora_a32, layer.lora_a.float())
+    row_slots = [(i % 4) - 1 for i in range(num_rows)]
+    x = torch.randn(num_rows, IN, dtype=torch.bfloat16)
+    layer.context.batch = LoRABatch.from_row_slots(row_slots, torch.device("cpu"))
+    got = layer(x).float()
+    exact = layer.base(x).float()
+    for row, slot in enumerate(row_slots):
+        if slot != BASE:
+            used = layer.slot_rows[slot]
+            exact[row] += x[row].float() @ layer.lora_a32[slot, :used].T @ layer.lora_b32[slot, :used]
+    torch.testing.assert_close(got, exact, atol=0.1, rtol=2e-2)
