@@ -16,7 +16,7 @@ from torch import nn
 
 from pagedllm.lora.peft import ModuleShapes
 from pagedllm.model.layers.lora import LoRAContext, LoRALinear
-from pagedllm.model.llama import STACKED_PARAMS
+from pagedllm.model.llama import STACKED_PARAMS, LlamaForCausalLM
 
 TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
@@ -45,7 +45,12 @@ def layer_pieces(name: str, layer: nn.Module) -> list[tuple[str, int, int]]:
 
 def wrap_model(model: nn.Module, max_loras: int, max_rank: int, dtype: torch.dtype,
                device: torch.device | str) -> LoRAModel:
-    """Replace every target projection by a LoRALinear around it, in place."""
+    """Replace every target projection by a LoRALinear around it, in place. Only the families
+    on the Llama decoder: GPT-2 and OPT name their modules in ways peft adapters of them do
+    not share with ours."""
+    if not isinstance(model, LlamaForCausalLM):
+        raise ValueError(f"enable_lora: LoRA runs on the Llama-decoder families (Llama, "
+                         f"Mistral, Qwen2/3, Phi-3, Gemma 1/2/3), not {type(model).__name__}")
     context = LoRAContext()
     layers: dict[str, LoRALinear] = {}
     modules: ModuleShapes = {}
