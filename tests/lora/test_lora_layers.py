@@ -83,3 +83,10 @@ def test_bf16_layers_take_the_float32_copy_for_small_steps(num_rows):
             used = layer.slot_rows[slot]
             exact[row] += x[row].float() @ layer.lora_a32[slot, :used].T @ layer.lora_b32[slot, :used]
     torch.testing.assert_close(got, exact, atol=0.1, rtol=2e-2)
+
+
+def test_only_the_llama_decoder_families_take_lora():
+    from pagedllm.lora.model import wrap_model
+
+    with pytest.raises(ValueError, match="Llama-decoder families"):
+        wrap_model(torch.nn.Sequential(Linear(4, 4)), 1, 8, torch.float32, "cpu")
