@@ -34,6 +34,7 @@ def reference(layer: LoRALinear, x: torch.Tensor, row_slots: list[int]) -> torch
 @pytest.mark.parametrize("row_slots", [
     [0, 1, BASE, 2, 1, 0, BASE, 2, 2, 0],  # interleaved, with base rows
     [1, 1, 1, 1],  # one adapter for every row: no gather
+    [0, 0, 1, 2, 2],  # every row under an adapter, already in slot order: no gather either
     [BASE, BASE],  # no adapter: the layer is the base layer
     [2, 2, 0, 0, 1],  # a slot whose adapter leaves the layer alone (rank 0 at slot 2)
 ])

@@ -183,7 +183,7 @@ def add_lora_delta(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
             continue
         h = rows[segment.start:segment.end] @ lora_a[segment.slot, :used].T
         deltas.append(h @ lora_b[segment.slot, :used])
-    if batch.order is None:  # one run of every row, in batch order
-        return out.add_(deltas[0])
+    if batch.order is None:  # every row is under an adapter, already sorted by slot
+        return out.add_(deltas[0] if len(deltas) == 1 else torch.cat(deltas))
     deltas.append(rows.new_zeros(1, out.shape[1]))  # what the base rows read
     return out.add_(torch.cat(deltas).index_select(0, batch.unsort))
