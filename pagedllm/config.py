@@ -20,6 +20,8 @@ KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 # what quantization= may name: a method of model/layers/quantization/ (its registry maps each to
 # a module), or none (a GGUF file dequantized at load); defined here, where no torch is imported
 QUANTIZATION_CHOICES = ("none", "gguf", "awq", "gptq", "compressed-tensors")
+LORA_DEFAULTS = {"max_loras": 1, "max_lora_rank": 16, "max_cpu_loras": None}
+MAX_LORA_RANK = 512  # vLLM's largest
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 CPU_DEFAULT_KV_CACHE_BYTES = 4 << 30  # vLLM's CPU backend also defaults to 4 GiB
 
@@ -93,6 +95,15 @@ class EngineArgs:
     distributed_executor_backend: str = _opt(
         "where the workers run: uni (in the engine core's process) or mp (one process per "
         "rank)", "uni", choices=EXECUTOR_BACKENDS)
+    enable_lora: bool = _opt(
+        "serve LoRA adapters: requests name one (LoRARequest, or the server's model field) and "
+        "requests under different adapters share each step", False)
+    max_loras: int = _opt("most distinct LoRA adapters in one step (enable_lora)", 1)
+    max_lora_rank: int = _opt("largest LoRA rank an adapter may have; it sizes every adapter "
+                              "slot (enable_lora)", 16)
+    max_cpu_loras: int | None = _opt(
+        "LoRA adapters kept loaded in host memory, least recently used evicted (enable_lora; "
+        "default: max_loras)")
     engine_core_process: bool = _opt(
         "run the engine core (scheduler, step loop, workers) in a process of its own, apart "
         "from HTTP handling, tokenizing and detokenizing (default: on for `serve`, off for "
@@ -132,6 +143,7 @@ class EngineArgs:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
         self._check_scheduling()
+        self._check_lora()
 
     def _check_device_options(self) -> None:
         if not DEVICE_PATTERN.fullmatch(self.device):
@@ -170,6 +182,27 @@ class EngineArgs:
             raise ValueError(f"swap_space must not be negative, got {self.swap_space}")
 
 
+    def _check_lora(self) -> None:
+        if not self.enable_lora:
+            changed = [name for name, default in LORA_DEFAULTS.items()
+                       if getattr(self, name) != default]
+            if changed:
+                raise ValueError(f"{', '.join(changed)} set, but LoRA is off: pass "
+                                 f"enable_lora=True (--enable-lora)")
+            return
+        for name in ("max_loras", "max_lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_lora_rank > MAX_LORA_RANK:
+            raise ValueError(f"max_lora_rank must be at most {MAX_LORA_RANK}, got "
+                             f"{self.max_lora_rank}")
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = self.max_loras
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras "
+                             f"({self.max_loras}): every adapter in a slot is also loaded")
+
+
 def _cli_type(annotation: str) -> type:
     for name, kind in (("int", int), ("float", float)):
         if annotation.startswith(name):
@@ -192,3 +225,4 @@ class SchedulerConfig:
     long_prefill_token_threshold: int = 0  # 0: a prompt chunk is limited by the budget only
     preemption_mode: str = "recompute"
     scheduling_policy: str = "fcfs"
+    max_loras: int = 0  # distinct LoRA adapters one step may run; 0: LoRA is off

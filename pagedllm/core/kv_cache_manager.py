@@ -6,10 +6,14 @@ scheduled in a step would spill past the last one, so at most one partly filled 
 holds empty slots.
 
 Prefix caching: every full block of a request gets a hash that chains the parent block's hash,
-the block's token ids and extra keys (the tenant's cache_salt, in the first block only; the chain
-carries it on):
+the block's token ids and extra keys (the tenant's cache_salt and the LoRA adapter's id, in the
+first block only; the chain carries them on):
 
-    h0 = H(b"", tokens[0:16], salt)    h1 = H(h0, tokens[16:32])    h2 = H(h1, tokens[32:48]) ...
+    h0 = H(b"", tokens[0:16], salt + lora)    h1 = H(h0, tokens[16:32])    h2 = H(h1, ...) ...
+
+so a prefix computed under one adapter (whose K and V differ from the base model's wherever
+it targets k_proj or v_proj, and downstream of any layer it targets) is never reused by another
+adapter or by the base model.
 
 Equal hashes therefore mean equal whole prefixes. A new request takes over the longest run of
 cached blocks that matches its prompt (by reference count, no copy) and computes only the rest;
@@ -56,6 +60,15 @@ def hash_block(parent: bytes | None, token_ids: list[int], extra: bytes = b"") -
     digest.update(array("q", token_ids).tobytes())
     digest.update(extra)
     return digest.digest()
+
+
+def first_block_keys(request: Request) -> bytes:
+    """The extra keys of a request's first block: its cache salt, then its LoRA adapter's id
+    after a 0xFF byte, which UTF-8 text never holds, so no salt can pass for an adapter."""
+    salt = request.cache_salt.encode() if request.cache_salt else b""
+    if not request.lora_int_id:
+        return salt
+    return salt + b"\xfflora" + request.lora_int_id.to_bytes(8, "little")
 
 
 @dataclass(slots=True)
@@ -121,7 +134,7 @@ class KVCacheManager:
         bs = self.block_size
         while len(hashes) < request.num_tokens // bs:
             index = len(hashes)
-            extra = request.cache_salt.encode() if index == 0 and request.cache_salt else b""
+            extra = first_block_keys(request) if index == 0 else b""
             parent = hashes[-1] if hashes else None
             hashes.append(hash_block(parent, request.all_token_ids[index * bs:(index + 1) * bs],
                                      extra))

@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from pagedllm.lora.request import LoRARequest
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -40,6 +41,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     cache_salt: str | None = None  # requests with different salts never share cached blocks
     priority: int = 0  # under the priority policy, lower values are served first (vLLM's order)
+    lora_request: LoRARequest | None = None  # the adapter it runs under; None: the base model
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -56,6 +58,11 @@ class Request:
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
+
+    @property
+    def lora_int_id(self) -> int:
+        """The adapter's id, 0 for the base model."""
+        return self.lora_request.lora_int_id if self.lora_request is not None else 0
 
     @property
     def num_tokens(self) -> int:
@@ -76,7 +83,8 @@ class Request:
     def fork(self, request_id: str) -> Request:
         """A sibling at the same point: same tokens, same progress, its own future."""
         child = Request(request_id, self.prompt_token_ids, self.sampling_params, self.max_tokens,
-                        self.arrival_time, self.cache_salt, self.priority, status=self.status,
+                        self.arrival_time, self.cache_salt, self.priority, self.lora_request,
+                        status=self.status,
                         output_token_ids=list(self.output_token_ids),
                         num_computed_tokens=self.num_computed_tokens,
                         num_cached_tokens=self.num_cached_tokens)

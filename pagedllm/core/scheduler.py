@@ -15,6 +15,13 @@ it had generated) when memory allows. With preemption_mode="swap" its blocks are
 memory instead and copied back when it resumes, so it keeps its computed tokens (recompute is
 the fallback when the host pool is full).
 
+LoRA: a step runs at most `max_loras` distinct adapters (the worker has that many slots). The
+adapters of the running requests are the step's; a waiting request under another adapter is
+admitted only while fewer than max_loras are running, else it is passed over (it keeps its place)
+and the requests behind it may still be admitted. When the running requests under an adapter
+finish, its place goes to the next waiting adapter; with nothing running, any request is
+admitted, so no adapter waits forever behind a full set.
+
 Three knobs shape a step:
   long_prefill_token_threshold  caps the prompt tokens one request computes per step; and a
                                 chunk always leaves one token of budget for each running request
@@ -151,11 +158,14 @@ class Scheduler:
 
         # A step that had to preempt is short of memory: admitting more would only thrash.
         # (So a step never both swaps out and swaps in: no host block is freed and reused in it.)
-        compiling: list[Request] = []
+        set_aside: list[Request] = []
+        adapters = self._running_adapters()
         while not preempted and self.waiting and budget > 0 and self._has_seat():
             request = self.waiting.peek()
-            if request.waiting_for_grammar:  # set aside, so the requests behind it still run
-                compiling.append(self.waiting.pop())
+            # set aside, so the requests behind it still run: a grammar still compiling, or an
+            # adapter that would exceed max_loras in this step
+            if request.waiting_for_grammar or not self._lora_fits(request, adapters):
+                set_aside.append(self.waiting.pop())
                 continue
             try:
                 num_new = self._admit(request, budget)
@@ -167,9 +177,11 @@ class Scheduler:
             self.waiting.pop()
             request.status = RequestStatus.RUNNING
             self._add_running(request)
+            if request.lora_int_id:
+                adapters.add(request.lora_int_id)
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
-        for request in reversed(compiling):  # back where they were, in their order
+        for request in reversed(set_aside):  # back where they were, in their order
             self.waiting.add_preempted(request)
 
         finished, self._finished_since_last_step = self._finished_since_last_step, set()
@@ -192,6 +204,22 @@ class Scheduler:
                      request.request_id, type(exc).__name__, exc)
         self._failed[request.request_id] = f"{type(exc).__name__}: {exc}"
         self.finish_requests([request.request_id], RequestStatus.FINISHED_ERROR)
+
+    def _running_adapters(self) -> set[int]:
+        return {r.lora_int_id for r in self.running if r.lora_int_id}
+
+    def _lora_fits(self, request: Request, adapters: set[int]) -> bool:
+        """May `request` join a step that runs `adapters`? (Always, with LoRA off: max_loras 0
+        and no adapter.)"""
+        lora_id = request.lora_int_id
+        return not lora_id or lora_id in adapters or len(adapters) < self.config.max_loras
+
+    def lora_adapters(self) -> tuple[list[str], list[str]]:
+        """The names of the adapters of the running and of the waiting requests (metrics)."""
+        def names(requests: Iterable[Request]) -> list[str]:
+            return sorted({r.lora_request.lora_name for r in requests if r.lora_request})
+
+        return names(self.running), names(self.waiting)
 
     def _has_seat(self) -> bool:
         return len(self.running) < self.config.max_num_seqs
@@ -311,6 +339,7 @@ class Scheduler:
             prompt_token_ids=list(request.prompt_token_ids),
             sample=sample,
             sample_ids=[request.request_id, *request.pending_fork_ids] if sample else [],
+            lora_request=request.lora_request,
         )
 
     # ---- after the model ran ------------------------------------------------------------------

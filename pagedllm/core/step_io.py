@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pagedllm.logprobs import TokenLogprobs
+from pagedllm.lora.request import LoRARequest
 from pagedllm.sampling_params import SamplingParams
 
 BlockCopy = tuple[int, int]  # (source block id, destination block id)
@@ -25,6 +26,7 @@ class ScheduledRequest:
     sample: bool  # does this chunk reach the end of the request's tokens?
     # who gets a token from this row's logits: the request, then any sequences forked from it now
     sample_ids: list[str] = field(default_factory=list)
+    lora_request: LoRARequest | None = None  # the row's adapter (immutable); None: base model
 
     @property
     def is_decode(self) -> bool:

@@ -49,6 +49,7 @@ from pagedllm.engine.request_tracking import RequestStats, TrackedRequest, track
 from pagedllm.executor import WorkerDiedError
 from pagedllm.inputs import PromptType
 from pagedllm.logger import init_logger
+from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -67,6 +68,7 @@ class NewRequest:
     prompt: PromptType
     params: SamplingParams | BeamSearchParams
     priority: int = 0  # lower first, under scheduling_policy="priority"
+    lora_request: LoRARequest | None = None  # the adapter it runs under (enable_lora)
 
 
 @dataclass(slots=True, frozen=True)
@@ -84,6 +86,11 @@ class EngineStats:
     kv_cache: KVCacheStats | None = None  # usage, prefix-cache hits, preemptions, swaps
     engine_core_pid: int | None = None  # the engine core's own process (None: in this one)
     worker_pids: tuple[int, ...] = ()  # the executor's worker processes ("mp"), wherever
+    # LoRA (enable_lora; max_loras 0 when off): the adapters of running and waiting requests
+    max_loras: int = 0
+    running_loras: tuple[str, ...] = ()
+    waiting_loras: tuple[str, ...] = ()
+    published_at: float = 0.0  # wall-clock time of this snapshot (time.time())
 
     @property
     def kv_cache_usage(self) -> float:
@@ -216,6 +223,15 @@ class AsyncLLM:
             raise EngineDeadError("the engine is shutting down or has stopped") from exc
         return await future
 
+    async def add_lora(self, lora_request: LoRARequest) -> None:
+        """Check an adapter (reading its folder) and accept requests under it; ValueError
+        naming the problem. On the input thread, where requests' adapters are checked too."""
+        await self.run_input_work(self.engine.add_lora, lora_request)
+
+    async def remove_lora(self, lora_int_id: int) -> bool:
+        """Refuse new requests under the adapter (those in flight finish); False if unknown."""
+        return await self.run_input_work(self.engine.remove_lora, lora_int_id)
+
     def add_observer(self, observer: Callable[[RequestStats], None]) -> None:
         """`observer(stats)` runs on the engine thread whenever a request ends."""
         self._observers.append(observer)
@@ -339,7 +355,7 @@ class AsyncLLM:
     def _process_inputs(self, requests: list[NewRequest], arrival: float) -> list[ProcessedInput]:
         """On the input thread: tokenize and validate (a bad request raises its ValueError)."""
         return [self.engine.process_input(r.request_id, r.prompt, r.params, arrival, r.priority,
-                                          self.default_max_tokens)
+                                          self.default_max_tokens, r.lora_request)
                 for r in requests]
 
     def _add(self, requests: list[NewRequest], inputs: list[ProcessedInput],
@@ -468,6 +484,10 @@ class AsyncLLM:
             kv_cache=kv,
             engine_core_pid=getattr(self.engine.engine_core, "pid", None),
             worker_pids=self.engine.engine_core.worker_pids,
+            max_loras=self.engine.args.max_loras if self.engine.args.enable_lora else 0,
+            running_loras=core.running_loras,
+            waiting_loras=core.waiting_loras,
+            published_at=time.time(),
         )
 
     def _stop(self) -> None:

@@ -63,6 +63,7 @@ class StepRecord:
     kv_cache: KVCacheStats  # after the step: usage, waste, prefix-cache hits, swaps
     num_swapped_out_blocks: int = 0
     num_swapped_in_blocks: int = 0
+    loras: list[str] = field(default_factory=list)  # the distinct LoRA adapters it ran
 
     @property
     def num_free_blocks(self) -> int:
@@ -89,6 +90,9 @@ class CoreStats:
     num_waiting: int
     num_steps: int
     kv_cache: KVCacheStats
+    # the LoRA adapters (names) of the running and of the waiting requests (enable_lora)
+    running_loras: tuple[str, ...] = ()
+    waiting_loras: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -122,7 +126,8 @@ class EngineCore:
         self.scheduler = Scheduler(
             SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens,
                             self.model_config.max_model_len, args.long_prefill_token_threshold,
-                            args.preemption_mode, args.scheduling_policy),
+                            args.preemption_mode, args.scheduling_policy,
+                            args.max_loras if args.enable_lora else 0),
             self.kv_cache_manager)
         self.structured_output = StructuredOutputManager(
             self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids)
@@ -182,8 +187,10 @@ class EngineCore:
         return self.scheduler.kv_cache_stats()
 
     def stats(self) -> CoreStats:
+        running, waiting = (self.scheduler.lora_adapters() if self.args.enable_lora
+                            else ((), ()))
         return CoreStats(self.scheduler.num_running, self.scheduler.num_waiting, self.num_steps,
-                         self.kv_cache_stats())
+                         self.kv_cache_stats(), tuple(running), tuple(waiting))
 
     # ---- the step -------------------------------------------------------------------------------
     def step(self) -> EngineCoreOutputs:
@@ -219,6 +226,8 @@ class EngineCore:
             kv_cache=stats.kv_cache,
             num_swapped_out_blocks=len(scheduler_output.blocks_to_swap_out),
             num_swapped_in_blocks=len(scheduler_output.blocks_to_swap_in),
+            loras=sorted({s.lora_request.lora_name for s in scheduler_output.scheduled
+                          if s.lora_request is not None}),
         )
         return record
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pagedllm.core.request import Request
 from pagedllm.inputs import PromptType
+from pagedllm.lora.registry import LoRARegistry
+from pagedllm.lora.request import LoRARequest
 from pagedllm.sampling_params import SamplingParams, check_text
 from pagedllm.structured_output.grammar import grammar_key, parse_grammar
 from pagedllm.tokenizer import max_chars_per_token
@@ -11,8 +13,10 @@ from pagedllm.tokenizer import max_chars_per_token
 
 class Processor:
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int, cache_tokens: int,
-                 eos_token_ids: list[int]) -> None:
+                 eos_token_ids: list[int], loras: LoRARegistry | None = None) -> None:
         self.tokenizer = tokenizer
+        # the adapters requests may name; the default one refuses every adapter (LoRA off)
+        self.loras = loras or LoRARegistry(enabled=False, max_lora_rank=0, modules={})
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.cache_tokens = cache_tokens  # the whole KV cache, in tokens
@@ -23,10 +27,11 @@ class Processor:
                                  if tokenizer is not None else None)
 
     def process(self, request_id: str, prompt: PromptType, params: SamplingParams | None,
-                arrival_time: float | None = None,
-                default_max_tokens: int | None = None) -> tuple[Request, str | None]:
+                arrival_time: float | None = None, default_max_tokens: int | None = None,
+                lora_request: LoRARequest | None = None) -> tuple[Request, str | None]:
         """Returns the engine request and the prompt text (None for a token-id prompt).
         Without max_tokens a request may fill the context, or `default_max_tokens` if less."""
+        self.loras.check(lora_request)
         text, token_ids = self.tokenize(prompt)
         self._check_token_ids(token_ids)
         params = (params or SamplingParams()).clone()
@@ -52,7 +57,8 @@ class Processor:
             if value is not None and value > self.vocab_size:
                 raise ValueError(f"{name} must be at most the vocabulary size "
                                  f"({self.vocab_size}), got {value}")
-        request = Request(request_id, token_ids, params, max_tokens, cache_salt=salt)
+        request = Request(request_id, token_ids, params, max_tokens, cache_salt=salt,
+                          lora_request=lora_request)
         if arrival_time is not None:
             request.arrival_time = arrival_time
         return request, text

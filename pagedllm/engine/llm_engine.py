@@ -26,6 +26,8 @@ from pagedllm.engine.input_processor import Processor
 from pagedllm.engine.output_processor import OutputProcessor, sequence_id
 from pagedllm.inputs import PromptType
 from pagedllm.logger import init_logger
+from pagedllm.lora.registry import LoRARegistry
+from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -57,9 +59,11 @@ class LLMEngine:
         self.cache_config = core.cache_config
         self.tokenizer = core.tokenizer
         max_len = self.model_config.max_model_len
+        self.loras = LoRARegistry(args.enable_lora, args.max_lora_rank,
+                                  self.model_config.lora_modules)
         self.input_processor = Processor(self.tokenizer, self.model_config.vocab_size, max_len,
                                          self.cache_config.num_blocks * args.block_size,
-                                         self.model_config.eos_token_ids)
+                                         self.model_config.eos_token_ids, self.loras)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.searches: set[str] = set()  # beam searches in flight (their results come whole)
         # For /debug/step_stats and benchmarks, which read them as they go. Each record names
@@ -88,31 +92,39 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: PromptType,
                     params: SamplingParams | None = None,
-                    arrival_time: float | None = None, priority: int = 0) -> None:
+                    arrival_time: float | None = None, priority: int = 0,
+                    lora_request: LoRARequest | None = None) -> None:
         """Validate and queue a request; raises ValueError with the reason if it is bad.
-        `priority` orders the waiting queue under scheduling_policy="priority" (lower first)."""
-        self.add_processed(self.process_input(request_id, prompt, params, arrival_time, priority))
+        `priority` orders the waiting queue under scheduling_policy="priority" (lower first);
+        `lora_request` names the adapter it runs under (enable_lora)."""
+        self.add_processed(self.process_input(request_id, prompt, params, arrival_time, priority,
+                                              lora_request=lora_request))
 
     def add_beam_search(self, request_id: str, prompt: PromptType, params: BeamSearchParams,
-                        arrival_time: float | None = None, priority: int = 0) -> None:
+                        arrival_time: float | None = None, priority: int = 0,
+                        lora_request: LoRARequest | None = None) -> None:
         """Queue a beam search (engine/beam_search.py); its one RequestOutput comes when it
         ends, with the beams best first as `outputs`."""
-        self.add_processed(self.process_input(request_id, prompt, params, arrival_time, priority))
+        self.add_processed(self.process_input(request_id, prompt, params, arrival_time, priority,
+                                              lora_request=lora_request))
 
     def process_input(self, request_id: str, prompt: PromptType,
                       params: SamplingParams | BeamSearchParams | None = None,
                       arrival_time: float | None = None, priority: int = 0,
-                      default_max_tokens: int | None = None) -> ProcessedInput:
+                      default_max_tokens: int | None = None,
+                      lora_request: LoRARequest | None = None) -> ProcessedInput:
         """Tokenize and validate one request (ValueError if it is bad) without queueing it.
-        It reads no engine state, so AsyncLLM runs it off the engine thread; `add_processed`
-        queues the result. A request without max_tokens gets at most `default_max_tokens`."""
+        It reads no engine state but the adapter registry, so AsyncLLM runs it off the engine
+        thread; `add_processed` queues the result. A request without max_tokens gets at most
+        `default_max_tokens`."""
         _check_priority(priority)
         if isinstance(params, BeamSearchParams):
             first, text = self.input_processor.process(f"{request_id}#beam0", prompt,
-                                                       beam_step_params(params), arrival_time)
+                                                       beam_step_params(params), arrival_time,
+                                                       lora_request=lora_request)
         else:
             first, text = self.input_processor.process(request_id, prompt, params, arrival_time,
-                                                       default_max_tokens)
+                                                       default_max_tokens, lora_request)
             best_of = first.sampling_params.best_of
             first.pending_fork_ids = [sequence_id(request_id, i) for i in range(1, best_of)]
         first.priority = priority
@@ -136,6 +148,19 @@ class LLMEngine:
         """The one duplicate-id check: a front-end knows every request it has in flight."""
         if request_id in self.output_processor.states or request_id in self.searches:
             raise ValueError(f"request id {request_id!r} is already in use")
+
+    # ---- LoRA adapters --------------------------------------------------------------------------
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Check an adapter and accept requests under it from now on (ValueError naming what
+        is wrong with it). Its weights load in the worker when a step first runs it."""
+        self.loras.check(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Refuse new requests under the adapter; those in flight finish. False if unknown."""
+        return self.loras.remove(lora_int_id) is not None
+
+    def list_loras(self) -> list[LoRARequest]:
+        return list(self.loras.adapters.values())
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)

@@ -18,10 +18,12 @@ from pagedllm.engine.beam_ranking import (
 )
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.inputs import PromptType
+from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 ChatMessage = dict[str, Any]
+LoRARequests = LoRARequest | Sequence[LoRARequest | None] | None  # one for all, or one per prompt
 
 
 class LLM:
@@ -38,26 +40,42 @@ class LLM:
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True, priority: Sequence[int] | None = None,
-                 ) -> list[RequestOutput]:
+                 lora_request: LoRARequests = None) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in the order of the prompts.
-        `priority`, one per prompt, matters under scheduling_policy="priority" (lower first)."""
+        `priority`, one per prompt, matters under scheduling_policy="priority" (lower first).
+        `lora_request`: the adapter every prompt runs under, or one per prompt (None: the base
+        model); needs enable_lora=True."""
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         params = self._params_per_prompt(sampling_params, len(prompts))
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
-        request_ids = self._add_requests(prompts, params, priority)
+        loras = self._loras_per_prompt(lora_request, len(prompts))
+        request_ids = self._add_requests(prompts, params, priority, loras)
         return self._run(request_ids, use_tqdm)
+
+    @staticmethod
+    def _loras_per_prompt(lora_request: LoRARequests, count: int) -> list[LoRARequest | None]:
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            return [lora_request] * count
+        if isinstance(lora_request, (str, bytes)) or not isinstance(lora_request, Sequence):
+            raise ValueError(f"lora_request must be a LoRARequest, a list of them (one per "
+                             f"prompt) or None, got {type(lora_request).__name__}")
+        if len(lora_request) != count:
+            raise ValueError(f"got {len(lora_request)} LoRA requests for {count} prompts")
+        return list(lora_request)
 
     def chat(self, messages: list[ChatMessage] | list[list[ChatMessage]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template: str | None = None,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
-             ) -> list[RequestOutput]:
-        """Apply the model's chat template to each conversation, then generate."""
+             lora_request: LoRARequests = None) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation, then generate (under
+        `lora_request`, as in generate)."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         prompts = [self._chat_prompt(c, chat_template, add_generation_prompt,
                                      continue_final_message) for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm,
+                             lora_request=lora_request)
 
     def _chat_prompt(self, conversation: list[ChatMessage], chat_template: str | None,
                      add_generation_prompt: bool, continue_final_message: bool) -> PromptType:
@@ -72,16 +90,18 @@ class LLM:
         ids = tokenizer.encode(text, add_special_tokens=False)
         return {"prompt": text, "prompt_token_ids": ids}
 
-    def beam_search(self, prompts: Sequence[PromptType],
-                    params: BeamSearchParams) -> list[BeamSearchOutput]:
+    def beam_search(self, prompts: Sequence[PromptType], params: BeamSearchParams,
+                    lora_request: LoRARequests = None) -> list[BeamSearchOutput]:
         """Beam search per prompt, inside the engine (engine/beam_search.py): beams fork from each
-        other and share blocks copy-on-write. Sequences come back best first."""
+        other and share blocks copy-on-write. Sequences come back best first. Every beam runs
+        under its prompt's `lora_request` (as in generate)."""
         engine = self.llm_engine
         request_ids: list[str] = []
+        loras = self._loras_per_prompt(lora_request, len(prompts))
         try:
-            for prompt in prompts:
+            for prompt, lora in zip(prompts, loras):
                 request_id = str(next(self._counter))
-                engine.add_beam_search(request_id, prompt, params)
+                engine.add_beam_search(request_id, prompt, params, lora_request=lora)
                 request_ids.append(request_id)
         except Exception:
             engine.abort_request(request_ids)
@@ -109,16 +129,18 @@ class LLM:
         return params
 
     def _add_requests(self, prompts: list[PromptType], params: list[SamplingParams],
-                      priority: Sequence[int] | None = None) -> list[str]:
+                      priority: Sequence[int] | None = None,
+                      loras: list[LoRARequest | None] | None = None) -> list[str]:
         engine = self.llm_engine
         added: list[str] = []
         priorities = priority if priority is not None else [0] * len(prompts)
+        loras = loras or [None] * len(prompts)
         try:
-            for prompt, p, rank in zip(prompts, params, priorities):
+            for prompt, p, rank, lora in zip(prompts, params, priorities, loras):
                 p = p.clone()
                 p.output_kind = RequestOutputKind.FINAL_ONLY
                 request_id = str(next(self._counter))
-                engine.add_request(request_id, prompt, p, priority=rank)
+                engine.add_request(request_id, prompt, p, priority=rank, lora_request=lora)
                 added.append(request_id)
         except Exception:
             engine.abort_request(added)  # a bad prompt must not leave the good ones queued

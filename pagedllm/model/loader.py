@@ -36,6 +36,10 @@ class ModelConfig:
     default_max_tokens: int | None = None
     # the quantized-weight method the model runs with (model/layers/quantization/); None: float
     quantization: QuantizationMethod | None = None
+    # enable_lora: each adapter module name (q_proj, ...) -> its (in, out) features, filled by
+    # the worker once it has wrapped the model (lora/model.py); the front-end checks adapters
+    # against it without torch
+    lora_modules: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def vocab_size(self) -> int:

@@ -15,6 +15,7 @@ import torch
 
 from pagedllm.attention import AttentionMetadata, PrefillChunk
 from pagedllm.core.step_io import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from pagedllm.lora.manager import LoRAManager, LoRARow
 from pagedllm.model.layers.sampler import Penalties, Sampler, SamplingBatch
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.utils import cdiv
@@ -42,12 +43,16 @@ class ModelInputs:
     sampling: list[ScheduledRequest]  # the request behind each logits row
     sample_ids: list[str]  # who receives each row's token (forked siblings share a row's logits)
     prompt_logprob_rows: list[PromptLogprobRows]
+    # request id -> why its LoRA adapter could not run (its rows ran on the base model)
+    lora_failed: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_caches, block_size: int, device: str,
-                 seed: int, vocab_size: int, swap_space: SwapSpace | None = None) -> None:
+                 seed: int, vocab_size: int, swap_space: SwapSpace | None = None,
+                 lora: LoRAManager | None = None) -> None:
         self.model = model
+        self.lora = lora  # enable_lora: sets each step's adapter slots for the LoRA layers
         self.swap_space = swap_space  # host pool for preempted requests (preemption_mode=swap)
         self.vocab_size = vocab_size
         self.kv_caches = kv_caches
@@ -75,6 +80,9 @@ class ModelRunner:
         if scheduler_output.grammar is not None:  # structured outputs: mask in place
             scheduler_output.grammar.apply(logits, inputs.sample_ids, self.vocab_size)
         failed, banned = self._isolate_bad_rows(inputs)
+        failed |= {sample_id: inputs.lora_failed[s.request_id]
+                   for s, sample_id in zip(inputs.sampling, inputs.sample_ids)
+                   if s.request_id in inputs.lora_failed}
         batch = self.sampling_batch(inputs.sampling, inputs.sample_ids, banned)
         token_ids, logprobs = self.sampler(logits, batch)
         return ModelRunnerOutput(inputs.sample_ids, token_ids, logprobs, prompt_logprobs,
@@ -168,8 +176,17 @@ class ModelRunner:
         )
         sampling = [s for s in decodes + prefills for _ in s.sample_ids]
         sample_ids = [sample_id for s in decodes + prefills for sample_id in s.sample_ids]
+        lora_failed = self._set_lora_batch(decodes + prefills)
         return ModelInputs(self._tensor(input_ids), self._tensor(positions), metadata,
-                           self._tensor(logits_indices), sampling, sample_ids, prompt_rows)
+                           self._tensor(logits_indices), sampling, sample_ids, prompt_rows,
+                           lora_failed)
+
+    def _set_lora_batch(self, rows: list[ScheduledRequest]) -> dict[str, str]:
+        """The LoRA layers' slot for every row, in batch order (enable_lora)."""
+        if self.lora is None:
+            return {}
+        return self.lora.set_batch([LoRARow(s.request_id, s.lora_request, len(s.token_ids))
+                                    for s in rows])
 
     def swap_blocks(self, scheduler_output: SchedulerOutput) -> None:
         """Out before in: a device block freed by a swap-out may be the target of a swap-in

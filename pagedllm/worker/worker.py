@@ -22,6 +22,8 @@ from pagedllm.attention.kv_quant import KVScales, cache_dtype
 from pagedllm.config import EngineArgs
 from pagedllm.core.step_io import ModelRunnerOutput, SchedulerOutput
 from pagedllm.logger import init_logger
+from pagedllm.lora.manager import LoRAManager
+from pagedllm.lora.model import wrap_model
 from pagedllm.model.loader import ModelConfig, load_model, load_model_config
 from pagedllm.utils import GiB
 from pagedllm.worker.cuda_graph import capture_sizes
@@ -60,9 +62,13 @@ class Worker:
             args.model, args.dtype, args.max_model_len, args.revision, self.device,
             args.quantization)
         self.model, self._weights_bytes = self._load_model()
+        self.lora_manager = self._wrap_lora() if args.enable_lora else None
         on_cuda = self.device.startswith("cuda")
         # Decode steps replay CUDA graphs at these batch sizes; none on the CPU or when eager.
-        self.cuda_graph_sizes = ([] if not on_cuda or args.enforce_eager else
+        # Nor with LoRA: each step's adapter slots are chosen in Python, which a graph would
+        # replay as captured.
+        eager = args.enforce_eager or args.enable_lora
+        self.cuda_graph_sizes = ([] if not on_cuda or eager else
                                  capture_sizes(args.max_num_seqs, args.max_num_batched_tokens))
         self.kv_shape = KVCacheShape.from_config(
             self.model_config.hf_config, args.block_size,
@@ -80,6 +86,23 @@ class Worker:
                            self.args.load_format)
         after = torch.cuda.memory_allocated(self.device) if on_cuda else 0
         return model, after - before
+
+    def _wrap_lora(self) -> LoRAManager:
+        """Rewrite the projections as LoRA layers; the front-end checks adapters against the
+        modules they offer (model_config.lora_modules)."""
+        args, dtype = self.args, self.model_config.dtype
+        on_cuda = self.device.startswith("cuda")
+        before = torch.cuda.memory_allocated(self.device) if on_cuda else 0
+        lora_model = wrap_model(self.model, args.max_loras, args.max_lora_rank, dtype,
+                                self.device)
+        if on_cuda:  # the slots are weights as far as the memory plan is concerned
+            self._weights_bytes += torch.cuda.memory_allocated(self.device) - before
+        self.model_config.lora_modules = dict(lora_model.modules)
+        logger.info("LoRA: %d layers, %d slots of rank %d, %d adapters kept in host memory",
+                    len(lora_model.layers), args.max_loras, args.max_lora_rank,
+                    args.max_cpu_loras)
+        return LoRAManager(lora_model, args.max_loras, args.max_cpu_loras, args.max_lora_rank,
+                           dtype, self.device)
 
     def _prepare_kv_scales(self) -> None:
         """Each layer's KV scales on the model's device; with calculate_kv_scales, armed to take
@@ -131,7 +154,8 @@ class Worker:
         kv_caches = allocate_kv_caches(self.kv_shape, plan.num_blocks, self.device)
         swap_space = SwapSpace(kv_caches, plan.num_host_blocks) if plan.num_host_blocks else None
         self.runner = ModelRunner(self.model, kv_caches, plan.block_size, self.device,
-                                  self.args.seed, self.model_config.vocab_size, swap_space)
+                                  self.args.seed, self.model_config.vocab_size, swap_space,
+                                  self.lora_manager)
         if self.cuda_graph_sizes:
             self.cuda_graph_capture_s = self._capture_cuda_graphs()
 

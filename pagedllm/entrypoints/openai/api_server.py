@@ -3,6 +3,7 @@
 Routes:
     GET  /health /version /metrics /v1/models
     POST /v1/completions /v1/chat/completions /tokenize /detokenize
+    POST /v1/load_lora_adapter /v1/unload_lora_adapter   only with --allow-runtime-lora-updating
     GET  /debug/step_stats   what the engine's steps batched (tests and benchmarks read it)
 With an API key, every route but /health (and /metrics with --public-metrics) needs
 `Authorization: Bearer KEY`: the tokenizer routes cost as much as a prompt does.
@@ -22,7 +23,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 
 from pagedllm.config import EngineArgs
 from pagedllm.engine.async_llm import AsyncLLM
@@ -47,9 +48,11 @@ from pagedllm.entrypoints.openai.protocol import (
     CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
+    LoadLoRAAdapterRequest,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    UnloadLoRAAdapterRequest,
 )
 from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
@@ -67,6 +70,7 @@ DEAD_ENGINE_GRACE_S = 1.0  # after the engine died: time for responses to send i
 EXIT_ENGINE_DIED = 1  # the process's status when it stopped because its engine did
 
 router = APIRouter(responses=DOCUMENTED_ERRORS)
+lora_router = APIRouter(responses=DOCUMENTED_ERRORS)  # --allow-runtime-lora-updating only
 
 
 @dataclass
@@ -125,6 +129,20 @@ async def list_models(request: Request) -> ModelList:
     return _state(request).models.model_list()
 
 
+@lora_router.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> str:
+    """Serve another LoRA adapter as model=lora_name; 400 naming what is wrong with it."""
+    state = _state(request)
+    return await state.models.load(state.engine, body)
+
+
+@lora_router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) -> str:
+    """Stop serving an adapter (requests in flight under it finish); 404 if unknown."""
+    state = _state(request)
+    return await state.models.unload(state.engine, body)
+
+
 @router.post("/v1/completions", responses=generated(CompletionResponse, CompletionResponse))
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     return await _state(request).completion.create_completion(body, request)
@@ -170,6 +188,7 @@ def build_app(engine: AsyncLLM, served_model_names: list[str], api_key: str | No
     options = options or ServerOptions()
     config = engine.model_config
     models = ServedModels(list(served_model_names), str(config.source.path), config.max_model_len)
+    _serve_loras(engine, models, options)
     engine.default_max_tokens = options.limits.default_max_tokens(
         getattr(config, "default_max_tokens", None))
     app = FastAPI(title="pagedllm", version=__version__)
@@ -182,6 +201,8 @@ def build_app(engine: AsyncLLM, served_model_names: list[str], api_key: str | No
         options=options,
     )
     app.include_router(router)
+    if options.allow_runtime_lora_updating:
+        app.include_router(lora_router)
     install_error_handlers(app)
     open_paths = OPEN_PATHS + (("/metrics",) if options.public_metrics else ())
     processor = getattr(engine, "input_processor", None)
@@ -196,6 +217,17 @@ def build_app(engine: AsyncLLM, served_model_names: list[str], api_key: str | No
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key, open_paths=open_paths)
     return app
+
+
+def _serve_loras(engine: AsyncLLM, models: ServedModels, options: ServerOptions) -> None:
+    """Check and register the --lora-modules adapters (ValueError naming a bad one: the server
+    does not start)."""
+    if options.allow_runtime_lora_updating and not engine.engine.args.enable_lora:
+        raise ValueError("--allow-runtime-lora-updating needs --enable-lora")
+    for module in options.lora_modules:
+        lora = models.new_lora(module.name, module.path, module.base_model_name)
+        engine.engine.add_lora(lora)
+        models.loras[lora.lora_name] = lora
 
 
 def _document(app: FastAPI, options: ServerOptions, model: ModelBounds,

@@ -68,6 +68,19 @@ class EngineStateCollector(Collector):
             yield GaugeMetricFamily(PREFIX + name, doc, value=value)
         for name, doc, value in counters:
             yield CounterMetricFamily(PREFIX + name, doc, value=value)
+        if stats.max_loras:
+            yield lora_requests_info(stats)
+
+
+def lora_requests_info(stats) -> GaugeMetricFamily:
+    """vLLM's lora_requests_info: the adapters of the running and of the waiting requests as
+    comma-separated labels, valued at the time of the snapshot they come from."""
+    gauge = GaugeMetricFamily(PREFIX + "lora_requests_info", "Running stats on LoRA requests",
+                              labels=["max_lora", "running_lora_adapters",
+                                      "waiting_lora_adapters"])
+    gauge.add_metric([str(stats.max_loras), ",".join(stats.running_loras),
+                      ",".join(stats.waiting_loras)], stats.published_at)
+    return gauge
 
 
 class ServerMetrics:

@@ -203,7 +203,22 @@ class ModelCard(OpenAIBaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "pagedllm"
     root: str | None = None
+    parent: str | None = None  # a LoRA adapter's base model (vLLM's field); None for a base
     max_model_len: int | None = None
+
+
+class LoadLoRAAdapterRequest(RequestModel):
+    """POST /v1/load_lora_adapter (--allow-runtime-lora-updating), as in vLLM."""
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoRAAdapterRequest(RequestModel):
+    """POST /v1/unload_lora_adapter (--allow-runtime-lora-updating), as in vLLM."""
+
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None
 
 
 class ModelList(OpenAIBaseModel):

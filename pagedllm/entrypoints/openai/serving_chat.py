@@ -109,7 +109,8 @@ class OpenAIServingChat(OpenAIServing):
         if request.cache_salt is not None:
             prompt["cache_salt"] = request.cache_salt
         job = _Job(request, random_id("chatcmpl"), model)
-        stream = await self.submit([NewRequest(job.id, prompt, params, request.priority)])
+        stream = await self.submit([NewRequest(job.id, prompt, params, request.priority,
+                                                       self.models.lora_request(model))])
         if request.stream:
             # Per choice: a role delta, content deltas, a finish chunk; then [usage], [DONE].
             usage_chunk = job.usage_chunk if request.include_usage else None

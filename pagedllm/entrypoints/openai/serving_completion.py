@@ -148,7 +148,8 @@ class OpenAIServingCompletion(OpenAIServing):
         ids = [f"{request_id}-{i}" for i in range(len(prompts))]
         echo = await self._echo_texts(request, prompts)
         job = _Job(request, request_id, model, ids, echo, self.tokenizer)
-        stream = await self.submit([NewRequest(r, p, params, request.priority)
+        stream = await self.submit([NewRequest(r, p, params, request.priority,
+                                               self.models.lora_request(model))
                                     for r, p in zip(ids, prompts)])
         if request.stream:
             usage_chunk = job.usage_chunk if request.include_usage else None
@@ -161,7 +162,8 @@ class OpenAIServingCompletion(OpenAIServing):
         choices."""
         params = beam_params(request)
         ids = [f"{request_id}-{i}" for i in range(len(prompts))]
-        stream = await self.submit([NewRequest(r, p, params, request.priority)
+        stream = await self.submit([NewRequest(r, p, params, request.priority,
+                                               self.models.lora_request(model))
                                     for r, p in zip(ids, prompts)])
         finals: dict[str, RequestOutput] = {}  # each search sends one output, when it ends
 
