@@ -86,7 +86,6 @@ using namespace gguf;
 using vec::F;
 using vec::kLanes;
 
-constexpr int64_t kMaxBlockValues = 256;
 constexpr int64_t kRowsPerPass = 8;   // input rows sharing one read of a weight row
 constexpr int64_t kWeightRows = 16;   // weight rows per parallel task
 constexpr int64_t kGemmRows = 32;     // from this many input rows on, dequantize and call GEMM
