@@ -1,6 +1,7 @@
 // The Python module of one kernel build. pagedllm/ops/cpu.py compiles every .cpp here once per
 // ISA level, each build under its own module name; `level` says which build this is.
 #include <torch/extension.h>
+#include <pybind11/stl.h>
 
 #include "int_kernels.h"
 #include "kernels.h"
@@ -32,6 +33,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("slot_mapping"), py::arg("k_scale") = 1.0, py::arg("v_scale") = 1.0);
   m.def("bf16_linear", &bf16_linear, "out = x @ weight.T + bias, bf16 stored, float32 computed",
         py::arg("out"), py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
+  m.def("lora_delta", &lora_delta,
+        "out += each row's LoRA delta, rows under different adapter slots in one call (CPU)",
+        py::arg("out"), py::arg("x"), py::arg("lora_a"), py::arg("lora_b"), py::arg("row_slots"),
+        py::arg("slot_rows"));
   m.def("int_linear", &int_linear,
         "out = x @ W.T, W 4/8-bit packed with per-group scales and zero points (CPU)",
         py::arg("out"), py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"),

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <vector>
 
 // Calls NAME<float> or NAME<c10::BFloat16> by `dtype`; any other dtype is an error naming the
 // kernel (callers that can be handed other dtypes check first and keep their PyTorch path).
@@ -80,5 +81,11 @@ void write_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor key_cac
 // linear.cpp
 void bf16_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& weight,
                  const std::optional<at::Tensor>& bias);
+
+// lora.cpp: out[m] += (x[m] @ A[s].T) @ B[s], s = row_slots[m] (< 0: no adapter), slot s
+// using the first slot_rows[s] rows of lora_a [slots, rank, K] and lora_b [slots, rank, N]
+void lora_delta(at::Tensor out, const at::Tensor& x, const at::Tensor& lora_a,
+                const at::Tensor& lora_b, const at::Tensor& row_slots,
+                const std::vector<int64_t>& slot_rows);
 
 }  // namespace pagedllm

@@ -22,6 +22,7 @@
 #include <optional>
 #include <vector>
 
+#include "dot_rows.h"
 #include "kernels.h"
 #include "vec.h"
 
@@ -29,38 +30,11 @@ namespace pagedllm {
 namespace {
 
 using vec::bf16;
-using vec::F;
 using vec::kLanes;
 
-constexpr int64_t kRowsPerPass = 8;  // input rows sharing one read of a weight row
 constexpr int64_t kWeightRows = 16;  // weight rows per parallel task
 constexpr int64_t kGemmRows = 32;    // from this many input rows on, widen and call the GEMM
 constexpr int64_t kTileElements = 1 << 22;  // a widened weight tile: at most 16 MiB of float32
-
-// out[m][n] for m in [m0, m0 + R) and one weight row n.
-template <int R>
-void dot_rows(const float* x32, int64_t k_dim, const bf16* w_row, float* sums) {
-  F acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = vec::zero();
-  int64_t k = 0;
-  for (; k + kLanes <= k_dim; k += kLanes) {
-    const F w = vec::load(w_row + k);
-    for (int r = 0; r < R; ++r) acc[r] = vec::fma(w, vec::load(x32 + r * k_dim + k), acc[r]);
-  }
-  for (int r = 0; r < R; ++r) {
-    sums[r] = vec::reduce_add(acc[r]);
-    for (int64_t j = k; j < k_dim; ++j) sums[r] += vec::to_float(w_row[j]) * x32[r * k_dim + j];
-  }
-}
-
-using DotRows = void (*)(const float*, int64_t, const bf16*, float*);
-
-DotRows dot_rows_for(int64_t rows) {
-  static constexpr DotRows kTable[kRowsPerPass] = {dot_rows<1>, dot_rows<2>, dot_rows<3>,
-                                                   dot_rows<4>, dot_rows<5>, dot_rows<6>,
-                                                   dot_rows<7>, dot_rows<8>};
-  return kTable[rows - 1];
-}
 
 void linear_few_rows(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
                      const std::optional<at::Tensor>& bias) {
@@ -74,7 +48,7 @@ void linear_few_rows(at::Tensor& out, const at::Tensor& x, const at::Tensor& wei
     float sums[kRowsPerPass];
     for (int64_t m0 = 0; m0 < m_dim; m0 += kRowsPerPass) {
       const int64_t rows = std::min(kRowsPerPass, m_dim - m0);
-      const DotRows dot = dot_rows_for(rows);
+      const DotRows<bf16> dot = dot_rows_for<bf16>(rows);
       for (int64_t n = n0; n < n1; ++n) {
         dot(xs + m0 * k_dim, k_dim, w + n * k_dim, sums);
         const float shift = b ? vec::to_float(b[n]) : 0.f;

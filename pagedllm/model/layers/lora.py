@@ -12,34 +12,26 @@ targets are packed one after another along the rank axis of its slot (piece i: r
 columns; so one shrink and one expand serve every piece. `slot_rows[slot]` says how many rows
 of the slot are in use (0: the adapter leaves this layer alone).
 
-The batch's tokens are grouped by slot once per step (LoRABatch): the rows under an adapter
-are gathered sorted by slot, each slot's run takes two matmuls, and one gather puts the deltas
-back in batch order (base rows read a zero row). Rows of the base model cost nothing; a Python
-loop runs over the slots of the step (at most max_loras), never over requests. On CUDA the same
-sum is one Triton shrink and one expand over every row, each reading its row's slot
-(lora/triton_ops.py).
-
-Why a float32 copy of the slots on the CPU: at decode sizes (a few rows per adapter) a bf16
-matmul that is not pre-packed costs oneDNN ~25 us of set-up per call, where a float32 one costs
-~5 us, and these products are tiny (rank x features). A step with at most FLOAT32_ROWS adapter
-rows therefore multiplies in float32; a larger one (a prompt) in the model's dtype, where bf16's
-matrix units win. Those small products also run on one thread: waking a second OpenMP thread
-for a product of a few microseconds costs more than the product, and much more when another
-process holds the other core (a median of 40 ms against 0.15 ms for one layer's delta on a
-busy 2-core machine).
+On the CPU one C++ call per layer adds every row's delta (csrc/lora.cpp: rows grouped by slot,
+each group's A and B read once, float32 arithmetic); on CUDA one Triton shrink and one expand run
+over every row, each reading its row's slot (lora/triton_ops.py). Rows of the base model cost
+nothing. Without a compiler (and as the reference the kernels are tested against) the batch's
+tokens are grouped by slot once per step (LoRABatch): the rows under an adapter are gathered
+sorted by slot, each slot's run takes two matmuls, and one gather puts the deltas back in batch
+order (base rows read a zero row); a Python loop runs over the slots of the step (at most
+max_loras), never over requests.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from pagedllm.ops.cpu import KERNEL_DTYPES, cpu_ops
+
 BASE = -1  # the slot index of a row that runs the base model only
-FLOAT32_ROWS = 128  # adapter rows up to which a CPU step multiplies in float32 (docstring)
 
 
 @dataclass(slots=True)
@@ -59,7 +51,7 @@ class LoRABatch:
     # [num_rows] each row's place among the sorted adapter rows, len(order) for a base row
     # (it reads the zero row appended to the deltas); None with `order`
     unsort: torch.Tensor | None
-    slots: torch.Tensor  # [num_rows] each row's slot, BASE for none (the Triton path)
+    slots: torch.Tensor  # [num_rows] each row's slot, BASE for none (the kernels' input)
 
     @property
     def num_adapter_rows(self) -> int:
@@ -118,10 +110,6 @@ class LoRALinear(nn.Module):
                              persistent=False)
         self.register_buffer("lora_b", torch.zeros(max_loras, rows, self.out_features,
                                                    **factory), persistent=False)
-        # the float32 copy small CPU steps multiply with (module docstring); None otherwise
-        small = torch.device(device).type == "cpu" and dtype != torch.float32
-        self.lora_a32 = torch.zeros_like(self.lora_a, dtype=torch.float32) if small else None
-        self.lora_b32 = torch.zeros_like(self.lora_b, dtype=torch.float32) if small else None
         self.slot_rows = [0] * max_loras
 
     @property
@@ -137,52 +125,39 @@ class LoRALinear(nn.Module):
             from pagedllm.lora.triton_ops import lora_delta_triton
 
             return lora_delta_triton(out, x, self.lora_a, self.lora_b, batch.slots)
-        if self.lora_a32 is not None and batch.num_adapter_rows <= FLOAT32_ROWS:
-            with one_thread():
-                return add_lora_delta(out, x, self.lora_a32, self.lora_b32, batch,
-                                      self.slot_rows)
+        ops = cpu_ops() if x.device.type == "cpu" and x.dtype in KERNEL_DTYPES else None
+        if ops is not None and x.dim() == 2:
+            ops.lora_delta(out, x, self.lora_a, self.lora_b, batch.slots, self.slot_rows)
+            return out
         return add_lora_delta(out, x, self.lora_a, self.lora_b, batch, self.slot_rows)
 
     def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
         """Load one adapter's packed matrices (a: [rows, in], b: [rows, out], scaling in b)
         into `slot`; None clears it."""
         rows = 0 if a is None else a.shape[0]
-        for stacked, matrix in ((self.lora_a, a), (self.lora_b, b), (self.lora_a32, a),
-                                (self.lora_b32, b)):
-            if stacked is not None:
-                stacked[slot].zero_()
-                if matrix is not None:
-                    stacked[slot, :rows].copy_(matrix)
+        for stacked, matrix in ((self.lora_a, a), (self.lora_b, b)):
+            stacked[slot].zero_()
+            if matrix is not None:
+                stacked[slot, :rows].copy_(matrix)
         self.slot_rows[slot] = rows
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run the block's torch ops on one intra-op thread (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def add_lora_delta(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
                    lora_b: torch.Tensor, batch: LoRABatch, slot_rows: list[int]) -> torch.Tensor:
-    """out[row] += x[row] @ A[slot].T @ B[slot] for every row under an adapter, in A's dtype,
-    slot by slot over the rows sorted by slot (see the module docstring)."""
+    """out[row] += x[row] @ A[slot].T @ B[slot] for every row under an adapter, in float32 as
+    the C++ kernel computes, slot by slot over the rows sorted by slot (module docstring)."""
     if not any(slot_rows[segment.slot] for segment in batch.segments):
         return out  # no adapter of the step targets this layer
     rows = x if batch.order is None else x.index_select(0, batch.order)
-    rows = rows.to(lora_a.dtype)
+    rows = rows.float()
     deltas = []
     for segment in batch.segments:
         used = slot_rows[segment.slot]
         if not used:  # this adapter leaves the layer alone
             deltas.append(rows.new_zeros(segment.end - segment.start, out.shape[1]))
             continue
-        h = rows[segment.start:segment.end] @ lora_a[segment.slot, :used].T
-        deltas.append(h @ lora_b[segment.slot, :used])
+        h = rows[segment.start:segment.end] @ lora_a[segment.slot, :used].float().T
+        deltas.append(h @ lora_b[segment.slot, :used].float())
     if batch.order is None:  # every row is under an adapter, already sorted by slot
         return out.add_(deltas[0] if len(deltas) == 1 else torch.cat(deltas))
     deltas.append(rows.new_zeros(1, out.shape[1]))  # what the base rows read
