@@ -92,9 +92,21 @@ class EngineArgs:
                              4.0)
     scheduling_policy: str = _opt("order of the waiting queue: fcfs, or priority (lower first)",
                                   "fcfs", choices=SCHEDULING_POLICIES)
-    distributed_executor_backend: str = _opt(
+    tensor_parallel_size: int = _opt(
+        "ranks each layer is split across (Megatron-style: attention heads, MLP columns and the "
+        "vocabulary), one worker process each", 1, aliases=("-tp",))
+    pipeline_parallel_size: int = _opt(
+        "stages the layers are split across (not implemented yet: only 1 is accepted)", 1,
+        aliases=("-pp",))
+    distributed_executor_backend: str | None = _opt(
         "where the workers run: uni (in the engine core's process) or mp (one process per "
-        "rank)", "uni", choices=EXECUTOR_BACKENDS)
+        "rank); default: uni for one rank, mp for more", choices=EXECUTOR_BACKENDS)
+    distributed_master_addr: str = _opt(
+        "address the ranks meet at (torch.distributed's rendezvous, on the driver's machine)",
+        "127.0.0.1")
+    distributed_master_port: int = _opt("port of that rendezvous (0: a free port)", 0)
+    distributed_timeout: float = _opt(
+        "seconds a rank waits for the others to join, or in one collective, before failing", 60.0)
     enable_lora: bool = _opt(
         "serve LoRA adapters: requests name one (LoRARequest, or the server's model field) and "
         "requests under different adapters share each step", False)
@@ -115,13 +127,14 @@ class EngineArgs:
             if f.name in skip:
                 continue
             meta = f.metadata
-            flag = "--" + meta.get("cli_name", f.name.replace("_", "-"))
+            flags = ["--" + meta.get("cli_name", f.name.replace("_", "-")),
+                     *meta.get("aliases", ())]
             if f.type in ("bool", bool):
-                parser.add_argument(flag, dest=f.name, default=f.default, help=meta["help"],
+                parser.add_argument(*flags, dest=f.name, default=f.default, help=meta["help"],
                                     action=argparse.BooleanOptionalAction)
                 continue
             kind = meta.get("parse") or _cli_type(f.type)
-            parser.add_argument(flag, dest=f.name, default=f.default, type=kind,
+            parser.add_argument(*flags, dest=f.name, default=f.default, type=kind,
                                 choices=meta.get("choices"), help=meta["help"])
 
     @classmethod
@@ -144,6 +157,7 @@ class EngineArgs:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
         self._check_scheduling()
         self._check_lora()
+        self._check_parallelism()
 
     def _check_device_options(self) -> None:
         if not DEVICE_PATTERN.fullmatch(self.device):
@@ -175,12 +189,38 @@ class EngineArgs:
         if self.long_prefill_token_threshold < 0:
             raise ValueError("long_prefill_token_threshold must be 0 (off) or positive, got "
                              f"{self.long_prefill_token_threshold}")
-        if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
-            raise ValueError(f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS}, "
-                             f"got {self.distributed_executor_backend!r}")
         if self.swap_space < 0:
             raise ValueError(f"swap_space must not be negative, got {self.swap_space}")
 
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def _check_parallelism(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.pipeline_parallel_size > 1:
+            raise ValueError("pipeline_parallel_size > 1: pipeline parallelism is not "
+                             "implemented yet; use tensor_parallel_size")
+        backend = self.distributed_executor_backend
+        if backend is None:
+            backend = self.distributed_executor_backend = "uni" if self.world_size == 1 else "mp"
+        if backend not in EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS}, "
+                             f"got {backend!r}")
+        if backend == "uni" and self.world_size > 1:
+            raise ValueError(f"distributed_executor_backend='uni' runs one worker; "
+                             f"{self.world_size} ranks need 'mp'")
+        if self.world_size > 1 and self.enable_lora:
+            raise ValueError("enable_lora with tensor_parallel_size > 1 is not supported yet")
+        if not 0 <= self.distributed_master_port < 65536:
+            raise ValueError(f"distributed_master_port must be in [0, 65535], got "
+                             f"{self.distributed_master_port}")
+        if self.distributed_timeout <= 0:
+            raise ValueError(f"distributed_timeout must be positive, got "
+                             f"{self.distributed_timeout}")
 
     def _check_lora(self) -> None:
         if not self.enable_lora:

@@ -5,11 +5,13 @@
     _call("execute", so) --pickle--> pipe --> getattr(worker, "execute")(so)
     rank 0's reply      <--pickle-- pipe <--  ("ok", result) or ("error", exception)
 
-Every call goes to every rank (one rank today; the tensor-parallel ranks later), and the driver
-waits for all replies, returning rank 0's. While it waits it checks that each process is still
-alive, so a worker that is killed or crashes makes the call raise WorkerDiedError within a
-fraction of a second instead of hanging. Worker processes are daemons started with "spawn" (a
-fresh interpreter: no inherited OpenMP or CUDA state), so they end with the engine.
+Every call goes to every rank (the tensor-parallel ranks run each step together: their
+collectives meet in torch.distributed, at the rendezvous address the driver hands them), and
+the driver waits for all replies, returning rank 0's, the rank that samples. While it waits it
+checks that every process is still alive, so a worker that is killed or crashes makes the call
+raise WorkerDiedError within a fraction of a second instead of hanging; the ranks blocked in a
+collective with it are then stopped by shutdown(). Worker processes are daemons started with
+"spawn" (a fresh interpreter: no inherited OpenMP or CUDA state), so they end with the engine.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import multiprocessing.connection
+import socket
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -41,18 +45,24 @@ class WorkerProcess:
 
 
 class MultiprocExecutor(Executor):
-    def __init__(self, args: EngineArgs, num_workers: int = 1) -> None:
+    def __init__(self, args: EngineArgs) -> None:
         context = multiprocessing.get_context("spawn")
+        init_method = rendezvous(args) if args.world_size > 1 else None
         self.workers: list[WorkerProcess] = []
-        for rank in range(num_workers):
+        self._closed = False
+        for rank in range(args.world_size):
             parent_end, child_end = context.Pipe()
-            process = context.Process(target=run_worker, args=(args, rank, child_end),
+            process = context.Process(target=run_worker,
+                                      args=(args, rank, child_end, init_method),
                                       name=f"pagedllm-worker-{rank}", daemon=True)
             process.start()
             child_end.close()  # so the driver sees EOF when the worker dies
             self.workers.append(WorkerProcess(rank, process, parent_end))
-        self._closed = False
-        self.model_config = self._collect()  # each worker answers once it has loaded the model
+        try:  # each worker answers once it has loaded the model
+            self.model_config = self._receive_all()[0]
+        except BaseException:
+            self.shutdown()  # ranks still waiting for a peer that failed: stop them now
+            raise
 
     @property
     def worker_pids(self) -> list[int]:
@@ -90,22 +100,37 @@ class MultiprocExecutor(Executor):
                 worker.conn.send((method, args))
             except (BrokenPipeError, OSError) as exc:
                 raise self._died(worker) from exc
-        return [self._receive(worker) for worker in self.workers]
+        return self._receive_all()
 
-    def _collect(self) -> Any:
-        return [self._receive(worker) for worker in self.workers][0]
+    def _receive_all(self) -> list[Any]:
+        """Every rank's reply, in rank order. A dead rank raises WorkerDiedError for it, even
+        when another rank's reply is an error (a collective that lost its peer) and came
+        first: the death is the cause."""
+        replies: dict[int, tuple[str, Any]] = {}
+        by_conn = {worker.conn: worker for worker in self.workers}
+        while len(replies) < len(self.workers):
+            waiting = [w.conn for w in self.workers if w.rank not in replies]
+            for conn in multiprocessing.connection.wait(waiting, timeout=POLL_S):
+                worker = by_conn[conn]
+                try:
+                    replies[worker.rank] = conn.recv()
+                except (EOFError, OSError) as exc:
+                    raise self._died(worker) from exc
+            self._raise_if_any_died()
+            errors = [value for status, value in replies.values() if status == "error"]
+            if errors:
+                self._raise_if_any_died(grace_s=POLL_S * 5)
+                raise errors[0]
+        return [replies[worker.rank][1] for worker in self.workers]
 
-    def _receive(self, worker: WorkerProcess) -> Any:
-        while not worker.conn.poll(POLL_S):
+    def _raise_if_any_died(self, grace_s: float = 0.0) -> None:
+        """WorkerDiedError for the first dead rank, if any, after giving a rank that is
+        going down `grace_s` to finish dying."""
+        if grace_s:
+            time.sleep(grace_s)
+        for worker in self.workers:
             if not worker.process.is_alive():
                 raise self._died(worker)
-        try:
-            status, value = worker.conn.recv()
-        except (EOFError, OSError) as exc:
-            raise self._died(worker) from exc
-        if status == "error":
-            raise value
-        return value
 
     def _died(self, worker: WorkerProcess) -> WorkerDiedError:
         worker.process.join(POLL_S)
@@ -114,12 +139,23 @@ class MultiprocExecutor(Executor):
                                f"(exit code {worker.process.exitcode}); the engine cannot go on")
 
 
-def run_worker(args: EngineArgs, rank: int, conn: multiprocessing.connection.Connection) -> None:
+def rendezvous(args: EngineArgs) -> str:
+    """The tcp:// address the ranks meet at: the configured port, or a free one."""
+    port = args.distributed_master_port
+    if port == 0:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((args.distributed_master_addr, 0))
+            port = probe.getsockname()[1]
+    return f"tcp://{args.distributed_master_addr}:{port}"
+
+
+def run_worker(args: EngineArgs, rank: int, conn: multiprocessing.connection.Connection,
+               init_method: str | None = None) -> None:
     """A worker process's main loop: answer calls until told to stop or the driver goes away."""
     from pagedllm.worker.worker import Worker
 
     try:
-        worker = Worker(args, rank)
+        worker = Worker(args, rank, init_method)
     except BaseException as exc:
         _reply_error(conn, exc)
         return

@@ -91,10 +91,11 @@ class GemmaForCausalLM(LlamaForCausalLM):
         self.gemma_norm_weights = {f"{name}.weight" for name, module in self.named_modules()
                                    if isinstance(module, GemmaRMSNorm)}
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         # One helper for the formula, tanh(x / c) * c in transformers' order of operations:
         # the attention scores get the same cap.
-        return cap_scores(self.lm_head(hidden), self.final_soft_cap)
+        logits = self.lm_head(hidden)
+        return None if logits is None else cap_scores(logits, self.final_soft_cap)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         super().load_weights(

@@ -18,7 +18,14 @@ from transformers.activations import ACT2FN
 
 from pagedllm.attention import AttentionBackend, AttentionMetadata
 from pagedllm.attention.kv_quant import KVScales
-from pagedllm.model.layers.linear import Linear, MergedLinear
+from pagedllm.model.layers.linear import (
+    ColumnParallelLinear,
+    Linear,
+    ParallelLMHead,
+    QKVLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from pagedllm.model.weights import copy_checked
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -54,10 +61,12 @@ class BiasedSelfAttention(nn.Module):
 
     def __init__(self, spec: DecoderSpec, scale: float, backend: AttentionBackend) -> None:
         super().__init__()
-        self.num_heads, self.head_dim = spec.num_heads, spec.head_dim
+        self.head_dim = spec.head_dim
         size = spec.hidden_size
-        self.qkv_proj = MergedLinear(size, [size, size, size], bias=spec.bias)
-        self.out_proj = Linear(size, size, bias=spec.bias)
+        self.qkv_proj = QKVLinear(size, spec.num_heads, spec.num_heads, self.head_dim,
+                                  bias=spec.bias)
+        self.num_heads = self.qkv_proj.num_heads  # this rank's
+        self.out_proj = RowParallelLinear(size, size, bias=spec.bias)
         self.backend, self.scale = backend, scale
         self.kv_scales = KVScales()  # an fp8 KV cache's scales (attention/kv_quant.py)
 
@@ -79,9 +88,9 @@ class LayerNormDecoderLayer(nn.Module):
         self.self_attn = BiasedSelfAttention(spec, scale, backend)
         self.mlp_norm = nn.LayerNorm(spec.hidden_size, spec.eps,
                                      elementwise_affine=spec.norm_affine)
-        self.fc1 = Linear(spec.hidden_size, spec.intermediate_size, bias=spec.bias)
+        self.fc1 = ColumnParallelLinear(spec.hidden_size, spec.intermediate_size, bias=spec.bias)
         self.act = ACT2FN[spec.activation]
-        self.fc2 = Linear(spec.intermediate_size, spec.hidden_size, bias=spec.bias)
+        self.fc2 = RowParallelLinear(spec.intermediate_size, spec.hidden_size, bias=spec.bias)
 
     def forward(self, hidden: torch.Tensor, kv_cache: KVCache,
                 metadata: AttentionMetadata) -> torch.Tensor:
@@ -97,7 +106,7 @@ class LayerNormDecoder(nn.Module):
         super().__init__()
         embed_dim = spec.embed_dim or spec.hidden_size
         self.position_offset = spec.position_offset
-        self.embed_tokens = nn.Embedding(spec.vocab_size, embed_dim)
+        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, embed_dim)
         self.embed_positions = nn.Embedding(spec.position_rows, spec.hidden_size)
         # OPT-350m embeds tokens narrower than the residual stream and projects in and out
         narrow = embed_dim != spec.hidden_size
@@ -135,7 +144,7 @@ class LayerNormDecoderForCausalLM(nn.Module):
     def __init__(self, spec: DecoderSpec, backend: AttentionBackend) -> None:
         super().__init__()
         self.model = LayerNormDecoder(spec, backend)
-        self.lm_head = Linear(spec.embed_dim or spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(spec.embed_dim or spec.hidden_size, spec.vocab_size)
         # the loader re-ties after moving off 'meta'; it looks for exactly these names
         self.tie_word_embeddings = spec.tie_word_embeddings
         if self.tie_word_embeddings:
@@ -144,7 +153,8 @@ class LayerNormDecoderForCausalLM(nn.Module):
     def forward(self, input_ids, positions, kv_caches, metadata) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, metadata)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """None on a tensor-parallel rank other than the first (see ParallelLMHead)."""
         return self.lm_head(hidden)
 
     def map_weight(self, name: str,

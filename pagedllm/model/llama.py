@@ -23,7 +23,13 @@ from transformers import PretrainedConfig
 from pagedllm.attention import AttentionBackend, AttentionMetadata
 from pagedllm.attention.kv_quant import KVScales
 from pagedllm.model.layers.activation import SiluAndMul
-from pagedllm.model.layers.linear import Linear, MergedLinear
+from pagedllm.model.layers.linear import (
+    MergedLinear,
+    ParallelLMHead,
+    QKVLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from pagedllm.model.layers.norm import RMSNorm
 from pagedllm.model.layers.rotary import RotaryEmbedding
 from pagedllm.model.weights import copy_checked, load_kv_scale
@@ -63,15 +69,17 @@ class LlamaAttention(nn.Module):
     def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding,
                  backend: AttentionBackend, sliding_window: int | None = None) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
         self.head_dim = head_dim_of(config)
         # Qwen2 has biases on q/k/v only; Llama's attention_bias puts them on o_proj too.
         qkv_bias = getattr(config, "attention_bias", False) or getattr(config, "qkv_bias", False)
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=qkv_bias)
-        self.o_proj = Linear(q_size, config.hidden_size,
-                                bias=getattr(config, "attention_bias", False))
+        self.qkv_proj = QKVLinear(config.hidden_size, num_heads, num_kv_heads, self.head_dim,
+                                  bias=qkv_bias)
+        # this rank's heads (all of them without tensor parallelism)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.o_proj = RowParallelLinear(num_heads * self.head_dim, config.hidden_size,
+                                        bias=getattr(config, "attention_bias", False))
         self.rotary = rotary
         self.backend = backend
         self.scale = self.head_dim**-0.5
@@ -103,7 +111,7 @@ class LlamaMLP(nn.Module):
         size, bias = config.intermediate_size, getattr(config, "mlp_bias", False)
         self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=bias)
         self.act = SiluAndMul()
-        self.down_proj = Linear(size, config.hidden_size, bias=bias)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -139,7 +147,7 @@ class LlamaModel(nn.Module):
     def __init__(self, config: PretrainedConfig, max_model_len: int,
                  backend: AttentionBackend) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         rotaries = self.layer_rotaries(config, max_model_len)
         self.layers = nn.ModuleList(
             self.layer_class(config, rotary, backend, window)
@@ -174,7 +182,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = self.model_class(config, max_model_len, backend)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size)
         self.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -182,7 +190,9 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids, positions, kv_caches, metadata) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, metadata)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The logits of `hidden`'s rows; None on a tensor-parallel rank other than the first
+        (they are gathered where sampling happens)."""
         return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

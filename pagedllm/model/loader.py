@@ -16,7 +16,7 @@ from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 from pagedllm.attention import AttentionBackend
 from pagedllm.model.dummy import initialize_dummy_weights
 from pagedllm.model.gguf_file import GGUFFile
-from pagedllm.model.layers.linear import prepare_for_inference
+from pagedllm.model.layers.linear import attach_shards, prepare_for_inference
 from pagedllm.model.layers.quantization import QuantizationMethod, resolve_quantization
 from pagedllm.model.layers.rotary import RotaryEmbedding
 from pagedllm.model.registry import resolve_model_class
@@ -146,6 +146,7 @@ def load_model(config: ModelConfig, backend: AttentionBackend, device: str,
     model = model.to_empty(device=device)
     if getattr(model, "tie_word_embeddings", False):
         model.lm_head.weight = model.model.embed_tokens.weight
+    attach_shards(model)
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.build_cache(device)

@@ -13,10 +13,15 @@ KV_SCALE_NAME = re.compile(r"(.*\.self_attn)\.(?:(k|v)_scale|(k|v)_proj\.output_
 
 
 def copy_checked(params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> None:
-    """params[name] <- tensor; a name the model lacks or a wrong shape is a ValueError."""
+    """params[name] <- tensor (this rank's part of it, under tensor parallelism: the Shard
+    model/layers/linear.attach_shards put on the parameter); a name the model lacks or a wrong
+    shape is a ValueError."""
     if name not in params:
         raise ValueError(f"checkpoint has an unexpected weight {name!r}")
     param = params[name]
+    shard = getattr(param, "tp_shard", None)
+    if shard is not None:
+        tensor = shard.take(tensor)
     if param.shape != tensor.shape:
         raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, "
                          f"expected {tuple(param.shape)}")

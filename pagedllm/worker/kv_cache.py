@@ -20,6 +20,7 @@ import torch
 from transformers import PretrainedConfig
 
 from pagedllm.config import CPU_DEFAULT_KV_CACHE_BYTES
+from pagedllm.distributed.parallel_state import kv_heads_per_rank
 from pagedllm.utils import head_dim_of
 
 # glibc serves allocations above its mmap threshold (at most 32 MiB) with fresh mmap pages.
@@ -35,10 +36,12 @@ class KVCacheShape:
     dtype: torch.dtype
 
     @classmethod
-    def from_config(cls, config: PretrainedConfig, block_size: int,
-                    dtype: torch.dtype) -> KVCacheShape:
+    def from_config(cls, config: PretrainedConfig, block_size: int, dtype: torch.dtype,
+                    tp_size: int = 1) -> KVCacheShape:
+        """One rank's pools: under tensor parallelism a rank caches only its own KV heads."""
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        return cls(config.num_hidden_layers, kv_heads, head_dim_of(config), block_size, dtype)
+        return cls(config.num_hidden_layers, kv_heads_per_rank(kv_heads, tp_size),
+                   head_dim_of(config), block_size, dtype)
 
     @property
     def bytes_per_block(self) -> int:

@@ -50,8 +50,11 @@ class ModelInputs:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_caches, block_size: int, device: str,
                  seed: int, vocab_size: int, swap_space: SwapSpace | None = None,
-                 lora: LoRAManager | None = None) -> None:
+                 lora: LoRAManager | None = None, samples: bool = True) -> None:
+        """`samples`: False on a tensor-parallel rank other than the first, which runs every
+        forward pass and logits projection with the others but samples nothing."""
         self.model = model
+        self.samples = samples
         self.lora = lora  # enable_lora: sets each step's adapter slots for the LoRA layers
         self.swap_space = swap_space  # host pool for preempted requests (preemption_mode=swap)
         self.vocab_size = vocab_size
@@ -72,6 +75,8 @@ class ModelRunner:
             return ModelRunnerOutput([], [])
         inputs = self.prepare_inputs(scheduler_output.scheduled)
         hidden = self.forward(inputs)
+        if not self.samples:
+            return self._project_logits_only(hidden, inputs)
         prompt_logprobs = {r.request_id: (r.first_position, self._prompt_logprobs(hidden, r))
                            for r in inputs.prompt_logprob_rows}
         if not inputs.sampling:
@@ -126,14 +131,20 @@ class ModelRunner:
         self.decode_graphs = graphs
         return seconds
 
+    def _project_logits_only(self, hidden: torch.Tensor, inputs: ModelInputs) -> ModelRunnerOutput:
+        """A non-sampling rank's share of the step: the same logits projections, in the same
+        order, as the sampling rank makes (each is a collective that gathers there)."""
+        for rows in inputs.prompt_logprob_rows:
+            for first, targets in prompt_logprob_slices(rows):
+                self.model.compute_logits(hidden[first : first + len(targets)])
+        if inputs.sampling:
+            self.model.compute_logits(hidden[inputs.logits_indices])
+        return ModelRunnerOutput([], [])
+
     def _prompt_logprobs(self, hidden: torch.Tensor, rows: PromptLogprobRows):
-        """A chunk's prompt logprobs, PROMPT_LOGPROBS_SLICE positions at a time: a whole
-        2048-token chunk at once would hold two [2048, vocab] fp32 tensors (0.8 GB for a
-        49k vocabulary) where a slice holds 50 MB."""
+        """A chunk's prompt logprobs, a slice of positions at a time."""
         result = []
-        for start in range(0, len(rows.targets), PROMPT_LOGPROBS_SLICE):
-            targets = rows.targets[start : start + PROMPT_LOGPROBS_SLICE]
-            first = rows.first_row + start
+        for first, targets in prompt_logprob_slices(rows):
             logits = self.model.compute_logits(hidden[first : first + len(targets)])
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             ids = torch.tensor(targets, device=logprobs.device)
@@ -274,6 +285,14 @@ class ModelRunner:
 INT64 = (-(2**63), 2**63 - 1)
 PLACEHOLDER_PARAMS = SamplingParams(temperature=0)  # what a failed row samples with
 PROMPT_LOGPROBS_SLICE = 256  # prompt positions whose logits are computed at once
+
+
+def prompt_logprob_slices(rows: PromptLogprobRows) -> list[tuple[int, list[int]]]:
+    """(first row, target tokens) of each PROMPT_LOGPROBS_SLICE positions of a chunk: a whole
+    2048-token chunk at once would hold two [2048, vocab] fp32 tensors (0.8 GB for a 49k
+    vocabulary) where a slice holds 50 MB."""
+    return [(rows.first_row + start, rows.targets[start : start + PROMPT_LOGPROBS_SLICE])
+            for start in range(0, len(rows.targets), PROMPT_LOGPROBS_SLICE)]
 
 
 def _wrap_seed(seed: int) -> int:

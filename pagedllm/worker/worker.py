@@ -13,6 +13,7 @@ step (core/step_io.py) and the KVCachePlan below.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from pagedllm.attention import get_attention_backend
 from pagedllm.attention.kv_quant import KVScales, cache_dtype
 from pagedllm.config import EngineArgs
 from pagedllm.core.step_io import ModelRunnerOutput, SchedulerOutput
+from pagedllm.distributed.parallel_state import init_distributed, tp_group
 from pagedllm.logger import init_logger
 from pagedllm.lora.manager import LoRAManager
 from pagedllm.lora.model import wrap_model
@@ -52,15 +54,21 @@ class KVCachePlan:
 
 
 class Worker:
-    def __init__(self, args: EngineArgs, rank: int = 0) -> None:
+    def __init__(self, args: EngineArgs, rank: int = 0, init_method: str | None = None) -> None:
+        """`init_method`: where the ranks meet (tcp://addr:port) when there are several."""
         self.args = args
         self.rank = rank
-        self.device = resolve_device(args.device)
+        self.device = rank_device(resolve_device(args.device), rank, args.world_size)
         if ":" in self.device:
             torch.cuda.set_device(self.device)  # graphs capture on the current device
+        if args.world_size > 1:  # before the model is built: its layers ask for their rank
+            share_cpu_threads(self.device, args.world_size)
+            init_distributed(rank, args.tensor_parallel_size, args.pipeline_parallel_size,
+                             init_method, self.device, args.distributed_timeout)
         self.model_config: ModelConfig = load_model_config(
             args.model, args.dtype, args.max_model_len, args.revision, self.device,
             args.quantization)
+        self._check_quantization_splits()
         self.model, self._weights_bytes = self._load_model()
         self.lora_manager = self._wrap_lora() if args.enable_lora else None
         on_cuda = self.device.startswith("cuda")
@@ -72,11 +80,28 @@ class Worker:
                                  capture_sizes(args.max_num_seqs, args.max_num_batched_tokens))
         self.kv_shape = KVCacheShape.from_config(
             self.model_config.hf_config, args.block_size,
-            cache_dtype(args.kv_cache_dtype, self.model_config.dtype))
+            cache_dtype(args.kv_cache_dtype, self.model_config.dtype), args.tensor_parallel_size)
         self._prepare_kv_scales()
         self.memory_plan: GpuMemoryPlan | None = None
         self.runner: ModelRunner | None = None  # built by initialize_cache
         self.cuda_graph_capture_s = 0.0
+
+    def _check_quantization_splits(self) -> None:
+        """Quantized layers do not split across tensor-parallel ranks yet: a GGUF file served
+        by default is dequantized at load instead (said in the log); any other quantized
+        checkpoint, or quantization="gguf" asked for, is refused."""
+        method = self.model_config.quantization
+        if self.args.tensor_parallel_size == 1 or method is None:
+            return
+        if method.name == "gguf" and self.args.quantization is None:
+            if self.rank == 0:
+                logger.info("tensor parallelism: the GGUF weights are dequantized to %s at load "
+                            "(quantized layers do not split across ranks yet)",
+                            str(self.model_config.dtype).removeprefix("torch."))
+            self.model_config.quantization = None
+            return
+        raise ValueError(f"tensor_parallel_size > 1 with {method.name} weights is not supported "
+                         f"yet (quantized layers do not split across ranks)")
 
     def _load_model(self) -> tuple[torch.nn.Module, int]:
         """The model, and the device memory its weights took (0 on the CPU)."""
@@ -134,8 +159,9 @@ class Worker:
                     "max_num_seqs)" if self.memory_plan else "")
             raise ValueError(f"KV-cache memory of {budget} bytes holds no block; one block needs "
                              f"{per_block} bytes{hint}")
-        logger.info(describe_plan(self.kv_shape, num_blocks, self.model_config.max_model_len,
-                                  weight_bytes(self.model)))
+        plan = describe_plan(self.kv_shape, num_blocks, self.model_config.max_model_len,
+                             weight_bytes(self.model))
+        logger.info(f"rank {self.rank}: {plan}" if self.args.world_size > 1 else plan)
         return KVCachePlan(args.block_size, num_blocks, per_block, self._num_host_blocks())
 
     def _num_host_blocks(self) -> int:
@@ -155,7 +181,7 @@ class Worker:
         swap_space = SwapSpace(kv_caches, plan.num_host_blocks) if plan.num_host_blocks else None
         self.runner = ModelRunner(self.model, kv_caches, plan.block_size, self.device,
                                   self.args.seed, self.model_config.vocab_size, swap_space,
-                                  self.lora_manager)
+                                  self.lora_manager, samples=tp_group().is_first)
         if self.cuda_graph_sizes:
             self.cuda_graph_capture_s = self._capture_cuda_graphs()
 
@@ -175,6 +201,27 @@ class Worker:
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(scheduler_output)
+
+
+def share_cpu_threads(device: str, world_size: int) -> None:
+    """Ranks on one CPU split its cores (torch would give each rank all of them, and ranks that
+    wait for each other in every collective would then fight over the cores). OMP_NUM_THREADS,
+    when set, is the user's choice per rank and stays."""
+    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
+
+
+def rank_device(device: str, rank: int, world_size: int) -> str:
+    """Each rank's own GPU (cuda:rank) under parallelism; the CPU is shared."""
+    if world_size == 1 or not device.startswith("cuda"):
+        return device
+    if device != "cuda":
+        raise ValueError(f"device {device!r} names one GPU; {world_size} ranks take cuda:0 to "
+                         f"cuda:{world_size - 1}: pass device='cuda'")
+    if torch.cuda.device_count() < world_size:
+        raise ValueError(f"{world_size} ranks need {world_size} GPUs; this machine has "
+                         f"{torch.cuda.device_count()}")
+    return f"cuda:{rank}"
 
 
 def resolve_device(device: str) -> str:

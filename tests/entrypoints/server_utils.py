@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 STARTUP_TIMEOUT_S = 180  # model load is ~15 s alone; more when the machine is busy
+DEAD_ENGINE_EXIT_S = 10  # the watchdog polls every 0.5 s, then gives responses 1 s
 
 
 def free_port() -> int:
@@ -95,3 +96,38 @@ def running_server(log_dir: Path, *args: str, api_key: str | None = None
         yield server
     finally:
         server.stop()
+
+
+# ---- talking to a running server -------------------------------------------------------------
+def sse_events_iter(response: httpx.Response):
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            yield line[len("data: "):]
+
+
+def engine_state(http: httpx.Client, since: int = 0) -> dict:
+    response = http.get("/debug/step_stats", params={"since": since})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def stream_until_killed(server: ServerProcess, pid: int) -> list[str]:
+    """A long stream during which process `pid` (the engine core, or a worker) is killed
+    after its second event."""
+    body = {"prompt": "Once upon a time", "max_tokens": 400,  # no model: the one served
+            "ignore_eos": True, "stream": True}
+    events = []
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as response:
+        for event in sse_events_iter(response):
+            events.append(event)
+            if len(events) == 2:
+                os.kill(pid, signal.SIGKILL)
+    return events
+
+
+def health_after_death(server: ServerProcess) -> int | None:
+    """/health's status once the engine is gone; None if the server stopped listening."""
+    try:
+        return httpx.get(server.url + "/health", timeout=5).status_code
+    except httpx.TransportError:
+        return None

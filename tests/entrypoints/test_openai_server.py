@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import time
 
@@ -17,7 +16,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pagedllm import SamplingParams
 
-from .server_utils import ServerProcess, launch_server
+from .server_utils import (
+    DEAD_ENGINE_EXIT_S,
+    ServerProcess,
+    engine_state,
+    health_after_death,
+    launch_server,
+    sse_events_iter,
+    stream_until_killed,
+)
 
 API_KEY = "sk-test-key"
 MODEL = "smol"
@@ -76,12 +83,6 @@ def assert_openai_error(response: httpx.Response, status: int, param: str | None
     return error["message"]
 
 
-def sse_events_iter(response: httpx.Response):
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            yield line[len("data: "):]
-
-
 def sse_events(response: httpx.Response) -> list[str]:
     return list(sse_events_iter(response))
 
@@ -97,12 +98,6 @@ def scrape(http: httpx.Client) -> dict[str, float]:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
             values[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
     return values
-
-
-def engine_state(http: httpx.Client, since: int = 0) -> dict:
-    response = http.get("/debug/step_stats", params={"since": since})
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def wait_until_idle(http: httpx.Client, timeout: float = 30) -> dict:
@@ -617,7 +612,6 @@ def check_sigterm_ends_inflight_stream_and_exits_zero(server: ServerProcess) -> 
 
 
 # ---- the engine dies: the server exits non-zero so that a supervisor restarts it ----------------
-DEAD_ENGINE_EXIT_S = 10  # the watchdog polls every 0.5 s, then gives responses 1 s
 
 
 @pytest.mark.parametrize(("flags", "victim"), [
@@ -646,24 +640,3 @@ def test_server_exits_non_zero_when_its_engine_process_dies(tmp_path, flags, vic
         if server.proc.poll() is None:
             server.proc.kill()
             server.proc.wait()
-
-
-def stream_until_killed(server: ServerProcess, pid: int) -> list[str]:
-    """A long stream whose engine core is killed after its second event."""
-    body = {"prompt": "Once upon a time", "max_tokens": 400,  # no model: the one served
-            "ignore_eos": True, "stream": True}
-    events = []
-    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as response:
-        for event in sse_events_iter(response):
-            events.append(event)
-            if len(events) == 2:
-                os.kill(pid, signal.SIGKILL)
-    return events
-
-
-def health_after_death(server: ServerProcess) -> int | None:
-    """/health's status once the engine is gone; None if the server stopped listening."""
-    try:
-        return httpx.get(server.url + "/health", timeout=5).status_code
-    except httpx.TransportError:
-        return None

@@ -1,0 +1,86 @@
+"""Tensor parallelism on 2 ranks (two worker processes on gloo) against one rank, on tiny random
+models of every family: the same greedy tokens, logprobs within 1e-3, with prefix caching and
+chunked prefill on (a 16-token step budget splits the longer prompts)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import (
+    Gemma2Config,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))  # tiny_models.py
+
+from tiny_models import save_tiny_model, tiny_engine  # noqa: E402
+
+from pagedllm import SamplingParams, TokensPrompt  # noqa: E402
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
+GEMMA = dict(TINY, head_dim=32, num_hidden_layers=4, sliding_window=8, query_pre_attn_scalar=24,
+             layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                          "sliding_attention"])
+OPT = dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+           vocab_size=512, max_position_embeddings=256)
+FAMILIES = {
+    "llama": lambda: LlamaConfig(**TINY, tie_word_embeddings=False),
+    # one KV head for two ranks: each rank keeps a copy of it
+    "llama-tied-one-kv-head": lambda: LlamaConfig(**{**TINY, "num_key_value_heads": 1},
+                                                  tie_word_embeddings=True),
+    "mistral-window": lambda: MistralConfig(**TINY, sliding_window=8),
+    "qwen2-bias": lambda: Qwen2Config(**TINY, tie_word_embeddings=False),
+    "qwen3": lambda: Qwen3Config(**TINY, head_dim=32, tie_word_embeddings=False),
+    "phi3-fused-checkpoint": lambda: Phi3Config(**TINY, bos_token_id=1, eos_token_id=2,
+                                                pad_token_id=0),
+    "gemma": lambda: GemmaConfig(**{**TINY, "head_dim": 32}),
+    "gemma2": lambda: Gemma2Config(**GEMMA, attn_logit_softcapping=1.0,
+                                   final_logit_softcapping=2.0),
+    "gemma3": lambda: Gemma3TextConfig(**GEMMA, rope_local_base_freq=100.0),
+    # 515 rows: the vocabulary does not split evenly, the second rank's tail is padding
+    "gpt2-odd-vocab": lambda: GPT2Config(n_embd=64, n_inner=128, n_layer=2, n_head=4,
+                                         vocab_size=515, n_positions=256),
+    "opt-350m-like": lambda: OPTConfig(**OPT, word_embed_proj_dim=32,
+                                       do_layer_norm_before=False),
+}
+PROMPTS = [[5, 17, 99, 3], [250, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [42] * 30,
+           [(37 * i + 11) % 509 for i in range(40)]]
+MAX_TOKENS = 8
+
+
+def generate(llm, prompts=PROMPTS):
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True,
+                            detokenize=False, logprobs=2)
+    return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                        use_tqdm=False)
+
+
+def assert_same_outputs(ours, reference, atol: float = 1e-3) -> None:
+    for a, b in zip(ours, reference, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for step_a, step_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
+            assert step_a.keys() == step_b.keys()
+            for token, entry in step_a.items():
+                assert entry.logprob == pytest.approx(step_b[token].logprob, abs=atol)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_two_ranks_equal_one(family, tmp_path):
+    save_tiny_model(FAMILIES[family](), tmp_path)
+    reference = generate(tiny_engine(tmp_path))
+    llm = tiny_engine(tmp_path, tensor_parallel_size=2, distributed_executor_backend="mp")
+    try:
+        assert_same_outputs(generate(llm), reference)
+    finally:
+        llm.llm_engine.shutdown()
