@@ -15,6 +15,7 @@ The collectives are torch.distributed's: gloo on the CPU, NCCL on CUDA.
 from __future__ import annotations
 
 import datetime
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,9 @@ class ParallelGroup:
     size: int = 1
     ranks: list[int] = field(default_factory=lambda: [0])  # the global ranks, in group order
     group: dist.ProcessGroup | None = None
+    # time this rank spent in the group's collectives, and how many (benchmarks read them)
+    collective_seconds: float = 0.0
+    collective_calls: int = 0
 
     @property
     def is_first(self) -> bool:
@@ -41,17 +45,25 @@ class ParallelGroup:
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sum over the group, in place (where sums of row-parallel partial products meet)."""
         if self.size > 1:
+            started = time.perf_counter()
             dist.all_reduce(tensor, group=self.group)
+            self._count(started)
         return tensor
+
+    def _count(self, started: float) -> None:
+        self.collective_seconds += time.perf_counter() - started
+        self.collective_calls += 1
 
     def gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor | None:
         """Every rank's tensor concatenated along `dim` in rank order, on the group's first
         rank; None elsewhere."""
         if self.size == 1:
             return tensor
+        started = time.perf_counter()
         tensor = tensor.contiguous()
         parts = [torch.empty_like(tensor) for _ in range(self.size)] if self.is_first else None
         dist.gather(tensor, parts, dst=self.ranks[0], group=self.group)
+        self._count(started)
         return torch.cat(parts, dim=dim) if self.is_first else None
 
 

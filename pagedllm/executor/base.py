@@ -4,6 +4,7 @@
     executor.determine_num_blocks()    KVCachePlan: the fewest blocks any rank can hold
     executor.initialize_cache(plan)    every rank allocates that many
     executor.execute(scheduler_output) every rank runs the step; rank 0's result comes back
+    executor.collective_rpc(method)    any other Worker method on every rank (stats, tests)
 
 An executor never blocks forever on a worker: a worker that dies makes the call raise
 WorkerDiedError at once, and the engine stops taking requests.
@@ -42,6 +43,10 @@ class Executor(ABC):
 
     @abstractmethod
     def shutdown(self) -> None: ...
+
+    @abstractmethod
+    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
+        """Call a Worker method on every rank; each rank's result, in rank order."""
 
     @property
     def worker(self) -> Any:

@@ -78,6 +78,9 @@ class MultiprocExecutor(Executor):
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self._call_all("execute", scheduler_output)[0]
 
+    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
+        return self._call_all(method, *args)
+
     def shutdown(self) -> None:
         if self._closed:
             return

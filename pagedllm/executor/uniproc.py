@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pagedllm.config import EngineArgs
 from pagedllm.core.step_io import ModelRunnerOutput, SchedulerOutput
 from pagedllm.executor.base import Executor
@@ -28,3 +30,6 @@ class UniProcExecutor(Executor):
 
     def shutdown(self) -> None:
         pass
+
+    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
+        return [getattr(self._worker, method)(*args)]

@@ -202,6 +202,15 @@ class Worker:
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(scheduler_output)
 
+    def parallel_stats(self) -> dict:
+        """This rank's place, the weight bytes and KV heads it holds, and the time it has spent
+        in tensor-parallel collectives so far (for benchmarks, through collective_rpc)."""
+        tp = tp_group()
+        return {"rank": self.rank, "tp_rank": tp.rank, "tp_size": tp.size,
+                "weight_bytes": weight_bytes(self.model), "kv_heads": self.kv_shape.num_kv_heads,
+                "collective_calls": tp.collective_calls,
+                "collective_seconds": tp.collective_seconds}
+
 
 def share_cpu_threads(device: str, world_size: int) -> None:
     """Ranks on one CPU split its cores (torch would give each rank all of them, and ranks that

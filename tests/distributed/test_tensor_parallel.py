@@ -78,9 +78,38 @@ def assert_same_outputs(ours, reference, atol: float = 1e-3) -> None:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_two_ranks_equal_one(family, tmp_path):
     save_tiny_model(FAMILIES[family](), tmp_path)
-    reference = generate(tiny_engine(tmp_path))
+    one_rank = tiny_engine(tmp_path)
+    reference = generate(one_rank)
     llm = tiny_engine(tmp_path, tensor_parallel_size=2, distributed_executor_backend="mp")
     try:
         assert_same_outputs(generate(llm), reference)
+        # each rank holds about half the weights (norms and positions are copied) and ran
+        # its collectives; the step ran on both
+        (whole,) = stats_of(one_rank)
+        ranks = stats_of(llm)
+        assert [r["tp_rank"] for r in ranks] == [0, 1]
+        assert all(r["weight_bytes"] < 0.75 * whole["weight_bytes"] for r in ranks)
+        assert all(r["collective_calls"] > 0 for r in ranks)
     finally:
         llm.llm_engine.shutdown()
+
+
+def stats_of(llm) -> list[dict]:
+    return llm.llm_engine.engine_core.executor.collective_rpc("parallel_stats")
+
+
+def test_default_model_on_three_ranks():
+    """The bundled SmolLM2-135M (9 heads, 3 KV heads) on 3 ranks, its GGUF weights dequantized
+    for the split, equals one rank on the same dequantized weights."""
+    from pagedllm import LLM
+
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=2)
+    one = LLM(dtype="float32", quantization="none", kv_cache_memory_bytes=64 << 20)
+    reference = one.generate(prompts, params, use_tqdm=False)
+    three = LLM(dtype="float32", tensor_parallel_size=3, kv_cache_memory_bytes=64 << 20)
+    try:
+        assert_same_outputs(three.generate(prompts, params, use_tqdm=False), reference)
+        assert [r["kv_heads"] for r in stats_of(three)] == [1, 1, 1]
+    finally:
+        three.llm_engine.shutdown()
