@@ -197,6 +197,12 @@ class EngineArgs:
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
+    @property
+    def output_rank(self) -> int:
+        """The rank that samples, whose step result the executor returns: the first
+        tensor-parallel rank of the last pipeline stage (ranks are stage * tp + tp_rank)."""
+        return (self.pipeline_parallel_size - 1) * self.tensor_parallel_size
+
     def _check_parallelism(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
             if getattr(self, name) < 1:

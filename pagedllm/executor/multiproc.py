@@ -7,7 +7,8 @@
 
 Every call goes to every rank (the tensor-parallel ranks run each step together: their
 collectives meet in torch.distributed, at the rendezvous address the driver hands them), and
-the driver waits for all replies, returning rank 0's, the rank that samples. While it waits it
+the driver waits for all replies, returning the one of the rank that samples (rank 0 under
+tensor parallelism alone). While it waits it
 checks that every process is still alive, so a worker that is killed or crashes makes the call
 raise WorkerDiedError within a fraction of a second instead of hanging; the ranks blocked in a
 collective with it are then stopped by shutdown(). Worker processes are daemons started with
@@ -48,6 +49,7 @@ class MultiprocExecutor(Executor):
     def __init__(self, args: EngineArgs) -> None:
         context = multiprocessing.get_context("spawn")
         init_method = rendezvous(args) if args.world_size > 1 else None
+        self.output_rank = args.output_rank
         self.workers: list[WorkerProcess] = []
         self._closed = False
         for rank in range(args.world_size):
@@ -76,7 +78,7 @@ class MultiprocExecutor(Executor):
         self._call_all("initialize_cache", plan)
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self._call_all("execute", scheduler_output)[0]
+        return self._call_all("execute", scheduler_output)[self.output_rank]
 
     def collective_rpc(self, method: str, *args: Any) -> list[Any]:
         return self._call_all(method, *args)
