@@ -96,7 +96,8 @@ class EngineArgs:
         "ranks each layer is split across (Megatron-style: attention heads, MLP columns and the "
         "vocabulary), one worker process each", 1, aliases=("-tp",))
     pipeline_parallel_size: int = _opt(
-        "stages the layers are split across (not implemented yet: only 1 is accepted)", 1,
+        "pipeline stages the decoder layers are split across, one after another, "
+        "tensor_parallel_size worker processes each", 1,
         aliases=("-pp",))
     distributed_executor_backend: str | None = _opt(
         "where the workers run: uni (in the engine core's process) or mp (one process per "
@@ -207,9 +208,6 @@ class EngineArgs:
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.pipeline_parallel_size > 1:
-            raise ValueError("pipeline_parallel_size > 1: pipeline parallelism is not "
-                             "implemented yet; use tensor_parallel_size")
         backend = self.distributed_executor_backend
         if backend is None:
             backend = self.distributed_executor_backend = "uni" if self.world_size == 1 else "mp"
@@ -220,7 +218,8 @@ class EngineArgs:
             raise ValueError(f"distributed_executor_backend='uni' runs one worker; "
                              f"{self.world_size} ranks need 'mp'")
         if self.world_size > 1 and self.enable_lora:
-            raise ValueError("enable_lora with tensor_parallel_size > 1 is not supported yet")
+            raise ValueError("enable_lora with more than one rank (tensor or pipeline "
+                             "parallelism) is not supported yet")
         if not 0 <= self.distributed_master_port < 65536:
             raise ValueError(f"distributed_master_port must be in [0, 65535], got "
                              f"{self.distributed_master_port}")

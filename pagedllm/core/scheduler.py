@@ -81,6 +81,10 @@ class Scheduler:
         self.num_swap_ins = 0
         # Block copies of the step being scheduled: handed whole to its SchedulerOutput.
         self._copies = StepCopies()
+        # Requests in a step whose output has not come back. Under pipeline parallelism the
+        # core keeps several steps in flight (engine/core.py); a request in one is not
+        # scheduled again (its next token is not known yet) nor preempted until it returns.
+        self.in_flight: set[str] = set()
 
     # ---- intake -------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -144,6 +148,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
+            if request.request_id in self.in_flight:
+                index += 1
+                continue
             num_new = self._num_new_tokens(request, budget, reserve=len(self.running) - index - 1)
             try:
                 room = self._make_room(request, num_new, preempted)
@@ -183,6 +190,7 @@ class Scheduler:
             budget -= num_new
         for request in reversed(set_aside):  # back where they were, in their order
             self.waiting.add_preempted(request)
+        self.in_flight.update(s.request_id for s in scheduled)
 
         finished, self._finished_since_last_step = self._finished_since_last_step, set()
         failed, self._failed = self._failed, {}
@@ -275,13 +283,21 @@ class Scheduler:
         """Allocate slots for `request`, preempting from the end of the running list if needed;
         False if that preempted `request` itself."""
         while (copies := self.kv.allocate_slots(request, num_new)) is None:
-            victim = self.running.pop()
+            victim = self.running.pop(self._last_preemptible())
             self._preempt(victim)
             preempted.append(victim.request_id)
             if victim is request:
                 return False
         self._copies.on_write.extend(copies)
         return True
+
+    def _last_preemptible(self) -> int:
+        """Index of the last running request not in flight (the one being scheduled never
+        is, so there always is one)."""
+        index = len(self.running) - 1
+        while self.running[index].request_id in self.in_flight:
+            index -= 1
+        return index
 
     def _preempt(self, request: Request) -> None:
         request.status = RequestStatus.PREEMPTED
@@ -347,6 +363,7 @@ class Scheduler:
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
         for item in scheduler_output.scheduled:
+            self.in_flight.discard(item.request_id)
             request = self.requests.get(item.request_id)
             if request is not None:  # may have been aborted while the model ran
                 request.num_computed_tokens += len(item.token_ids)

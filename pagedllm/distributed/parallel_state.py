@@ -5,6 +5,9 @@
         stage 0:  ranks 0 .. tp-1        (tensor-parallel group 0)
         stage 1:  ranks tp .. 2tp-1      ...
 
+    a pipeline group: one tensor-parallel rank across the stages (ranks t, tp + t, 2tp + t, ...);
+    activations go from each stage to the next along it
+
 A process that never calls `init_distributed` (one device, the uni executor) sees groups of one
 rank, on which every collective returns its input untouched: the model code is the same either
 way, and costs nothing extra without parallelism.
@@ -66,13 +69,39 @@ class ParallelGroup:
         self._count(started)
         return torch.cat(parts, dim=dim) if self.is_first else None
 
+    # ---- pipeline stages: the group of one tensor-parallel rank across the stages -------------
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.size - 1
+
+    def send_next(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        """Hand this stage's activations to the same tensor-parallel rank of the next stage."""
+        started = time.perf_counter()
+        for tensor in tensors:
+            dist.send(tensor.contiguous(), dst=self.ranks[self.rank + 1])
+        self._count(started)
+
+    def recv_previous(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Fill `tensors` (empty, of the shapes the previous stage sends) from it."""
+        started = time.perf_counter()
+        for tensor in tensors:
+            dist.recv(tensor, src=self.ranks[self.rank - 1])
+        self._count(started)
+        return tensors
+
 
 _TP = ParallelGroup()
+_PP = ParallelGroup()
 
 
 def tp_group() -> ParallelGroup:
     """This process's tensor-parallel group (one rank when not distributed)."""
     return _TP
+
+
+def pp_group() -> ParallelGroup:
+    """This process's pipeline group: its rank is the stage (one stage when not distributed)."""
+    return _PP
 
 
 def divide(total: int, parts: int, what: str) -> int:
@@ -104,7 +133,7 @@ def init_distributed(rank: int, tp_size: int, pp_size: int, init_method: str, de
                      timeout_s: float) -> None:
     """Join the world (every rank calls this, each with its own rank) and build the groups. A
     rank that does not join within `timeout_s` makes everyone's call fail."""
-    global _TP
+    global _TP, _PP
     world_size = tp_size * pp_size
     backend = "nccl" if device.startswith("cuda") else "gloo"
     dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank,
@@ -115,12 +144,15 @@ def init_distributed(rank: int, tp_size: int, pp_size: int, init_method: str, de
         group = dist.new_group(ranks) if tp_size > 1 else None
         if s == stage:
             _TP = ParallelGroup(tp_rank, tp_size, ranks, group)
-    logger.info("rank %d of %d joined (%s): tensor-parallel rank %d of %d", rank, world_size,
-                backend, tp_rank, tp_size)
+    # stages talk point to point (send/recv on the default group): no group of their own needed
+    _PP = ParallelGroup(stage, pp_size, [stage_rank * tp_size + tp_rank
+                                         for stage_rank in range(pp_size)])
+    logger.info("rank %d of %d joined (%s): pipeline stage %d of %d, tensor-parallel rank %d "
+                "of %d", rank, world_size, backend, stage, pp_size, tp_rank, tp_size)
 
 
 def destroy_distributed() -> None:
-    global _TP
-    _TP = ParallelGroup()
+    global _TP, _PP
+    _TP, _PP = ParallelGroup(), ParallelGroup()
     if dist.is_initialized():
         dist.destroy_process_group()

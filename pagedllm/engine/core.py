@@ -22,7 +22,9 @@ nor an OpenMP team with the HTTP server.
 
 from __future__ import annotations
 
+import collections
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +48,23 @@ from pagedllm.tokenizer import load_engine_tokenizer
 logger = init_logger(__name__)
 
 UNSET: Any = object()  # "load the tokenizer yourself" (None means: run without one)
+
+
+@dataclass(slots=True)
+class InFlightStep:
+    """A step submitted to the executor whose result the core has not taken yet."""
+
+    scheduler_output: SchedulerOutput
+    result: Callable[[], Any]  # waits for the ModelRunnerOutput
+    started: float  # perf_counter() when it was scheduled
+
+
+def carries_work(scheduler_output: SchedulerOutput) -> bool:
+    """Does a step with no row still have something for the workers (finished requests to
+    forget, block copies or swaps to make) or for the engine (rows that failed)?"""
+    return bool(scheduler_output.finished_request_ids or scheduler_output.block_copies
+                or scheduler_output.blocks_to_swap_out or scheduler_output.blocks_to_swap_in
+                or scheduler_output.preempted_request_ids or scheduler_output.failed)
 
 
 @dataclass(slots=True)
@@ -136,6 +155,9 @@ class EngineCore:
         self.features: list[StepFeature] = [
             StructuredOutputStep(self.structured_output, self.scheduler), self.beam_search]
         self.num_steps = 0
+        # pipeline parallelism: up to one step in flight per stage (see _step_pipelined)
+        self.pipeline_depth = args.pipeline_parallel_size
+        self.in_flight: collections.deque[InFlightStep] = collections.deque()
         self.startup_seconds = time.perf_counter() - started
 
     # ---- requests -------------------------------------------------------------------------------
@@ -194,6 +216,8 @@ class EngineCore:
 
     # ---- the step -------------------------------------------------------------------------------
     def step(self) -> EngineCoreOutputs:
+        if self.pipeline_depth > 1:
+            return self._step_pipelined()
         started = time.perf_counter()
         outputs = [o for feature in self.features for o in feature.before_schedule()]
         scheduler_output = self.scheduler.schedule()
@@ -207,6 +231,46 @@ class EngineCore:
             self.num_steps += 1
         stats = self.stats()
         record = self._record(scheduler_output, time.perf_counter() - started, stats)
+        return EngineCoreOutputs(outputs, stats, runner_output.prompt_logprobs or {},
+                                 self.beam_search.take_results(), record)
+
+    def _step_pipelined(self) -> EngineCoreOutputs:
+        """Under pipeline parallelism: keep up to one step in flight per stage, so that while
+        the last stage finishes step k the first already runs step k + 1 on other requests.
+
+            call:   schedule k+1, submit      (when a stage is free and anything can run)
+                    wait for the oldest step, update from it   (when all are busy, or nothing
+                                                                new could be scheduled)
+        A request in flight is not scheduled again until its step returns (the scheduler's
+        in_flight set). Each stage runs the steps in submission order, so KV blocks freed or
+        reused between steps are written and read in the same order as on one rank."""
+        started = time.perf_counter()
+        outputs = [o for feature in self.features for o in feature.before_schedule()]
+        submitted = False
+        if len(self.in_flight) < self.pipeline_depth:
+            scheduler_output = self.scheduler.schedule()
+            if scheduler_output.scheduled or not self.in_flight or carries_work(scheduler_output):
+                for feature in self.features:
+                    feature.on_scheduled(scheduler_output)
+                self.in_flight.append(InFlightStep(scheduler_output,
+                                                   self.executor.submit(scheduler_output), started))
+                submitted = bool(scheduler_output.scheduled)
+        if not self.in_flight or (submitted and len(self.in_flight) < self.pipeline_depth):
+            return EngineCoreOutputs(outputs, self.stats(), {}, [], None)
+        step = self.in_flight.popleft()
+        runner_output = step.result()
+        outputs += self.scheduler.update_from_output(step.scheduler_output, runner_output)
+        for feature in self.features:
+            outputs = feature.after_update(outputs)
+        if step.scheduler_output.scheduled:
+            self.num_steps += 1
+        while self.in_flight and not self.has_unfinished_requests():
+            # nothing left to run: settle the steps still out (rows of aborted requests,
+            # finished ids), so no reply waits in the pipes for a later call
+            rest = self.in_flight.popleft()
+            self.scheduler.update_from_output(rest.scheduler_output, rest.result())
+        stats = self.stats()
+        record = self._record(step.scheduler_output, time.perf_counter() - step.started, stats)
         return EngineCoreOutputs(outputs, stats, runner_output.prompt_logprobs or {},
                                  self.beam_search.take_results(), record)
 

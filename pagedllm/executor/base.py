@@ -3,7 +3,9 @@
     executor.model_config              what rank 0 loaded (the core sizes its queues on it)
     executor.determine_num_blocks()    KVCachePlan: the fewest blocks any rank can hold
     executor.initialize_cache(plan)    every rank allocates that many
-    executor.execute(scheduler_output) every rank runs the step; rank 0's result comes back
+    executor.execute(scheduler_output) every rank runs the step; the sampling rank's result
+                                       comes back
+    executor.submit(scheduler_output)  the same without waiting: a call that waits, later
     executor.collective_rpc(method)    any other Worker method on every rank (stats, tests)
 
 An executor never blocks forever on a worker: a worker that dies makes the call raise
@@ -16,6 +18,7 @@ the device only through this interface, never by importing worker/ or model/ its
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pagedllm.config import EXECUTOR_BACKENDS, EngineArgs
@@ -40,6 +43,13 @@ class Executor(ABC):
 
     @abstractmethod
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
+
+    def submit(self, scheduler_output: SchedulerOutput) -> Callable[[], ModelRunnerOutput]:
+        """Start a step and return a call that waits for its result. Steps submitted one after
+        another run in that order on every rank, and their results must be waited for in the
+        same order (pipeline stages overlap consecutive steps). Here: run it now."""
+        result = self.execute(scheduler_output)
+        return lambda: result
 
     @abstractmethod
     def shutdown(self) -> None: ...

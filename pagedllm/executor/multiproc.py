@@ -23,6 +23,7 @@ import multiprocessing.connection
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +81,12 @@ class MultiprocExecutor(Executor):
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self._call_all("execute", scheduler_output)[self.output_rank]
 
+    def submit(self, scheduler_output: SchedulerOutput) -> Callable[[], ModelRunnerOutput]:
+        """Send the step to every rank now; the replies wait in the pipes, in order. The first
+        pipeline stage starts on this step while later stages still finish the one before."""
+        self._send_all("execute", scheduler_output)
+        return lambda: self._receive_all()[self.output_rank]
+
     def collective_rpc(self, method: str, *args: Any) -> list[Any]:
         return self._call_all(method, *args)
 
@@ -98,6 +105,10 @@ class MultiprocExecutor(Executor):
 
     # ---- the driver's side of the pipes -----------------------------------------------------------
     def _call_all(self, method: str, *args: Any) -> list[Any]:
+        self._send_all(method, *args)
+        return self._receive_all()
+
+    def _send_all(self, method: str, *args: Any) -> None:
         if self._closed:
             raise WorkerDiedError("the executor has shut down")
         for worker in self.workers:
@@ -105,7 +116,6 @@ class MultiprocExecutor(Executor):
                 worker.conn.send((method, args))
             except (BrokenPipeError, OSError) as exc:
                 raise self._died(worker) from exc
-        return self._receive_all()
 
     def _receive_all(self) -> list[Any]:
         """Every rank's reply, in rank order. A dead rank raises WorkerDiedError for it, even

@@ -26,6 +26,15 @@ from pagedllm.model.layers.linear import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
+from pagedllm.model.pipeline import (
+    MissingModule,
+    elsewhere,
+    held,
+    held_layers,
+    on_other_stage,
+    stage_layers,
+    this_stage,
+)
 from pagedllm.model.weights import copy_checked
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -106,26 +115,42 @@ class LayerNormDecoder(nn.Module):
         super().__init__()
         embed_dim = spec.embed_dim or spec.hidden_size
         self.position_offset = spec.position_offset
-        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, embed_dim)
-        self.embed_positions = nn.Embedding(spec.position_rows, spec.hidden_size)
+        # pipeline parallelism: the embeddings on the first stage (the token one on the last
+        # too when lm_head shares its weight), the final norm and projection on the last
+        self.stage = stage = this_stage(spec.num_layers)
+        self.embed_tokens = held(stage.is_first or (stage.is_last and spec.tie_word_embeddings),
+                                 lambda: VocabParallelEmbedding(spec.vocab_size, embed_dim))
+        self.embed_positions = held(stage.is_first, lambda: nn.Embedding(spec.position_rows,
+                                                                         spec.hidden_size))
         # OPT-350m embeds tokens narrower than the residual stream and projects in and out
         narrow = embed_dim != spec.hidden_size
-        self.project_in = Linear(embed_dim, spec.hidden_size, bias=False) if narrow else None
-        self.project_out = Linear(spec.hidden_size, embed_dim, bias=False) if narrow else None
+        self.project_in = held(stage.is_first, lambda: Linear(
+            embed_dim, spec.hidden_size, bias=False)) if narrow else None
+        self.project_out = held(stage.is_last, lambda: Linear(
+            spec.hidden_size, embed_dim, bias=False)) if narrow else None
         scales = spec.layer_scales or [spec.head_dim**-0.5] * spec.num_layers
-        self.layers = nn.ModuleList(LayerNormDecoderLayer(spec, scale, backend)
-                                    for scale in scales)
-        self.norm = (nn.LayerNorm(spec.hidden_size, spec.eps, elementwise_affine=spec.norm_affine)
-                     if spec.final_norm else None)
+        self.layers = stage_layers(stage, spec.num_layers, lambda i: LayerNormDecoderLayer(
+            spec, scales[i], backend))
+        self.norm = held(stage.is_last, lambda: nn.LayerNorm(
+            spec.hidden_size, spec.eps, elementwise_affine=spec.norm_affine)) \
+            if spec.final_norm else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[KVCache], metadata: AttentionMetadata) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        if self.project_in is not None:
-            hidden = self.project_in(hidden)
-        hidden = hidden + self.embed_positions(positions + self.position_offset)
-        for layer, kv_cache in zip(self.layers, kv_caches):
+                kv_caches: list[KVCache], metadata: AttentionMetadata,
+                intermediate: tuple[torch.Tensor] | None = None):
+        """The final hidden states; on a pipeline stage before the last, (hidden,) for the
+        next stage, which passes it back in as `intermediate`."""
+        if intermediate is None:
+            hidden = self.embed_tokens(input_ids)
+            if self.project_in is not None:
+                hidden = self.project_in(hidden)
+            hidden = hidden + self.embed_positions(positions + self.position_offset)
+        else:
+            (hidden,) = intermediate
+        for layer, kv_cache in zip(held_layers(self.layers, self.stage), kv_caches, strict=True):
             hidden = layer(hidden, kv_cache, metadata)
+        if not self.stage.is_last:
+            return (hidden,)
         if self.norm is not None:
             hidden = self.norm(hidden)
         if self.project_out is not None:
@@ -144,14 +169,21 @@ class LayerNormDecoderForCausalLM(nn.Module):
     def __init__(self, spec: DecoderSpec, backend: AttentionBackend) -> None:
         super().__init__()
         self.model = LayerNormDecoder(spec, backend)
-        self.lm_head = ParallelLMHead(spec.embed_dim or spec.hidden_size, spec.vocab_size)
+        self.hidden_size = spec.hidden_size
+        self.lm_head = held(self.model.stage.is_last, lambda: ParallelLMHead(
+            spec.embed_dim or spec.hidden_size, spec.vocab_size))
         # the loader re-ties after moving off 'meta'; it looks for exactly these names
         self.tie_word_embeddings = spec.tie_word_embeddings
-        if self.tie_word_embeddings:
+        if self.tie_word_embeddings and not isinstance(self.lm_head, MissingModule):
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, positions, kv_caches, metadata) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, metadata)
+    def forward(self, input_ids, positions, kv_caches, metadata, intermediate=None):
+        return self.model(input_ids, positions, kv_caches, metadata, intermediate)
+
+    def intermediate_buffers(self, num_tokens: int, dtype: torch.dtype,
+                             device: torch.device) -> tuple[torch.Tensor]:
+        """An empty hidden state of the shape a previous pipeline stage sends."""
+        return (torch.empty(num_tokens, self.hidden_size, dtype=dtype, device=device),)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """None on a tensor-parallel rank other than the first (see ParallelLMHead)."""
@@ -165,9 +197,10 @@ class LayerNormDecoderForCausalLM(nn.Module):
         """Copy checkpoint tensors into our modules; every parameter must be filled."""
         params = dict(self.named_parameters())
         missing = set(params)
+        other_stages = elsewhere(self)
         for hf_name, hf_tensor in weights:
             mapped = self.map_weight(hf_name, hf_tensor)
-            if mapped is None:
+            if mapped is None or on_other_stage(mapped[0], other_stages):
                 continue
             name, tensor = mapped
             if name == "lm_head.weight" and self.tie_word_embeddings:

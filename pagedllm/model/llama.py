@@ -32,6 +32,15 @@ from pagedllm.model.layers.linear import (
 )
 from pagedllm.model.layers.norm import RMSNorm
 from pagedllm.model.layers.rotary import RotaryEmbedding
+from pagedllm.model.pipeline import (
+    MissingModule,
+    elsewhere,
+    held,
+    held_layers,
+    on_other_stage,
+    stage_layers,
+    this_stage,
+)
 from pagedllm.model.weights import copy_checked, load_kv_scale
 from pagedllm.utils import head_dim_of
 
@@ -147,13 +156,19 @@ class LlamaModel(nn.Module):
     def __init__(self, config: PretrainedConfig, max_model_len: int,
                  backend: AttentionBackend) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        # pipeline parallelism: this stage's layers (all of them with one stage); the embedding
+        # on the first stage, and on the last one too when lm_head shares its weight
+        self.stage = stage = this_stage(config.num_hidden_layers)
+        tied = getattr(config, "tie_word_embeddings", False)
+        self.embed_tokens = held(stage.is_first or (stage.is_last and tied),
+                                 lambda: VocabParallelEmbedding(config.vocab_size,
+                                                                config.hidden_size))
         rotaries = self.layer_rotaries(config, max_model_len)
-        self.layers = nn.ModuleList(
-            self.layer_class(config, rotary, backend, window)
-            for rotary, window in zip(rotaries, sliding_windows(config), strict=True)
-        )
-        self.norm = self.layer_class.norm_class(config.hidden_size, config.rms_norm_eps)
+        windows = sliding_windows(config)
+        self.layers = stage_layers(stage, config.num_hidden_layers, lambda i: self.layer_class(
+            config, rotaries[i], backend, windows[i]))
+        self.norm = held(stage.is_last, lambda: self.layer_class.norm_class(
+            config.hidden_size, config.rms_norm_eps))
         # which cos/sin row each token reads (LongRoPE switches tables with sequence length)
         self.rotary_rows = rotaries[0].table_rows
 
@@ -166,11 +181,20 @@ class LlamaModel(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
-    def forward(self, input_ids, positions, kv_caches: list[KVCache], metadata):
+    def forward(self, input_ids, positions, kv_caches: list[KVCache], metadata,
+                intermediate: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """The final hidden states; on a pipeline stage before the last, (hidden, residual)
+        for the next stage, which passes them back in as `intermediate`. `kv_caches`: this
+        stage's layers' caches."""
         positions = self.rotary_rows(positions, metadata)
-        hidden, residual = self.embed(input_ids), None
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        if intermediate is None:
+            hidden, residual = self.embed(input_ids), None
+        else:
+            hidden, residual = intermediate
+        for layer, kv_cache in zip(held_layers(self.layers, self.stage), kv_caches, strict=True):
             hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
+        if not self.stage.is_last:
+            return hidden, residual
         return self.norm(hidden, residual)[0]
 
 
@@ -182,13 +206,21 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = self.model_class(config, max_model_len, backend)
-        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size)
+        self.lm_head = held(self.model.stage.is_last,
+                            lambda: ParallelLMHead(config.hidden_size, config.vocab_size))
         self.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)
-        if self.tie_word_embeddings:
+        if self.tie_word_embeddings and not isinstance(self.lm_head, MissingModule):
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, positions, kv_caches, metadata) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, metadata)
+    def forward(self, input_ids, positions, kv_caches, metadata, intermediate=None):
+        return self.model(input_ids, positions, kv_caches, metadata, intermediate)
+
+    def intermediate_buffers(self, num_tokens: int, dtype: torch.dtype,
+                             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Empty (hidden, residual) of the shapes a previous pipeline stage sends."""
+        width = self.config.hidden_size
+        return (torch.empty(num_tokens, width, dtype=dtype, device=device),
+                torch.empty(num_tokens, width, dtype=dtype, device=device))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """The logits of `hidden`'s rows; None on a tensor-parallel rank other than the first
@@ -199,8 +231,11 @@ class LlamaForCausalLM(nn.Module):
         """Copy checkpoint tensors (HF names) into our modules; every parameter must be filled."""
         params = dict(self.named_parameters())
         missing = set(params)
+        other_stages = elsewhere(self)
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
+                continue
+            if on_other_stage(name, other_stages):
                 continue
             if name == "lm_head.weight" and self.tie_word_embeddings:
                 continue

@@ -19,6 +19,7 @@ from pagedllm.model.gguf_file import GGUFFile
 from pagedllm.model.layers.linear import attach_shards, prepare_for_inference
 from pagedllm.model.layers.quantization import QuantizationMethod, resolve_quantization
 from pagedllm.model.layers.rotary import RotaryEmbedding
+from pagedllm.model.pipeline import MissingModule
 from pagedllm.model.registry import resolve_model_class
 from pagedllm.model.source import ModelSource, resolve_model_source
 from pagedllm.platform.cpu import cpu_info
@@ -144,7 +145,8 @@ def load_model(config: ModelConfig, backend: AttentionBackend, device: str,
         if config.quantization is not None:  # after .to(dtype): packed tensors keep their types
             config.quantization.quantize_model(model, config.dtype)
     model = model.to_empty(device=device)
-    if getattr(model, "tie_word_embeddings", False):
+    if getattr(model, "tie_word_embeddings", False) and not isinstance(model.lm_head,
+                                                                       MissingModule):
         model.lm_head.weight = model.model.embed_tokens.weight
     attach_shards(model)
     for module in model.modules():
@@ -159,6 +161,7 @@ def load_model(config: ModelConfig, backend: AttentionBackend, device: str,
     else:
         model.load_weights(hf_folder_weights(config.source.path))
     prepare_for_inference(model)
+    model.activation_dtype = config.dtype  # what flows between layers (and pipeline stages)
     return model.eval()
 
 

@@ -14,6 +14,7 @@ from pagedllm.attention import AttentionBackend
 from pagedllm.model.layers.norm import RMSNorm
 from pagedllm.model.layers.rotary import RotaryEmbedding
 from pagedllm.model.llama import LlamaAttention, LlamaForCausalLM
+from pagedllm.model.pipeline import MissingModule
 
 
 class Qwen3Attention(LlamaAttention):
@@ -39,5 +40,7 @@ class Qwen3ForCausalLM(LlamaForCausalLM):
         # Swap each layer's attention for the q/k-norm one, sharing its rotary table and
         # backend (models are built on 'meta', so the discarded modules cost nothing).
         for layer in self.model.layers:
+            if isinstance(layer, MissingModule):
+                continue  # another pipeline stage's
             old = layer.self_attn
             layer.self_attn = Qwen3Attention(config, old.rotary, old.backend, old.sliding_window)

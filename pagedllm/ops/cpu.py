@@ -13,8 +13,11 @@ path; PAGEDLLM_CPU_KERNELS=0 forces that path.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -69,12 +72,30 @@ def _build(level: str) -> ModuleType | None:
     build_dir.mkdir(parents=True, exist_ok=True)
     flags = COMMON_FLAGS + (ISA_FLAGS[level] if is_x86() else [])
     try:
-        return load(name=name, sources=sources(), extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                    extra_include_paths=[str(SOURCE_DIR)], build_directory=str(build_dir),
-                    verbose=False)
+        with build_lock(build_dir):
+            return load(name=name, sources=sources(), extra_cflags=flags,
+                        extra_ldflags=["-fopenmp"], extra_include_paths=[str(SOURCE_DIR)],
+                        build_directory=str(build_dir), verbose=False)
     except (OSError, RuntimeError, ImportError) as exc:  # no compiler, headers or ninja
         logger.warning("CPU kernels (%s) unavailable, using the PyTorch path: %s", level, exc)
         return None
+
+
+@contextlib.contextmanager
+def build_lock(build_dir: Path) -> Iterator[None]:
+    """One process at a time builds (or loads) a level; the others wait their turn.
+
+    torch's own guard is a `lock` file that a build removes when it ends; a build that is killed
+    (Ctrl-C, a timeout, an OOM kill) leaves it behind, and every later process then waits for
+    it forever. An flock is released by the kernel when its holder dies, so holding one makes a
+    `lock` file found here provably stale, and it is removed."""
+    with open(build_dir / "build.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (build_dir / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)

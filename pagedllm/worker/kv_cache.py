@@ -37,10 +37,11 @@ class KVCacheShape:
 
     @classmethod
     def from_config(cls, config: PretrainedConfig, block_size: int, dtype: torch.dtype,
-                    tp_size: int = 1) -> KVCacheShape:
-        """One rank's pools: under tensor parallelism a rank caches only its own KV heads."""
+                    tp_size: int = 1, num_layers: int | None = None) -> KVCacheShape:
+        """One rank's pools: under tensor parallelism a rank caches only its own KV heads,
+        under pipeline parallelism only its stage's `num_layers` layers."""
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        return cls(config.num_hidden_layers, kv_heads_per_rank(kv_heads, tp_size),
+        return cls(num_layers or config.num_hidden_layers, kv_heads_per_rank(kv_heads, tp_size),
                    head_dim_of(config), block_size, dtype)
 
     @property

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedllm.attention import AttentionMetadata, PrefillChunk
+from pagedllm.distributed.parallel_state import pp_group
 from pagedllm.utils import GiB, cdiv
 from pagedllm.worker.kv_cache import KVCacheShape, allocate_kv_caches
 
@@ -127,10 +128,20 @@ def run_dummy_step(model: torch.nn.Module, batch: DummyBatch, kv_caches,
                    num_logit_rows: int) -> torch.Tensor:
     """The model on `batch` (kv_caches must hold batch.num_blocks blocks), then the sampler's
     heaviest work on the last `num_logit_rows` rows: float32 logits, their sort (top-k/top-p)
-    and softmax. Returns the hidden states."""
-    hidden = model(batch.input_ids, batch.positions, kv_caches, batch.metadata)
-    if num_logit_rows:
-        logits = model.compute_logits(hidden[-num_logit_rows:]).float()
+    and softmax. Returns the hidden states. Under parallelism every rank runs it at once (its
+    collectives meet); a later pipeline stage starts from zeros in place of the previous
+    stage's activations, and only the last one has logits (only its first tensor-parallel
+    rank gets them)."""
+    pp = pp_group()
+    intermediate = None if pp.is_first else tuple(
+        buffer.zero_() for buffer in model.intermediate_buffers(
+            batch.input_ids.shape[0], model.activation_dtype, batch.input_ids.device))
+    hidden = model(batch.input_ids, batch.positions, kv_caches, batch.metadata, intermediate)
+    if not pp.is_last:
+        return hidden[0]
+    logits = model.compute_logits(hidden[-num_logit_rows:]) if num_logit_rows else None
+    if logits is not None:
+        logits = logits.float()
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         logprobs = torch.log_softmax(logits, dim=-1)

@@ -15,6 +15,7 @@ import torch
 
 from pagedllm.attention import AttentionMetadata, PrefillChunk
 from pagedllm.core.step_io import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from pagedllm.distributed.parallel_state import pp_group
 from pagedllm.lora.manager import LoRAManager, LoRARow
 from pagedllm.model.layers.sampler import Penalties, Sampler, SamplingBatch
 from pagedllm.sampling_params import SamplingParams
@@ -51,8 +52,9 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_caches, block_size: int, device: str,
                  seed: int, vocab_size: int, swap_space: SwapSpace | None = None,
                  lora: LoRAManager | None = None, samples: bool = True) -> None:
-        """`samples`: False on a tensor-parallel rank other than the first, which runs every
-        forward pass and logits projection with the others but samples nothing."""
+        """`samples`: False on every rank but the one that samples (the first tensor-parallel
+        rank of the last pipeline stage): the others run every forward pass, and on the last
+        stage every logits projection, with it but sample nothing."""
         self.model = model
         self.samples = samples
         self.lora = lora  # enable_lora: sets each step's adapter slots for the LoRA layers
@@ -75,6 +77,8 @@ class ModelRunner:
             return ModelRunnerOutput([], [])
         inputs = self.prepare_inputs(scheduler_output.scheduled)
         hidden = self.forward(inputs)
+        if hidden is None:  # a pipeline stage before the last: its activations went on
+            return ModelRunnerOutput([], [])
         if not self.samples:
             return self._project_logits_only(hidden, inputs)
         prompt_logprobs = {r.request_id: (r.first_position, self._prompt_logprobs(hidden, r))
@@ -113,14 +117,27 @@ class ModelRunner:
                 self.generators.pop(sample_id, None)
         return failed, banned
 
-    def forward(self, inputs: ModelInputs) -> torch.Tensor:
+    def forward(self, inputs: ModelInputs) -> torch.Tensor | None:
         """The final hidden states: a decode-only step that fits a captured CUDA graph replays
-        it (padded to the graph's size); every other step runs the model eagerly."""
+        it (padded to the graph's size); every other step runs the model eagerly. None on a
+        pipeline stage before the last."""
         graphs = self.decode_graphs
         size = graphs.size_for(inputs.metadata) if graphs is not None else None
-        if size is None:
+        if size is not None:
+            return graphs.run(inputs.input_ids, inputs.positions, inputs.metadata, size)
+        pp = pp_group()
+        if pp.size == 1:
             return self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
-        return graphs.run(inputs.input_ids, inputs.positions, inputs.metadata, size)
+        # pipeline stages: the previous stage's activations in, this stage's layers, then on
+        # to the next stage (every stage built the same batch from the same scheduler output)
+        intermediate = None if pp.is_first else pp.recv_previous(self.model.intermediate_buffers(
+            inputs.input_ids.shape[0], self.model.activation_dtype, self.device))
+        out = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata,
+                         intermediate)
+        if pp.is_last:
+            return out
+        pp.send_next(out)
+        return None
 
     def capture_decode_graphs(self, sizes: list[int], max_model_len: int) -> float:
         """Capture the decode forward at every batch size of `sizes` (once, at start-up, after

@@ -22,11 +22,12 @@ from pagedllm.attention import get_attention_backend
 from pagedllm.attention.kv_quant import KVScales, cache_dtype
 from pagedllm.config import EngineArgs
 from pagedllm.core.step_io import ModelRunnerOutput, SchedulerOutput
-from pagedllm.distributed.parallel_state import init_distributed, tp_group
+from pagedllm.distributed.parallel_state import init_distributed, pp_group, tp_group
 from pagedllm.logger import init_logger
 from pagedllm.lora.manager import LoRAManager
 from pagedllm.lora.model import wrap_model
 from pagedllm.model.loader import ModelConfig, load_model, load_model_config
+from pagedllm.model.pipeline import this_stage
 from pagedllm.utils import GiB
 from pagedllm.worker.cuda_graph import capture_sizes
 from pagedllm.worker.kv_cache import (
@@ -75,12 +76,14 @@ class Worker:
         # Decode steps replay CUDA graphs at these batch sizes; none on the CPU or when eager.
         # Nor with LoRA: each step's adapter slots are chosen in Python, which a graph would
         # replay as captured.
-        eager = args.enforce_eager or args.enable_lora
+        # Nor under pipeline parallelism: a stage's step sends and receives activations.
+        eager = args.enforce_eager or args.enable_lora or args.pipeline_parallel_size > 1
         self.cuda_graph_sizes = ([] if not on_cuda or eager else
                                  capture_sizes(args.max_num_seqs, args.max_num_batched_tokens))
         self.kv_shape = KVCacheShape.from_config(
             self.model_config.hf_config, args.block_size,
-            cache_dtype(args.kv_cache_dtype, self.model_config.dtype), args.tensor_parallel_size)
+            cache_dtype(args.kv_cache_dtype, self.model_config.dtype), args.tensor_parallel_size,
+            this_stage(self.model_config.hf_config.num_hidden_layers).num_layers)
         self._prepare_kv_scales()
         self.memory_plan: GpuMemoryPlan | None = None
         self.runner: ModelRunner | None = None  # built by initialize_cache
@@ -181,7 +184,8 @@ class Worker:
         swap_space = SwapSpace(kv_caches, plan.num_host_blocks) if plan.num_host_blocks else None
         self.runner = ModelRunner(self.model, kv_caches, plan.block_size, self.device,
                                   self.args.seed, self.model_config.vocab_size, swap_space,
-                                  self.lora_manager, samples=tp_group().is_first)
+                                  self.lora_manager,
+                                  samples=tp_group().is_first and pp_group().is_last)
         if self.cuda_graph_sizes:
             self.cuda_graph_capture_s = self._capture_cuda_graphs()
 
@@ -207,9 +211,11 @@ class Worker:
         in tensor-parallel collectives so far (for benchmarks, through collective_rpc)."""
         tp = tp_group()
         return {"rank": self.rank, "tp_rank": tp.rank, "tp_size": tp.size,
+                "stage": pp_group().rank, "kv_layers": self.kv_shape.num_layers,
                 "weight_bytes": weight_bytes(self.model), "kv_heads": self.kv_shape.num_kv_heads,
                 "collective_calls": tp.collective_calls,
-                "collective_seconds": tp.collective_seconds}
+                "collective_seconds": tp.collective_seconds,
+                "pipeline_seconds": pp_group().collective_seconds}
 
 
 def share_cpu_threads(device: str, world_size: int) -> None:

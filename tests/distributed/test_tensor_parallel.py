@@ -113,3 +113,58 @@ def test_default_model_on_three_ranks():
         assert [r["kv_heads"] for r in stats_of(three)] == [1, 1, 1]
     finally:
         three.llm_engine.shutdown()
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-tied-one-kv-head", "gpt2-odd-vocab"])
+@pytest.mark.parametrize("tp,pp", [(1, 2), (2, 2)])
+def test_pipeline_stages_equal_one_rank(family, tp, pp, tmp_path):
+    """Two stages (layer 0 on the first, layer 1 and the head on the second), alone and with two
+    tensor-parallel ranks each (4 processes), give one rank's tokens and logprobs."""
+    save_tiny_model(FAMILIES[family](), tmp_path)
+    reference = generate(tiny_engine(tmp_path))
+    llm = tiny_engine(tmp_path, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                      distributed_executor_backend="mp")
+    try:
+        assert_same_outputs(generate(llm), reference)
+        ranks = stats_of(llm)
+        assert [(r["stage"], r["tp_rank"]) for r in ranks] == [
+            (stage, rank) for stage in range(pp) for rank in range(tp)]
+        assert all(r["kv_layers"] == 1 for r in ranks)
+    finally:
+        llm.llm_engine.shutdown()
+
+
+def test_pipeline_keeps_a_step_per_stage_in_flight(tmp_path):
+    """Two stages overlap consecutive steps: the core submits step k + 1 (other requests)
+    before step k's tokens come back, so consecutive decode steps share no request, where one
+    rank's decode steps each hold every running request."""
+    save_tiny_model(LlamaConfig(**{**TINY, "num_hidden_layers": 4}), tmp_path)
+    prompts = [[(7 * i + j) % 500 for j in range(5 + i)] for i in range(12)]
+    reference = generate(tiny_engine(tmp_path), prompts)
+    llm = tiny_engine(tmp_path, pipeline_parallel_size=2, distributed_executor_backend="mp",
+                      max_num_batched_tokens=64)
+    try:
+        first = llm.llm_engine.num_steps
+        assert_same_outputs(generate(llm, prompts), reference)
+        steps = [set(r.scheduled) for r in llm.llm_engine.step_records if r.step > first]
+        decodes = steps[-8:]  # every request decoding by then
+        assert all(not (a & b) for a, b in zip(decodes, decodes[1:]))
+        assert all(0 < len(s) < len(prompts) for s in decodes)
+    finally:
+        llm.llm_engine.shutdown()
+
+
+def test_default_model_on_two_stages_kept_quantized():
+    """The bundled GGUF, kept in its quantized blocks (stages split layers, not matrices), on
+    two stages of 15 layers each gives exactly one rank's tokens and logprobs."""
+    from pagedllm import LLM
+
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=2)
+    reference = LLM(kv_cache_memory_bytes=64 << 20).generate(prompts, params, use_tqdm=False)
+    two = LLM(kv_cache_memory_bytes=64 << 20, pipeline_parallel_size=2)
+    try:
+        assert_same_outputs(two.generate(prompts, params, use_tqdm=False), reference, atol=0)
+        assert [r["kv_layers"] for r in stats_of(two)] == [15, 15]
+    finally:
+        two.llm_engine.shutdown()

@@ -93,3 +93,13 @@ def test_cpu_kernels_switch_off_gives_the_pytorch_path():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "TorchAttentionBackend"
+
+
+def test_a_killed_build_s_lock_file_does_not_block_the_next(tmp_path):
+    """torch's `lock` file, left by a build that was killed, is removed once the build flock is
+    held (its holder would be alive, holding it, if the build were still running)."""
+    from pagedllm.ops.cpu import build_lock
+
+    (tmp_path / "lock").write_text("")
+    with build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()
