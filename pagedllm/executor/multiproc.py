@@ -9,9 +9,10 @@ Every call goes to every rank (the tensor-parallel ranks run each step together:
 collectives meet in torch.distributed, at the rendezvous address the driver hands them), and
 the driver waits for all replies, returning the one of the rank that samples (rank 0 under
 tensor parallelism alone). While it waits it checks that every process is still alive, so a
-worker that is killed or crashes makes the call raise WorkerDiedError within a fraction of a second instead of hanging; the ranks blocked in a
-collective with it are then stopped by shutdown(). Worker processes are daemons started with
-"spawn" (a fresh interpreter: no inherited OpenMP or CUDA state), so they end with the engine.
+worker that is killed or crashes makes the call raise WorkerDiedError within a fraction of a
+second instead of hanging; the ranks blocked in a collective with it are then stopped by
+shutdown(). Worker processes are daemons started with "spawn" (a fresh interpreter: no
+inherited OpenMP or CUDA state), so they end with the engine.
 """
 
 from __future__ import annotations
