@@ -19,7 +19,12 @@ from transformers import LlamaConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # entrypoints/server_utils.py
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))  # tiny_models.py
 
-from entrypoints.server_utils import engine_state, launch_server  # noqa: E402
+from entrypoints.server_utils import (  # noqa: E402
+    DEAD_ENGINE_EXIT_S,
+    engine_state,
+    launch_server,
+    stream_until_killed,
+)
 from test_tensor_parallel import TINY, assert_same_outputs, generate, stats_of  # noqa: E402
 from test_tp_server import MAX_TOKENS, PROMPT, SERVE, alive  # noqa: E402
 from test_tp_server import folder as served_model  # noqa: E402, F401 (a fixture, by this name)
@@ -189,6 +194,26 @@ def test_server_on_ray(served_model, tmp_path):  # noqa: F811 (the fixture impor
         assert len(workers) == 2 and all(alive(pid) for pid in workers)
         assert completion["choices"][0]["text"] == expected
         assert server.stop(signal.SIGTERM) == 0, server.log_tail()
+        assert_released(workers)
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
+
+
+@pytest.mark.slow
+def test_a_killed_actor_ends_the_server(served_model, tmp_path):  # noqa: F811 (as above)
+    """SIGKILL rank 1's actor during a stream: the stream ends with an engine error, the
+    server exits non-zero within seconds, and rank 0's actor goes too."""
+    server = launch_server(tmp_path, str(served_model), *SERVE, "--distributed-executor-backend",
+                           "ray")
+    try:
+        server.wait_until_healthy()
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            workers = engine_state(http)["worker_pids"]
+        events = stream_until_killed(server, workers[1])
+        assert '"engine_error"' in events[-2], events[-3:]
+        assert server.proc.wait(DEAD_ENGINE_EXIT_S) != 0, server.log_tail()
         assert_released(workers)
     finally:
         if server.proc.poll() is None:
