@@ -10,6 +10,7 @@ install:
 	$(PIP) install -q torch==2.13.0
 	# xgrammar without its declared deps: they name torch, which must stay the pinned CPU wheel.
 	$(PIP) install -q --no-deps "xgrammar>=0.2.8" "apache-tvm-ffi>=0.1.11"
+	# the test extra includes ray (tests/distributed/test_ray_executor.py): it names no torch
 	$(PIP) install -q -e ".[test]"
 	# llm-compressor writes the compressed-tensors test checkpoints; without its deps, which pin
 	# transformers<=5.17 (the rest it needs is in the test extra)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import re
 from dataclasses import dataclass, field
@@ -14,7 +15,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 PREEMPTION_MODES = ("recompute", "swap")
 SCHEDULING_POLICIES = ("fcfs", "priority")
 LOAD_FORMATS = ("auto", "dummy")
-EXECUTOR_BACKENDS = ("uni", "mp")
+EXECUTOR_BACKENDS = ("uni", "mp", "ray")
+RAY_MISSING = ("distributed_executor_backend='ray' needs Ray, which is not installed: "
+               "pip install 'pagedllm[ray]'")
 # the KV cache's element type: auto (the model's dtype) or 8-bit floats; "fp8" is e4m3
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 # what quantization= may name: a method of model/layers/quantization/ (its registry maps each to
@@ -100,12 +103,15 @@ class EngineArgs:
         "tensor_parallel_size worker processes each", 1,
         aliases=("-pp",))
     distributed_executor_backend: str | None = _opt(
-        "where the workers run: uni (in the engine core's process) or mp (one process per "
-        "rank); default: uni for one rank, mp for more", choices=EXECUTOR_BACKENDS)
+        "where the workers run: uni (in the engine core's process), mp (one process per "
+        "rank) or ray (one Ray actor per rank, on one machine or several); default: uni for "
+        "one rank, mp for more", choices=EXECUTOR_BACKENDS)
     distributed_master_addr: str = _opt(
-        "address the ranks meet at (torch.distributed's rendezvous, on the driver's machine)",
+        "address the ranks meet at (torch.distributed's rendezvous, on the driver's machine; "
+        "the ray executor uses rank 0's node IP instead)",
         "127.0.0.1")
-    distributed_master_port: int = _opt("port of that rendezvous (0: a free port)", 0)
+    distributed_master_port: int = _opt("port of that rendezvous (0: a free port, on rank 0's "
+                                        "node under ray)", 0)
     distributed_timeout: float = _opt(
         "seconds a rank waits for the others to join, or in one collective, before failing", 60.0)
     enable_lora: bool = _opt(
@@ -216,7 +222,9 @@ class EngineArgs:
                              f"got {backend!r}")
         if backend == "uni" and self.world_size > 1:
             raise ValueError(f"distributed_executor_backend='uni' runs one worker; "
-                             f"{self.world_size} ranks need 'mp'")
+                             f"{self.world_size} ranks need 'mp' or 'ray'")
+        if backend == "ray" and importlib.util.find_spec("ray") is None:
+            raise ValueError(RAY_MISSING)
         if self.world_size > 1 and self.enable_lora:
             raise ValueError("enable_lora with more than one rank (tensor or pipeline "
                              "parallelism) is not supported yet")

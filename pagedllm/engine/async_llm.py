@@ -85,7 +85,7 @@ class EngineStats:
     num_loop_turns: int = 0  # times the thread woke up; stays put while idle
     kv_cache: KVCacheStats | None = None  # usage, prefix-cache hits, preemptions, swaps
     engine_core_pid: int | None = None  # the engine core's own process (None: in this one)
-    worker_pids: tuple[int, ...] = ()  # the executor's worker processes ("mp"), wherever
+    worker_pids: tuple[int, ...] = ()  # the executor's worker processes ("mp", "ray"), wherever
     # LoRA (enable_lora; max_loras 0 when off): the adapters of running and waiting requests
     max_loras: int = 0
     running_loras: tuple[str, ...] = ()

@@ -297,7 +297,8 @@ class EngineCore:
 
     @property
     def worker_pids(self) -> tuple[int, ...]:
-        """Worker processes of the executor ("mp"); none when the worker runs in this one."""
+        """Worker processes of the executor ("mp"; "ray": each on its node); none when the
+        worker runs in this one."""
         return tuple(getattr(self.executor, "worker_pids", ()))
 
     def ready_to_step(self) -> bool:

@@ -74,5 +74,9 @@ def create_executor(args: EngineArgs) -> Executor:
         from pagedllm.executor.multiproc import MultiprocExecutor
 
         return MultiprocExecutor(args)
+    if backend == "ray":
+        from pagedllm.executor.ray_executor import RayExecutor
+
+        return RayExecutor(args)
     raise ValueError(f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS}, "
                      f"got {backend!r}")
