@@ -30,6 +30,7 @@ import os
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -188,6 +189,14 @@ class RayExecutor(Executor):
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.collective_rpc("execute", scheduler_output)[self.output_rank]
+
+    def submit(self, scheduler_output: SchedulerOutput) -> Callable[[], ModelRunnerOutput]:
+        """The step's calls go out now; an actor runs its calls one at a time in the order they
+        came, so consecutive steps overlap across pipeline stages as under mp."""
+        if self._closed:
+            raise WorkerDiedError("the executor has shut down")
+        refs = [actor.call.remote("execute", scheduler_output) for actor in self.actors]
+        return lambda: self._gather(refs)[self.output_rank]
 
     def collective_rpc(self, method: str, *args: Any) -> list[Any]:
         if self._closed:

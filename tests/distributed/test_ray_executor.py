@@ -113,6 +113,20 @@ def test_two_actors_equal_mp_and_one_rank(llama):
     llm.llm_engine.shutdown()  # a second shutdown does nothing
 
 
+def test_two_pipeline_stages_on_ray(llama):
+    """Two stages as two actors: one rank's tokens, and the steps overlap as under mp (the
+    actors take the calls in the order they were sent)."""
+    reference = generate(tiny_engine(llama))
+    llm = ray_engine(llama, pipeline_parallel_size=2)
+    pids = executor_of(llm).worker_pids
+    try:
+        assert_same_outputs(generate(llm), reference)
+        assert [r["stage"] for r in stats_of(llm)] == [0, 1]
+    finally:
+        llm.llm_engine.shutdown()
+    assert_released(pids)
+
+
 def test_one_rank_runs_in_one_actor(llama):
     prompts = [[5, 17, 99, 3]]
     reference = generate(tiny_engine(llama), prompts)
