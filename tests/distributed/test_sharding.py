@@ -4,7 +4,9 @@ against the full checkpoint; plus the start-up errors."""
 
 from __future__ import annotations
 
+import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -104,11 +106,34 @@ def test_heads_that_do_not_split_fail_at_start_up(tmp_path):
             tensor_parallel_size=3, skip_tokenizer_init=True)
 
 
+def test_a_rendezvous_that_cannot_be_held_fails_start_up(tmp_path):
+    """The rendezvous port is taken by someone else: start-up fails with torch.distributed's
+    own error, in bounded time, and the other rank is stopped."""
+    tiny_llama(tmp_path, 2)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="address already in use"):
+            LLM(str(tmp_path), dtype="float32", kv_cache_memory_bytes=16 << 20,
+                tensor_parallel_size=2, skip_tokenizer_init=True, distributed_timeout=10,
+                distributed_master_port=taken.getsockname()[1])
+    assert time.monotonic() - started < 60
+
+
+def test_more_stages_than_layers_fail_at_start_up(tmp_path):
+    tiny_llama(tmp_path, 2)  # one layer
+    with pytest.raises(ValueError, match="pipeline_parallel_size 2 exceeds the model's 1 layers"):
+        LLM(str(tmp_path), dtype="float32", kv_cache_memory_bytes=16 << 20,
+            pipeline_parallel_size=2, skip_tokenizer_init=True)
+
+
 @pytest.mark.parametrize("options,match", [
     (dict(tensor_parallel_size=0), "tensor_parallel_size must be at least 1"),
     (dict(tensor_parallel_size=2, distributed_executor_backend="uni"), "need 'mp'"),
-    (dict(pipeline_parallel_size=2), "pipeline parallelism is not implemented"),
-    (dict(tensor_parallel_size=2, enable_lora=True), "enable_lora with tensor_parallel"),
+    (dict(pipeline_parallel_size=0), "pipeline_parallel_size must be at least 1"),
+    (dict(tensor_parallel_size=2, enable_lora=True), "enable_lora with more than one rank"),
+    (dict(pipeline_parallel_size=2, enable_lora=True), "enable_lora with more than one rank"),
     (dict(distributed_master_port=70000), "distributed_master_port"),
 ])
 def test_bad_parallel_options(options, match):

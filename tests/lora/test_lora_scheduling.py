@@ -41,9 +41,14 @@ def run(scheduler: Scheduler) -> list[set[int]]:
             return steps
         out = scheduler.schedule()
         steps.append({s.lora_request.lora_int_id for s in out.scheduled if s.lora_request})
-        sampled = [s.request_id for s in out.scheduled if s.sample]
-        scheduler.update_from_output(out, ModelRunnerOutput(sampled, [7] * len(sampled)))
+        fake_model_step(scheduler, out)
     raise AssertionError("the requests never finished")
+
+
+def fake_model_step(scheduler: Scheduler, out) -> None:
+    """Token 7 for every row that samples, handed back as the runner would."""
+    sampled = [s.request_id for s in out.scheduled if s.sample]
+    scheduler.update_from_output(out, ModelRunnerOutput(sampled, [7] * len(sampled)))
 
 
 def test_a_step_never_holds_more_than_max_loras_adapters():
@@ -65,6 +70,7 @@ def test_requests_behind_a_blocked_adapter_still_run():
     first = scheduler.schedule()
     assert [s.request_id for s in first.scheduled] == ["a", "b", "base", "a2"]
     assert [r.request_id for r in scheduler.waiting] == ["c"]
+    fake_model_step(scheduler, first)
     run(scheduler)  # c runs once a slot frees
 
 
