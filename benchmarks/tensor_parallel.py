@@ -1,14 +1,17 @@
-"""Tensor parallelism on this machine: the same requests on one rank and on --tp ranks, and the
-time the ranks spend in their collectives.
+"""Tensor and pipeline parallelism on this machine: the same requests on one rank and on
+--tp x --pp ranks, and the time the ranks spend in their collectives.
 
     python -m benchmarks.tensor_parallel --tp 2 --num-prompts 32 --input-len 128 --output-len 64
+    python -m benchmarks.tensor_parallel --tp 1 --pp 2
 
 On the CPU the ranks share its cores: one rank runs torch on all of them, each of --tp ranks on
 its share (worker.share_cpu_threads), so the comparison is "one process of N threads against
 N processes of one thread each" on the same cores, not a speed-up from more hardware. Both
 engines stay loaded and the runs take turns, --repeats rounds, the best of each counting. The
 collective time is rank 0's wall time inside all-reduce and gather calls (including any wait
-for the slower rank), per engine step. Prints JSON and a table.
+for the slower rank), per engine step; with stages, the time the first stage spends handing
+its activations on (sends that wait for the next stage to take them) is reported beside it.
+Prints JSON and a table.
 
 The bundled model's 9 heads split over 3 ranks only; `--shape smollm2-8-heads` runs its exact
 layer sizes with 8 query and 4 KV heads of 72 (random weights, load_format="dummy"), which split
@@ -42,9 +45,9 @@ def timed_generate(llm, work, label: str) -> ThroughputResult:
 
 
 def collective_time(llm) -> tuple[float, int]:
-    """(seconds rank 0 has spent in collectives, engine steps) so far."""
+    """(seconds rank 0 has spent in collectives and stage hand-overs, engine steps) so far."""
     stats = llm.llm_engine.engine_core.executor.collective_rpc("parallel_stats")[0]
-    return stats["collective_seconds"], llm.llm_engine.num_steps
+    return stats["collective_seconds"] + stats["pipeline_seconds"], llm.llm_engine.num_steps
 
 
 def smollm2_with_8_heads(folder: Path) -> Path:
@@ -69,7 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
         engine.update(model=str(folder), load_format="dummy", quantization=None)
     work = synthetic_token_workload(args.num_prompts, args.input_len, args.output_len, 0.0,
                                     args.vocab, 0, set())
-    engines = {"tp1": LLM(**engine), f"tp{args.tp}": LLM(**engine, tensor_parallel_size=args.tp)}
+    label = f"tp{args.tp}" + (f"xpp{args.pp}" if args.pp > 1 else "")
+    engines = {"tp1": LLM(**engine), label: LLM(**engine, tensor_parallel_size=args.tp,
+                                                pipeline_parallel_size=args.pp)}
     for label, llm in engines.items():  # warm-up
         timed_generate(llm, work[:2], label)
     best: dict[str, ThroughputResult] = {}
@@ -88,11 +93,12 @@ def main(argv: list[str] | None = None) -> dict:
               "tp_over_tp1": results[1].output_tokens_per_s / results[0].output_tokens_per_s,
               "collective_ms_per_step": sorted(per_step_ms)[len(per_step_ms) // 2]}
     print(json.dumps(report, indent=2))
-    print(f"{'run':6} {'seconds':>8} {'output tok/s':>13} {'vs tp1':>7}")
+    print(f"{'run':9} {'seconds':>8} {'output tok/s':>13} {'vs tp1':>7}")
     for r in results:
-        print(f"{r.engine:6} {r.elapsed_s:8.2f} {r.output_tokens_per_s:13.1f} "
+        print(f"{r.engine:9} {r.elapsed_s:8.2f} {r.output_tokens_per_s:13.1f} "
               f"{r.output_tokens_per_s / results[0].output_tokens_per_s:7.2f}")
-    print(f"rank 0 in collectives: {report['collective_ms_per_step']:.2f} ms per step (median)")
+    print(f"rank 0 in collectives and hand-overs: {report['collective_ms_per_step']:.2f} ms per "
+          f"step (median)")
     for llm in engines.values():
         llm.llm_engine.shutdown()
     return report
@@ -102,6 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M")
     parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--pp", type=int, default=1, help="pipeline stages")
     parser.add_argument("--shape", choices=["smollm2-8-heads"], default=None,
                         help="random weights of this shape instead of --model (docstring)")
     parser.add_argument("--dtype", default="bfloat16")

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))  # tiny_m
 from entrypoints.server_utils import (  # noqa: E402
     DEAD_ENGINE_EXIT_S,
     engine_state,
+    killed_at_exit,
     launch_server,
     stream_until_killed,
 )
@@ -188,6 +189,9 @@ def test_killed_actor_raises_within_seconds(llama):
     engine.shutdown()
 
 
+ON_RAY = ("--distributed-executor-backend", "ray")
+
+
 @pytest.mark.slow
 def test_server_on_ray(served_model, tmp_path):  # noqa: F811 (the fixture imported above)
     """`pagedllm serve -tp 2 --distributed-executor-backend ray`: its engine core process finds
@@ -196,9 +200,7 @@ def test_server_on_ray(served_model, tmp_path):  # noqa: F811 (the fixture impor
     one_rank = LLM(str(served_model), dtype="float32", kv_cache_memory_bytes=64 << 20)
     greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     expected = one_rank.generate([PROMPT], greedy, use_tqdm=False)[0].outputs[0].text
-    server = launch_server(tmp_path, str(served_model), *SERVE, "--distributed-executor-backend",
-                           "ray")
-    try:
+    with killed_at_exit(launch_server(tmp_path, str(served_model), *SERVE, *ON_RAY)) as server:
         server.wait_until_healthy()
         with httpx.Client(base_url=server.url, timeout=60) as http:
             workers = engine_state(http)["worker_pids"]
@@ -209,19 +211,13 @@ def test_server_on_ray(served_model, tmp_path):  # noqa: F811 (the fixture impor
         assert completion["choices"][0]["text"] == expected
         assert server.stop(signal.SIGTERM) == 0, server.log_tail()
         assert_released(workers)
-    finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
 
 
 @pytest.mark.slow
 def test_a_killed_actor_ends_the_server(served_model, tmp_path):  # noqa: F811 (as above)
     """SIGKILL rank 1's actor during a stream: the stream ends with an engine error, the
     server exits non-zero within seconds, and rank 0's actor goes too."""
-    server = launch_server(tmp_path, str(served_model), *SERVE, "--distributed-executor-backend",
-                           "ray")
-    try:
+    with killed_at_exit(launch_server(tmp_path, str(served_model), *SERVE, *ON_RAY)) as server:
         server.wait_until_healthy()
         with httpx.Client(base_url=server.url, timeout=60) as http:
             workers = engine_state(http)["worker_pids"]
@@ -229,10 +225,6 @@ def test_a_killed_actor_ends_the_server(served_model, tmp_path):  # noqa: F811 (
         assert '"engine_error"' in events[-2], events[-3:]
         assert server.proc.wait(DEAD_ENGINE_EXIT_S) != 0, server.log_tail()
         assert_released(workers)
-    finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
 
 
 def test_options():

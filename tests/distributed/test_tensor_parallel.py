@@ -75,7 +75,13 @@ def assert_same_outputs(ours, reference, atol: float = 1e-3) -> None:
                 assert entry.logprob == pytest.approx(step_b[token].logprob, abs=atol)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+# variants another one covers already (GQA, windows, biases, Gemma's conventions): run by
+# `make test-all`, kept out of the default suite's time
+COVERED = {"llama", "mistral-window", "qwen2-bias", "gemma"}
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f in COVERED
+                                    else f for f in FAMILIES])
 def test_two_ranks_equal_one(family, tmp_path):
     save_tiny_model(FAMILIES[family](), tmp_path)
     one_rank = tiny_engine(tmp_path)
@@ -115,8 +121,13 @@ def test_default_model_on_three_ranks():
         three.llm_engine.shutdown()
 
 
-@pytest.mark.parametrize("family", ["llama", "llama-tied-one-kv-head", "gpt2-odd-vocab"])
-@pytest.mark.parametrize("tp,pp", [(1, 2), (2, 2)])
+@pytest.mark.parametrize("family,tp,pp", [
+    ("gpt2-odd-vocab", 1, 2),
+    ("llama-tied-one-kv-head", 2, 2),
+    *(pytest.param(family, tp, pp, marks=pytest.mark.slow) for family, tp, pp in (
+        ("llama", 1, 2), ("llama-tied-one-kv-head", 1, 2), ("llama", 2, 2),
+        ("gpt2-odd-vocab", 2, 2))),
+])
 def test_pipeline_stages_equal_one_rank(family, tp, pp, tmp_path):
     """Two stages (layer 0 on the first, layer 1 and the head on the second), alone and with two
     tensor-parallel ranks each (4 processes), give one rank's tokens and logprobs."""

@@ -22,6 +22,7 @@ from entrypoints.server_utils import (  # noqa: E402
     DEAD_ENGINE_EXIT_S,
     engine_state,
     health_after_death,
+    killed_at_exit,
     launch_server,
     stream_until_killed,
 )
@@ -62,14 +63,21 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def all_gone(pids: list[int], timeout_s: float = 10) -> bool:
+    """Have all these processes ended (waiting up to `timeout_s` for them to)?"""
+    deadline = time.monotonic() + timeout_s
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not any(alive(pid) for pid in pids)
+
+
 def test_serves_like_one_rank_and_shuts_down_cleanly(folder, tmp_path):
     one_rank = LLM(str(folder), dtype="float32", kv_cache_memory_bytes=64 << 20)
     greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     expected = one_rank.generate([PROMPT], greedy, use_tqdm=False)[0].outputs[0].text
     messages = [{"role": "user", "content": "Say hi"}]
     expected_chat = one_rank.chat(messages, greedy, use_tqdm=False)[0].outputs[0].text
-    server = launch_server(tmp_path, str(folder), *SERVE)
-    try:
+    with killed_at_exit(launch_server(tmp_path, str(folder), *SERVE)) as server:
         server.wait_until_healthy()
         with httpx.Client(base_url=server.url, timeout=60) as http:
             workers = engine_state(http)["worker_pids"]
@@ -86,22 +94,14 @@ def test_serves_like_one_rank_and_shuts_down_cleanly(folder, tmp_path):
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == \
             expected_chat
         assert server.stop(signal.SIGTERM) == 0, server.log_tail()
-        deadline = time.monotonic() + 10
-        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(alive(pid) for pid in workers), "worker processes outlived the server"
-    finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
+        assert all_gone(workers), "worker processes outlived the server"
 
 
 def test_a_killed_rank_ends_the_server(folder, tmp_path):
     """SIGKILL the second rank during a stream: the stream ends with an engine error, /health
     stops answering 200, and the server exits non-zero within seconds instead of hanging in
     the first rank's collective."""
-    server = launch_server(tmp_path, str(folder), *SERVE)
-    try:
+    with killed_at_exit(launch_server(tmp_path, str(folder), *SERVE)) as server:
         server.wait_until_healthy()
         with httpx.Client(base_url=server.url, timeout=60) as http:
             workers = engine_state(http)["worker_pids"]
@@ -110,11 +110,4 @@ def test_a_killed_rank_ends_the_server(folder, tmp_path):
         assert '"engine_error"' in events[-2], events[-3:]
         assert health_after_death(server) in (503, None)
         assert server.proc.wait(DEAD_ENGINE_EXIT_S) != 0, server.log_tail()
-        deadline = time.monotonic() + 10
-        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(alive(pid) for pid in workers), server.log_tail()
-    finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
+        assert all_gone(workers), server.log_tail()

@@ -87,6 +87,18 @@ def launch_server(log_dir: Path, *args: str, api_key: str | None = None) -> Serv
 
 
 @contextlib.contextmanager
+def killed_at_exit(server: ServerProcess) -> Iterator[ServerProcess]:
+    """The block's server, killed at the end if the block left it running (a test that stops
+    it itself checks how it exits; this only makes sure none is left behind)."""
+    try:
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
+
+
+@contextlib.contextmanager
 def running_server(log_dir: Path, *args: str, api_key: str | None = None
                    ) -> Iterator[ServerProcess]:
     """A healthy `pagedllm serve` for the block (a module fixture's body), stopped after it."""
