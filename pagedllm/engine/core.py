@@ -34,7 +34,7 @@ from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.core.stats import KVCacheStats
-from pagedllm.core.step_io import EngineCoreOutput, SchedulerOutput
+from pagedllm.core.step_io import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
 from pagedllm.engine.beam_ranking import BeamSearchParams
 from pagedllm.engine.beam_search import BeamSearchManager
 from pagedllm.engine.features import StepFeature
@@ -224,6 +224,11 @@ class EngineCore:
         for feature in self.features:
             feature.on_scheduled(scheduler_output)
         runner_output = self.executor.execute(scheduler_output)
+        return self._finish_step(scheduler_output, runner_output, started, outputs)
+
+    def _finish_step(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput,
+                     started: float, outputs: list[EngineCoreOutput]) -> EngineCoreOutputs:
+        """Update the requests from a step's result and package what the step produced."""
         outputs += self.scheduler.update_from_output(scheduler_output, runner_output)
         for feature in self.features:
             outputs = feature.after_update(outputs)
@@ -258,21 +263,13 @@ class EngineCore:
         if not self.in_flight or (submitted and len(self.in_flight) < self.pipeline_depth):
             return EngineCoreOutputs(outputs, self.stats(), {}, [], None)
         step = self.in_flight.popleft()
-        runner_output = step.result()
-        outputs += self.scheduler.update_from_output(step.scheduler_output, runner_output)
-        for feature in self.features:
-            outputs = feature.after_update(outputs)
-        if step.scheduler_output.scheduled:
-            self.num_steps += 1
+        finished = self._finish_step(step.scheduler_output, step.result(), step.started, outputs)
         while self.in_flight and not self.has_unfinished_requests():
             # nothing left to run: settle the steps still out (rows of aborted requests,
             # finished ids), so no reply waits in the pipes for a later call
             rest = self.in_flight.popleft()
             self.scheduler.update_from_output(rest.scheduler_output, rest.result())
-        stats = self.stats()
-        record = self._record(step.scheduler_output, time.perf_counter() - step.started, stats)
-        return EngineCoreOutputs(outputs, stats, runner_output.prompt_logprobs or {},
-                                 self.beam_search.take_results(), record)
+        return finished
 
     def _record(self, scheduler_output: SchedulerOutput, duration: float,
                 stats: CoreStats) -> StepRecord | None:
