@@ -55,7 +55,7 @@ class InFlightStep:
     """A step submitted to the executor whose result the core has not taken yet."""
 
     scheduler_output: SchedulerOutput
-    result: Callable[[], Any]  # waits for the ModelRunnerOutput
+    result: Callable[[], ModelRunnerOutput]  # waits for the step's result
     started: float  # perf_counter() when it was scheduled
 
 
