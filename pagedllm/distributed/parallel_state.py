@@ -149,10 +149,3 @@ def init_distributed(rank: int, tp_size: int, pp_size: int, init_method: str, de
                                          for stage_rank in range(pp_size)])
     logger.info("rank %d of %d joined (%s): pipeline stage %d of %d, tensor-parallel rank %d "
                 "of %d", rank, world_size, backend, stage, pp_size, tp_rank, tp_size)
-
-
-def destroy_distributed() -> None:
-    global _TP, _PP
-    _TP, _PP = ParallelGroup(), ParallelGroup()
-    if dist.is_initialized():
-        dist.destroy_process_group()
