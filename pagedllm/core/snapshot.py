@@ -60,40 +60,43 @@ class EngineSnapshot:
     # since start-up, for rates: prompt tokens computed (prefix hits excluded), tokens sampled
     num_prompt_tokens: int
     num_output_tokens: int
+    cost_s: float = 0.0  # how long taking it held the step loop up
 
 
 def take_snapshot(scheduler: Scheduler, num_steps: int, num_prompt_tokens: int,
                   num_output_tokens: int) -> EngineSnapshot:
     """The scheduler's blocks and requests now; O(blocks + requests' table entries)."""
-    kv = scheduler.kv
+    started = time.perf_counter()
+    kv, blocks = scheduler.kv, scheduler.kv.pool.blocks
     requests = [*scheduler.running, *scheduler.waiting]
     tables = {r.request_id: kv.block_ids(r.request_id) for r in requests}
-    states = block_states(kv.pool.blocks, hit_blocks(requests, tables, kv.block_size))
     now = time.monotonic()
-    return EngineSnapshot(
-        taken_at=now, num_steps=num_steps, block_states=states,
-        block_hashes=b"".join(_hash_prefix(block) for block in kv.pool.blocks),
+    snapshot = EngineSnapshot(
+        taken_at=now, num_steps=num_steps,
+        block_states=block_states(blocks, hit_blocks(requests, tables, kv.block_size)),
+        block_hashes=hash_prefixes(blocks),
         requests=[_view(r, tables[r.request_id], kv.is_swapped(r.request_id), now)
                   for r in requests],
         num_running=scheduler.num_running, num_waiting=scheduler.num_waiting,
         kv_cache=scheduler.kv_cache_stats(), num_prompt_tokens=num_prompt_tokens,
         num_output_tokens=num_output_tokens)
+    snapshot.cost_s = time.perf_counter() - started
+    return snapshot
 
 
+# These two run over every block between two steps: comprehensions, no call per block.
 def block_states(blocks: list[KVCacheBlock], hits: set[int]) -> bytes:
-    """One state byte per block; `hits`: blocks their one owner took from the prefix cache."""
-    states = bytearray(len(blocks))
-    for block in blocks:
-        states[block.block_id] = _state(block, block.block_id in hits)
-    return bytes(states)
+    """One state byte per block (by block id: the pool's list is in id order); `hits`: blocks
+    their one owner took from the prefix cache."""
+    return bytes([(FREE if b.block_hash is None else CACHED) if b.ref_cnt == 0
+                  else SHARED if b.ref_cnt > 1
+                  else HIT if b.block_id in hits else USED for b in blocks])
 
 
-def _state(block: KVCacheBlock, hit: bool) -> int:
-    if block.ref_cnt == 0:
-        return FREE if block.block_hash is None else CACHED
-    if block.ref_cnt > 1:
-        return SHARED
-    return HIT if hit else USED
+def hash_prefixes(blocks: list[KVCacheBlock]) -> bytes:
+    """HASH_PREFIX_BYTES of each block's hash, zeros for a block without one."""
+    return b"".join([NO_HASH if b.block_hash is None else b.block_hash[:HASH_PREFIX_BYTES]
+                     for b in blocks])
 
 
 def hit_blocks(requests: list[Request], tables: dict[str, list[int]], block_size: int) -> set[int]:
@@ -103,10 +106,6 @@ def hit_blocks(requests: list[Request], tables: dict[str, list[int]], block_size
     for request in requests:
         hits.update(tables[request.request_id][:request.num_cached_tokens // block_size])
     return hits
-
-
-def _hash_prefix(block: KVCacheBlock) -> bytes:
-    return block.block_hash[:HASH_PREFIX_BYTES] if block.block_hash is not None else NO_HASH
 
 
 def _view(request: Request, block_ids: list[int], swapped: bool, now: float) -> RequestView:

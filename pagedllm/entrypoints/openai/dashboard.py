@@ -43,6 +43,9 @@ logger = init_logger(__name__)
 
 PAGE_PATHS = ("/dashboard", "/dashboard/dashboard.js")  # open: the page holds no data
 UPDATE_INTERVAL_S = 0.33  # about 3 updates a second
+# At most this fraction of the step loop's time goes to snapshots: with a huge cache, whose
+# snapshot takes longer, updates come less often (a 5 ms snapshot: one a second).
+MAX_SNAPSHOT_SHARE = 0.005
 HISTORY_S = 300.0  # the time series a new page starts with
 LATENCY_WINDOW_S = 60.0  # TTFT and inter-token percentiles: requests finished this recently
 MAX_LATENCIES = 20_000  # finished requests kept for those percentiles
@@ -193,20 +196,24 @@ class DashboardHub:
         loop = asyncio.get_running_loop()
         while self.listeners:
             started = loop.time()
-            self._broadcast(await self._next_event())
-            await asyncio.sleep(max(0.0, self.interval_s - (loop.time() - started)))
+            event, cost_s = await self._next_event()
+            self._broadcast(event)
+            period = max(self.interval_s, cost_s / MAX_SNAPSHOT_SHARE)
+            await asyncio.sleep(max(0.0, period - (loop.time() - started)))
 
-    async def _next_event(self) -> str:
+    async def _next_event(self) -> tuple[str, float]:
+        """The next event and how long the engine spent on its snapshot."""
         try:
             snapshot = await asyncio.wait_for(self.engine.snapshot(), SNAPSHOT_TIMEOUT_S)
         except (EngineDeadError, asyncio.TimeoutError) as exc:
             message = str(exc) or f"no snapshot from the engine in {SNAPSHOT_TIMEOUT_S:.0f} s"
-            return f"event: engine_error\ndata: {json.dumps({'message': message})}\n\n"
+            return f"event: engine_error\ndata: {json.dumps({'message': message})}\n\n", 0.0
         point = sample(snapshot, self.previous, self.latencies)
         self.previous = snapshot
         self.history.append(point)
         self.num_updates += 1
-        return f"event: update\ndata: {json.dumps(update_message(snapshot, point))}\n\n"
+        message = json.dumps(update_message(snapshot, point))
+        return f"event: update\ndata: {message}\n\n", snapshot.cost_s
 
     def _broadcast(self, event: str) -> None:
         for queue in self.listeners:
