@@ -6,8 +6,9 @@ Routes:
     POST /v1/load_lora_adapter /v1/unload_lora_adapter   only with --allow-runtime-lora-updating
     GET  /debug/step_stats   what the engine's steps batched (tests and benchmarks read it)
     GET  /dashboard (/dashboard/stream)   the live dashboard (dashboard.py)
-With an API key, every route but /health (and /metrics with --public-metrics) needs
-`Authorization: Bearer KEY`: the tokenizer routes cost as much as a prompt does.
+With an API key, every route but /health, the dashboard's page (no data in it) and /metrics with
+--public-metrics needs `Authorization: Bearer KEY`: the tokenizer routes cost as much as a
+prompt does.
 
 Cheap refusals come first, in ASGI middleware: a missing key (401), then a body over
 --max-request-body-size (413), both before a byte of the body is parsed.
