@@ -4,6 +4,7 @@ browser, then one real `pagedllm serve` under load from the test, opened by a he
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -31,8 +32,11 @@ from pagedllm.core.snapshot import (
     RequestView,
 )
 from pagedllm.core.stats import KVCacheStats
+from pagedllm.engine.errors import EngineDeadError
 from pagedllm.engine.request_tracking import RequestStats
 from pagedllm.entrypoints.openai.dashboard import (
+    CLIENT_BACKLOG,
+    DashboardHub,
     LatencyWindow,
     block_runs,
     expand_runs,
@@ -120,6 +124,60 @@ def test_a_sample_has_rates_since_the_previous_snapshot_and_latency_percentiles(
     assert point["ttft_p50"] == pytest.approx(0.55) and point["ttft_p99"] < 1.0 + 1e-9
     assert point["itl_p50"] == pytest.approx(0.1)
     json.dumps(point, allow_nan=False)
+
+
+class FakeEngine:
+    """What the hub needs of AsyncLLM: snapshots (counted) and an observer hook."""
+
+    def __init__(self, dead: bool = False) -> None:
+        self.calls = 0
+        self.dead = dead
+
+    def add_observer(self, observer) -> None:
+        pass
+
+    async def snapshot(self) -> EngineSnapshot:
+        self.calls += 1
+        if self.dead:
+            raise EngineDeadError("the engine has stopped")
+        return snapshot_of([USED, FREE], [], taken_at=time.monotonic(), output=10 * self.calls)
+
+
+def test_the_hub_samples_only_while_a_stream_is_open_and_drops_for_slow_clients():
+    async def run() -> None:
+        engine = FakeEngine()
+        hub = DashboardHub(engine, interval_s=0.01)
+        fast, slow = hub.events(), hub.events()
+        assert (await anext(fast)).startswith("event: history\ndata: []")
+        await anext(slow)
+        updates = [await anext(fast) for _ in range(5)]
+        assert all(u.startswith("event: update\ndata: ") for u in updates)
+        assert all(q.qsize() <= CLIENT_BACKLOG for q in hub.listeners)  # slow never read more
+        await fast.aclose()
+        await slow.aclose()
+        calls = engine.calls
+        await asyncio.sleep(0.1)
+        assert engine.calls == calls and not hub.listeners  # no page, no snapshot
+        again = hub.events()
+        history = json.loads((await anext(again)).split("data: ", 1)[1])
+        assert len(history) >= 5 and history[-1]["output_tps"] is not None
+        await again.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_dead_engine_is_an_event_not_a_hang():
+    async def run() -> str:
+        events = DashboardHub(FakeEngine(dead=True), interval_s=0.01).events()
+        await anext(events)
+        try:
+            return await anext(events)
+        finally:
+            await events.aclose()
+
+    event = asyncio.run(run())
+    assert event.startswith("event: engine_error\n")
+    assert json.loads(event.split("data: ", 1)[1]) == {"message": "the engine has stopped"}
 
 
 # ---- a real server and a real browser ------------------------------------------------------------
