@@ -17,14 +17,13 @@ import contextlib
 import json
 import math
 import os
-import signal
 import statistics
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from benchmarks.serve_load import launch
+from benchmarks.serve_load import add_launch_args, target_server
 from pagedllm.bench.dataset import synthetic_text_workload
 from pagedllm.bench.serve import LoadSpec, add_load_args, benchmark, first_model, make_client
 
@@ -108,23 +107,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num-prompts", type=int, default=32, help="requests per round")
     parser.add_argument("--max-concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3, help="rounds per side")
-    parser.add_argument("--launch", action="store_true", help="start a server for the run")
-    parser.add_argument("--server-args", default="--kv-cache-memory 512MiB",
-                        help="extra `pagedllm serve` arguments with --launch")
+    add_launch_args(parser, "--kv-cache-memory 512MiB")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    proc, url = launch(args.server_args.split()) if args.launch else (None, args.base_url)
-    if proc is not None:
-        args.api_key = None
-    try:
+    with target_server(args) as url:
         rounds = asyncio.run(measure(args, url))
-    finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
     closed, opened = side(rounds, False), side(rounds, True)
     print_table(closed, opened)
     print(json.dumps({"closed": closed, "open": opened, "rounds": [

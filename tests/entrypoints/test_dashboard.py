@@ -44,7 +44,7 @@ from pagedllm.entrypoints.openai.dashboard import (
     update_message,
 )
 
-from .server_utils import ServerProcess, engine_state, launch_server, sse_events_iter
+from .server_utils import ServerProcess, engine_state, running_server, sse_events_iter
 
 API_KEY = "sk-dashboard"
 # where the screenshot under load goes (docs/dashboard.png was made with this); else tmp_path
@@ -198,13 +198,10 @@ def ensure_chromium() -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server = launch_server(tmp_path_factory.mktemp("dashboard"), "--kv-cache-memory", "192MiB",
-                           "--max-model-len", "512", "--disable-access-log", api_key=API_KEY)
-    try:
-        server.wait_until_healthy()
+    with running_server(tmp_path_factory.mktemp("dashboard"), "--kv-cache-memory", "192MiB",
+                        "--max-model-len", "512", "--disable-access-log",
+                        api_key=API_KEY) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
