@@ -207,7 +207,10 @@ class DashboardHub:
             snapshot = await asyncio.wait_for(self.engine.snapshot(), SNAPSHOT_TIMEOUT_S)
         except (EngineDeadError, asyncio.TimeoutError) as exc:
             message = str(exc) or f"no snapshot from the engine in {SNAPSHOT_TIMEOUT_S:.0f} s"
-            return f"event: engine_error\ndata: {json.dumps({'message': message})}\n\n", 0.0
+            return _error_event(message), 0.0
+        except Exception as exc:  # a bug here must not silence every page for good
+            logger.exception("dashboard snapshot failed")
+            return _error_event(f"{type(exc).__name__}: {exc}"), 0.0
         point = sample(snapshot, self.previous, self.latencies)
         self.previous = snapshot
         self.history.append(point)
@@ -221,6 +224,10 @@ class DashboardHub:
                 with contextlib.suppress(asyncio.QueueEmpty):
                     queue.get_nowait()
             queue.put_nowait(event)
+
+
+def _error_event(message: str) -> str:
+    return f"event: engine_error\ndata: {json.dumps({'message': message})}\n\n"
 
 
 # ---- routes -----------------------------------------------------------------------------------------
