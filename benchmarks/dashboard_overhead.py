@@ -18,7 +18,7 @@ import json
 import math
 import os
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -34,13 +34,16 @@ class StreamReader:
 
     updates: int = 0
     bytes: int = 0
+    snapshot_ms: list[float] = field(default_factory=list)  # the core's time per snapshot
 
     async def read(self, client: httpx.AsyncClient) -> None:
         async with client.stream("GET", "/dashboard/stream") as response:
             response.raise_for_status()
             async for line in response.aiter_lines():
                 self.bytes += len(line) + 1
-                self.updates += line == "event: update"
+                if line.startswith("data: {"):
+                    self.updates += 1
+                    self.snapshot_ms.append(json.loads(line[6:])["snapshot_ms"])
 
 
 async def one_round(client: httpx.AsyncClient, spec: LoadSpec, args: argparse.Namespace,
@@ -60,7 +63,7 @@ async def one_round(client: httpx.AsyncClient, spec: LoadSpec, args: argparse.Na
         with contextlib.suppress(asyncio.CancelledError):
             await task
     return {"watched": watched, "updates": reader.updates, "stream_bytes": reader.bytes,
-            **report}
+            "snapshot_ms": reader.snapshot_ms, **report}
 
 
 async def measure(args: argparse.Namespace, base_url: str) -> list[dict[str, Any]]:
@@ -84,16 +87,18 @@ def side(rounds: list[dict[str, Any]], watched: bool) -> dict[str, float]:
         "ttft_ms": statistics.median(r["ttft_ms"]["mean"] for r in mine),
         "updates_per_s": sum(r["updates"] for r in mine) / seconds,
         "stream_kb_per_s": sum(r["stream_bytes"] for r in mine) / seconds / 1e3,
+        "snapshot_ms": statistics.mean([ms for r in mine for ms in r["snapshot_ms"]] or [0.0]),
         "failed": sum(r["failed"] for r in mine),
     }
 
 
 def print_table(closed: dict[str, float], opened: dict[str, float]) -> None:
     print(f"{'dashboard':>9} {'tok/s':>8} {'TPOT ms':>8} {'TTFT ms':>8} {'updates/s':>9} "
-          f"{'stream kB/s':>11} {'failed':>6}")
+          f"{'stream kB/s':>11} {'snapshot ms':>11} {'failed':>6}")
     for name, s in (("closed", closed), ("open", opened)):
         print(f"{name:>9} {s['output_tok_s']:>8.1f} {s['tpot_ms']:>8.1f} {s['ttft_ms']:>8.0f} "
-              f"{s['updates_per_s']:>9.2f} {s['stream_kb_per_s']:>11.1f} {s['failed']:>6}")
+              f"{s['updates_per_s']:>9.2f} {s['stream_kb_per_s']:>11.1f} "
+              f"{s['snapshot_ms']:>11.2f} {s['failed']:>6}")
     print(f"open / closed output throughput: {opened['output_tok_s'] / closed['output_tok_s']:.3f}")
 
 

@@ -3,7 +3,10 @@ real scheduler driven by a fake model: pure Python, no torch."""
 
 from __future__ import annotations
 
+from kv_content import ContentRunner
 from test_scheduler import add, make_scheduler, run_to_completion, step
+from test_swap import make_scheduler as make_swap_scheduler
+from test_swap import request as swap_request
 
 from pagedllm.core.snapshot import CACHED, FREE, HASH_PREFIX_BYTES, HIT, SHARED, USED, take_snapshot
 
@@ -78,3 +81,27 @@ def test_snapshot_counts_match_the_schedulers_kv_cache_stats():
     assert free == kv.num_free_blocks
     assert snap.num_running + snap.num_waiting == 5
     assert {r.state for r in snap.requests} <= {"running", "waiting", "preempted"}
+
+
+def test_preempted_and_swapped_requests_are_named_so_and_hold_no_device_block():
+    for mode, expected in (("swap", "swapped"), ("recompute", "preempted")):
+        scheduler, pool, _ = make_swap_scheduler(num_blocks=5, num_host_blocks=8, mode=mode)
+        runner = ContentRunner(5, 8, 4)
+        for name, start in (("a", 0), ("b", 50)):
+            scheduler.add_request(swap_request(name, range(start, start + 6), max_tokens=10))
+        views = {}
+        for _ in range(50):  # until one of them is pushed out
+            out = scheduler.schedule()
+            scheduler.update_from_output(out, runner.execute(out))
+            views = {v.request_id: v for v in snapshot(scheduler).requests}
+            if any(v.state == expected for v in views.values()):
+                break
+        pushed = [v for v in views.values() if v.state == expected]
+        assert len(pushed) == 1 and pushed[0].block_ids == [], (mode, views)
+        assert pushed[0].num_computed_tokens == (pushed[0].num_prompt_tokens
+                                                 + pushed[0].num_output_tokens - 1
+                                                 if mode == "swap" else 0)
+        snap = snapshot(scheduler)
+        assert snap.kv_cache.num_swapped_requests == (mode == "swap")
+        in_use = sum(snap.block_states.count(s) for s in (USED, HIT, SHARED))
+        assert in_use == pool.num_blocks - pool.num_free_blocks

@@ -97,6 +97,7 @@ def update_message(snapshot: EngineSnapshot, sample: dict[str, Any],
         "waiting": snapshot.num_waiting,
         "swapped": kv.num_swapped_requests,
         "kv": kv.as_dict(),
+        "snapshot_ms": round(snapshot.cost_s * 1e3, 3),  # what it held the step loop up
         "sample": sample,
     }
 
