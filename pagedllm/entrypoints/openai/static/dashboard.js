@@ -6,7 +6,8 @@
 (() => {
   const KEY_ITEM = "pagedllm-api-key";
   const WINDOW_S = 300;  // the charts' time span
-  const FINISHED_FADE_MS = 5000;  // a finished request's row stays this long, fading
+  const FINISHED_FADE_MS = 5000;  // a finished request's row stays this long,
+  const FADE_MS = 3000;  // fading over this long
   const RETRY_MS = 2000;
   const STATE_COLORS = {
     free: "#e8eaed", cached: "#9ecae1", used: "#34a853", hit: "#fb8c00", shared: "#d93025",
@@ -333,10 +334,14 @@
       Math.round(seconds % 60) + " s";
   }
 
-  function requestRow(request, finished) {
+  function requestRow(request, finishedAt) {
+    const finished = finishedAt !== null;
     const row = document.createElement("tr");
     row.dataset.requestId = request.id;
-    if (finished) row.className = "finished";
+    if (finished) {  // fades from the moment it ended, whatever the rows drawn in between
+      row.className = "finished";
+      row.style.opacity = String(1 - 0.8 * Math.min(1, (Date.now() - finishedAt) / FADE_MS));
+    }
     const computed = Math.min(request.computed, request.prompt);
     const bar = document.createElement("span");
     bar.className = "bar";
@@ -366,18 +371,9 @@
 
   function renderRequests() {
     const body = document.querySelector("#requests tbody");
-    const rows = [...view.requests.values()].map((r) => requestRow(r, false));
-    for (const {request} of view.finished.values()) rows.push(requestRow(request, true));
-    const previous = new Set([...body.children].filter((r) => r.className === "finished")
-      .map((r) => r.dataset.requestId));
+    const rows = [...view.requests.values()].map((r) => requestRow(r, null));
+    for (const {request, at} of view.finished.values()) rows.push(requestRow(request, at));
     body.replaceChildren(...rows);
-    // a row that just finished starts opaque and fades (the CSS transition needs one frame)
-    for (const row of rows) {
-      if (row.className === "finished" && !previous.has(row.dataset.requestId)) {
-        row.className = "";
-        requestAnimationFrame(() => { row.className = "finished"; });
-      }
-    }
     const m = view.message;
     const listed = m.requests.length < m.num_requests ? ` (first ${m.requests.length} listed)` : "";
     $("request-summary").textContent = `${m.running} running, ${m.waiting} waiting, ` +
