@@ -298,8 +298,14 @@ def severe_console_messages(driver) -> list[dict]:
 SHARED_PROMPT = ("The paged KV cache keeps every sequence in fixed-size blocks, so that memory "
                  "is handed out one block at a time and a prefix computed once can be reused "
                  "by every request that starts with it. ") * 3
+# A finished request over HEAD + TAIL leaves both cached; one running request on HEAD + another
+# ending takes HEAD's blocks back alone (prefix hits), TAIL's stay cached.
+HEAD = ("Blocks that no request holds any more keep their hash until the pool hands them out "
+        "again, so the next request with the same beginning skips computing it. ") * 2
+TAIL = "Then the story goes on about something else entirely, for a while longer. " * 3
 OTHER_PROMPTS = ["Write a story about a lighthouse keeper", "List the planets of the solar system",
-                 "Explain how a bicycle stays upright"]
+                 HEAD + "Now write a short poem about the sea."]
+NUM_LOAD = 5  # streams of the load
 
 
 def test_the_stream_needs_the_api_key_and_the_page_does_not(server):
@@ -330,6 +336,8 @@ def test_the_page_shows_the_engine_under_load(server, browser, tmp_path):
     # A finished request leaves its full blocks cached: free, but holding a prefix hash.
     done = http.post("/v1/completions", json={"prompt": SHARED_PROMPT, "max_tokens": 1})
     assert done.status_code == 200, done.text
+    assert http.post("/v1/completions", json={"prompt": HEAD + TAIL,
+                                              "max_tokens": 1}).status_code == 200
     browser.get(server.url + f"/dashboard?key={API_KEY}")
     wait_until(lambda: page(browser, "window.pagedllmDashboard.updates") >= 2, "two updates")
     assert "key=" not in browser.current_url  # kept in sessionStorage, off the address bar
@@ -342,9 +350,11 @@ def test_the_page_shows_the_engine_under_load(server, browser, tmp_path):
         hits = [load.start(SHARED_PROMPT, MAX_TOKENS) for _ in range(2)]  # the cached prefix
         for prompt in OTHER_PROMPTS:
             load.start(prompt, MAX_TOKENS)
-        wait_until(lambda: load.errors or page(browser, "window.pagedllmDashboard.running") == 5,
-                   "five running requests on the page")
+        wait_until(lambda: load.errors or page(browser, "window.pagedllmDashboard.running")
+                   == NUM_LOAD, "the load's requests running on the page")
         assert not load.errors
+        counts = page(browser, "window.pagedllmDashboard.counts")
+        assert counts["hit"] >= 1 and counts["cached"] >= 1, counts  # HEAD's and TAIL's blocks
         # a hit leaves at least the last prompt token to compute
         check_prefix_hits(browser, [load.engine_id(i) for i in hits],
                           (num_prompt_tokens - 1) // 16)
@@ -416,4 +426,4 @@ def check_a_click_names_the_owners_and_the_hash(browser, request_ids: list[str])
 
 def check_running_matches_metrics(browser, server: ServerProcess) -> None:
     shown = int(browser.find_element("id", "running").text)
-    assert shown == metric(server, "pagedllm:num_requests_running") == 5
+    assert shown == metric(server, "pagedllm:num_requests_running") == NUM_LOAD

@@ -467,7 +467,8 @@
         drawing = true;
       }
       ctx.stroke();
-      const last = points.length ? points[points.length - 1][key] : null;
+      const known = points.filter((p) => p[key] !== null && p[key] !== undefined);
+      const last = known.length ? known[known.length - 1][key] : null;  // the latest it said
       const text = `${label} ${formatValue(last, chart)}`;
       ctx.fillStyle = color;
       ctx.fillText(text, legendX, 11);
