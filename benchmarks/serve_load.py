@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -108,6 +110,28 @@ def launch(extra: list[str]) -> tuple[subprocess.Popen, str]:
     raise SystemExit("the server did not become healthy")
 
 
+def add_launch_args(parser: argparse.ArgumentParser, server_args: str) -> None:
+    parser.add_argument("--launch", action="store_true", help="start a server for the run")
+    parser.add_argument("--server-args", default=server_args,
+                        help="extra `pagedllm serve` arguments with --launch")
+
+
+@contextlib.contextmanager
+def target_server(args: argparse.Namespace) -> Iterator[str]:
+    """The URL to measure: --base-url, or with --launch a server (no API key) started for the
+    run and stopped after it."""
+    if not args.launch:
+        yield args.base_url
+        return
+    proc, url = launch(args.server_args.split())
+    args.api_key = None
+    try:
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,23 +143,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")],
                         default=[1, 8, 32])
     parser.add_argument("--rounds", type=int, default=2, help="requests per client per level")
-    parser.add_argument("--launch", action="store_true", help="start a server for the run")
-    parser.add_argument("--server-args", default="--kv-cache-memory 1GiB",
-                        help="extra `pagedllm serve` arguments with --launch")
+    add_launch_args(parser, "--kv-cache-memory 1GiB")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    proc, url = launch(args.server_args.split()) if args.launch else (None, args.base_url)
-    if proc is not None:
-        args.api_key = None
-    try:
+    with target_server(args) as url:
         levels = asyncio.run(sweep(args, url))
-    finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
     print_table(levels)
     print(json.dumps({"output_len": args.output_len, "levels": levels}))
 

@@ -40,9 +40,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pagedllm.config import EngineArgs
+from pagedllm.core.snapshot import EngineSnapshot
 from pagedllm.core.stats import KVCacheStats
 from pagedllm.engine.beam_ranking import BeamSearchParams
-from pagedllm.engine.core import StepRecord
+from pagedllm.engine.core import EngineCore, StepRecord
 from pagedllm.engine.errors import EngineDeadError, EngineOverloadedError, EngineStepError
 from pagedllm.engine.llm_engine import LLMEngine, ProcessedInput
 from pagedllm.engine.request_tracking import RequestStats, TrackedRequest, tracking_params
@@ -289,6 +290,14 @@ class AsyncLLM:
             newest = itertools.takewhile(lambda r: r.step > since_step, reversed(engine.step_records))
             return [asdict(r) for r in itertools.islice(newest, limit)][::-1]
         return await self.call(collect)
+
+    async def snapshot(self) -> EngineSnapshot:
+        """The engine core's blocks and requests between two steps (the dashboard's). A core
+        in its own process answers through its pipe, and this thread never waits for it."""
+        core = self.engine.engine_core
+        if isinstance(core, EngineCore):
+            return await self.call(lambda engine: core.snapshot())
+        return await asyncio.wrap_future(core.request_snapshot())
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Abort what is left, stop the thread and wait for it. Safe to call twice."""

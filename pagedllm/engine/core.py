@@ -33,6 +33,7 @@ from pagedllm.core.block_pool import BlockPool
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler
+from pagedllm.core.snapshot import EngineSnapshot, take_snapshot
 from pagedllm.core.stats import KVCacheStats
 from pagedllm.core.step_io import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
 from pagedllm.engine.beam_ranking import BeamSearchParams
@@ -155,6 +156,9 @@ class EngineCore:
         self.features: list[StepFeature] = [
             StructuredOutputStep(self.structured_output, self.scheduler), self.beam_search]
         self.num_steps = 0
+        # since start-up, for the dashboard's rates: prompt tokens computed, tokens sampled
+        self.num_prompt_tokens = 0
+        self.num_output_tokens = 0
         # pipeline parallelism: up to one step in flight per stage (see _step_pipelined)
         self.pipeline_depth = args.pipeline_parallel_size
         self.in_flight: collections.deque[InFlightStep] = collections.deque()
@@ -214,6 +218,12 @@ class EngineCore:
         return CoreStats(self.scheduler.num_running, self.scheduler.num_waiting, self.num_steps,
                          self.kv_cache_stats(), tuple(running), tuple(waiting))
 
+    def snapshot(self) -> EngineSnapshot:
+        """Every block's state and every unfinished request, for the dashboard (core/snapshot.py);
+        taken only when asked, between steps."""
+        return take_snapshot(self.scheduler, self.num_steps, self.num_prompt_tokens,
+                             self.num_output_tokens)
+
     # ---- the step -------------------------------------------------------------------------------
     def step(self) -> EngineCoreOutputs:
         if self.pipeline_depth > 1:
@@ -230,6 +240,8 @@ class EngineCore:
                      started: float, outputs: list[EngineCoreOutput]) -> EngineCoreOutputs:
         """Update the requests from a step's result and package what the step produced."""
         outputs += self.scheduler.update_from_output(scheduler_output, runner_output)
+        self.num_prompt_tokens += scheduler_output.num_prefill_tokens
+        self.num_output_tokens += sum(len(o.new_token_ids) for o in outputs)  # beams' too
         for feature in self.features:
             outputs = feature.after_update(outputs)
         if scheduler_output.scheduled:

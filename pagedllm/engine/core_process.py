@@ -5,10 +5,12 @@
     CoreProcessClient.add_request(r) --("add", r)------->  core.add_request(r)
                      .abort_requests --("abort", ids)--->  core.abort_requests(ids)
                      .finish_requests ("finish", ids)--->  core.finish_requests(ids)  (stop strings)
+                     .request_snapshot ("snapshot")----->  core.snapshot()  (the dashboard)
                                                            while it has work: core.step()
     reader thread: queue <---------------("outputs", EngineCoreOutputs)
                            <-------------("step_failed", message)   in-flight requests aborted
                            <-------------("dead", message)          a worker died: exit(1)
+    reader thread: future  <-------------("snapshot", EngineSnapshot)  answered between steps
 
 Two one-way pipes, pickled messages. The core process steps as fast as it can and never waits
 for the front-end; it drains its inbox between steps (blocking on it only while idle). So HTTP
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import concurrent.futures
 import contextlib
 import multiprocessing
 import multiprocessing.connection
@@ -32,6 +35,7 @@ from typing import Any
 
 from pagedllm.config import EngineArgs
 from pagedllm.core.request import Request, RequestStatus
+from pagedllm.core.snapshot import EngineSnapshot
 from pagedllm.core.stats import KVCacheStats
 from pagedllm.core.step_io import EngineCoreOutput
 from pagedllm.engine.beam_ranking import BeamSearchParams
@@ -73,6 +77,8 @@ class CoreProcessClient:
         self._received: collections.deque[tuple[str, Any]] = collections.deque()
         self._arrived = threading.Condition()
         self._dead: str | None = None
+        # snapshot requests in the order sent; the core answers them in that order
+        self._snapshots: collections.deque[concurrent.futures.Future] = collections.deque()
         self._reader = threading.Thread(target=self._read, name="pagedllm-core-reader",
                                         daemon=True)
         self._reader.start()
@@ -109,6 +115,18 @@ class CoreProcessClient:
         if request_ids:
             self._send("finish", (request_ids, status))
 
+    def request_snapshot(self) -> concurrent.futures.Future[EngineSnapshot]:
+        """Ask for the core's snapshot (core/snapshot.py); the future has it once the core has
+        finished its current step. The caller never blocks the step loop or this client."""
+        future: concurrent.futures.Future[EngineSnapshot] = concurrent.futures.Future()
+        with self._arrived:  # the reader fails what is queued if the core dies meanwhile
+            self._snapshots.append(future)
+        try:
+            self._send("snapshot", None)
+        except EngineDeadError as exc:
+            future.set_exception(exc)
+        return future
+
     def _send(self, kind: str, payload: Any) -> None:
         if self._dead is not None:
             raise EngineDeadError(self._dead)
@@ -126,12 +144,31 @@ class CoreProcessClient:
                 self.process.join(POLL_S)
                 message = ("dead", f"the engine core process exited (exit code "
                                    f"{self.process.exitcode})")
+            if message[0] == "snapshot" or message[0] == "dead":
+                self._answer_snapshots(message)
+                if message[0] == "snapshot":
+                    continue
             with self._arrived:
                 self._received.append(message)
                 self._arrived.notify()
             self.wakeup()
             if message[0] == "dead":
                 return
+
+    def _answer_snapshots(self, message: tuple[str, Any]) -> None:
+        """A snapshot answers the oldest request; a dead core fails them all."""
+        with self._arrived:
+            pending = ([self._snapshots.popleft()] if message[0] == "snapshot" and self._snapshots
+                       else [])
+            if message[0] == "dead":
+                pending, self._snapshots = list(self._snapshots), collections.deque()
+        for future in pending:
+            if future.done():
+                continue  # a caller that gave up on it cancelled it
+            if message[0] == "snapshot":
+                future.set_result(message[1])
+            else:
+                future.set_exception(EngineDeadError(message[1]))
 
     def ready_to_step(self) -> bool:
         return bool(self._received)
@@ -242,6 +279,8 @@ class CoreLoop:
             self.core.abort_requests(payload)
         elif kind == "finish":
             self.core.finish_requests(*payload)
+        elif kind == "snapshot":
+            self.outbox.send(("snapshot", self.core.snapshot()))
         else:
             raise ValueError(f"unknown engine core message {kind!r}")
 

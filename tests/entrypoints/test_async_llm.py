@@ -292,3 +292,27 @@ def test_prompts_are_tokenized_off_the_engine_thread(async_llm, monkeypatch):
     progressed, _ = asyncio.run(run())
     assert progressed >= 3
     assert set(threads) and all(name.startswith("pagedllm-input") for name in threads)
+
+
+def test_the_dashboard_snapshot_is_taken_on_the_engine_thread(async_llm):
+    """With the core in this process, a snapshot is a command between two steps."""
+    from pagedllm.core.snapshot import CACHED, FREE, USED
+
+    async def run():
+        stream = await async_llm.add_requests(
+            [NewRequest("watched", PROMPTS[1], greedy(500, ignore_eos=True))])
+        async for output in stream:
+            if output.outputs[0].token_ids:
+                snapshot = await async_llm.snapshot()
+                stream.abort()
+                return snapshot
+        return None
+
+    snapshot = asyncio.run(run())
+    (view,) = snapshot.requests
+    assert (view.request_id, view.state) == ("watched", "running")
+    assert view.num_computed_tokens >= view.num_prompt_tokens > 0
+    assert {snapshot.block_states[b] for b in view.block_ids} == {USED}
+    assert snapshot.num_output_tokens >= view.num_output_tokens >= 1
+    free = snapshot.block_states.count(FREE) + snapshot.block_states.count(CACHED)
+    assert free == snapshot.kv_cache.num_free_blocks

@@ -137,4 +137,35 @@ def test_killed_core_process_is_a_clear_death():
     assert not engine.is_running
     with pytest.raises(EngineDeadError):
         asyncio.run(collect(engine, [NewRequest("after", PROMPTS[0], greedy(3))]))
+    with pytest.raises(EngineDeadError):  # the dashboard's snapshot too: no wait for nothing
+        asyncio.run(asyncio.wait_for(engine.snapshot(), 10))
     engine.shutdown()
+
+
+def test_the_dashboard_snapshot_crosses_the_process_boundary(proc_llm):
+    """Snapshots (core/snapshot.py) come back through the pipe between steps, each answering
+    its own request, while the core keeps stepping."""
+    from pagedllm.core.snapshot import CACHED, FREE, USED
+
+    async def run() -> list:
+        stream = await proc_llm.add_requests(
+            [NewRequest("watched", PROMPTS[0], greedy(500, ignore_eos=True))])
+        async for output in stream:
+            if output.outputs[0].token_ids:
+                snapshots = await asyncio.gather(*(proc_llm.snapshot() for _ in range(3)))
+                stream.abort()
+                return snapshots
+        return []
+
+    snapshots = asyncio.run(run())
+    assert len(snapshots) == 3
+    assert [s.num_steps for s in snapshots] == sorted(s.num_steps for s in snapshots)
+    for snapshot in snapshots:
+        (view,) = snapshot.requests
+        assert (view.request_id, view.state) == ("watched", "running")
+        assert view.num_output_tokens >= 1 and view.block_ids
+        assert {snapshot.block_states[b] for b in view.block_ids} == {USED}
+        kv = snapshot.kv_cache
+        free = snapshot.block_states.count(FREE) + snapshot.block_states.count(CACHED)
+        assert kv.num_free_blocks == free == kv.num_blocks - len(view.block_ids)
+    wait_until_all_blocks_free(proc_llm)

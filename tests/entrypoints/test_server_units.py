@@ -30,6 +30,7 @@ from pagedllm.engine.async_llm import (
 from pagedllm.entrypoints.openai import api_server
 from pagedllm.entrypoints.openai.api_server import DrainingServer, build_app
 from pagedllm.entrypoints.openai.cli_args import ServerOptions
+from pagedllm.entrypoints.openai.dashboard import PAGE_PATHS
 from pagedllm.entrypoints.openai.errors import OpenAIError
 from pagedllm.entrypoints.openai.limits import DEFAULT_MAX_TOKENS, RequestLimits, decimal_below
 from pagedllm.entrypoints.openai.protocol import UsageInfo
@@ -328,7 +329,7 @@ def test_every_route_but_health_needs_the_api_key():
         app = build_app(FakeEngine(), [MODEL], api_key=KEY,
                         options=ServerOptions(public_metrics=public_metrics))
         client = TestClient(app)
-        open_paths = {"/health"} | ({"/metrics"} if public_metrics else set())
+        open_paths = {"/health", *PAGE_PATHS} | ({"/metrics"} if public_metrics else set())
         routes = [(method, route.path) for route in flat_routes(app.routes)
                   for method in getattr(route, "methods", None) or {"GET"}]
         assert {"/tokenize", "/detokenize", "/debug/step_stats", "/openapi.json"} <= {

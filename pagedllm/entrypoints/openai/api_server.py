@@ -5,8 +5,10 @@ Routes:
     POST /v1/completions /v1/chat/completions /tokenize /detokenize
     POST /v1/load_lora_adapter /v1/unload_lora_adapter   only with --allow-runtime-lora-updating
     GET  /debug/step_stats   what the engine's steps batched (tests and benchmarks read it)
-With an API key, every route but /health (and /metrics with --public-metrics) needs
-`Authorization: Bearer KEY`: the tokenizer routes cost as much as a prompt does.
+    GET  /dashboard (/dashboard/stream)   the live dashboard (dashboard.py)
+With an API key, every route but /health, the dashboard's page (no data in it) and /metrics with
+--public-metrics needs `Authorization: Bearer KEY`: the tokenizer routes cost as much as a
+prompt does.
 
 Cheap refusals come first, in ASGI middleware: a missing key (401), then a body over
 --max-request-body-size (413), both before a byte of the body is parsed.
@@ -32,6 +34,7 @@ from pagedllm.entrypoints.openai.cli_args import (
     ServerOptions,
     resolve_api_key,
 )
+from pagedllm.entrypoints.openai.dashboard import install_dashboard
 from pagedllm.entrypoints.openai.errors import (
     DOCUMENTED_ERRORS,
     error_response,
@@ -203,8 +206,9 @@ def build_app(engine: AsyncLLM, served_model_names: list[str], api_key: str | No
     app.include_router(router)
     if options.allow_runtime_lora_updating:
         app.include_router(lora_router)
+    page_paths = install_dashboard(app, engine)
     install_error_handlers(app)
-    open_paths = OPEN_PATHS + (("/metrics",) if options.public_metrics else ())
+    open_paths = OPEN_PATHS + page_paths + (("/metrics",) if options.public_metrics else ())
     processor = getattr(engine, "input_processor", None)
     _document(app, options, ModelBounds(
         served_names=models.names, vocab_size=config.vocab_size,
