@@ -187,10 +187,15 @@ def ensure_chromium() -> tuple[str, str]:
         if os.geteuid() != 0 or not shutil.which("apt-get"):
             pytest.skip("chromium and chromium-driver are missing, and apt-get cannot install "
                         "them here (not root, or no apt-get)")
+        apt = {"check": True, "capture_output": True, "timeout": 900,
+               "env": {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}}
+        install = ["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"]
         try:
-            subprocess.run(["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"],
-                           check=True, capture_output=True, timeout=900,
-                           env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+            try:
+                subprocess.run(install, **apt)
+            except subprocess.CalledProcessError:  # package lists missing or stale on a fresh box
+                subprocess.run(["apt-get", "update", "-q"], **apt)
+                subprocess.run(install, **apt)
         except (subprocess.SubprocessError, OSError) as exc:
             pytest.skip(f"could not install chromium and chromium-driver with apt-get: {exc}")
     return shutil.which("chromium"), shutil.which("chromedriver")
