@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Sequence
@@ -18,12 +19,30 @@ from pagedllm.engine.beam_ranking import (
 )
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.inputs import PromptType
+from pagedllm.logger import init_logger
 from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
+logger = init_logger(__name__)
 ChatMessage = dict[str, Any]
 LoRARequests = LoRARequest | Sequence[LoRARequest | None] | None  # one for all, or one per prompt
+
+
+def engine_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """LLM()'s keyword arguments as EngineArgs: trust_remote_code is accepted (no checkpoint code
+    ever runs here, so there is nothing to trust); any other option EngineArgs lacks, such as
+    one of vLLM's, is a ValueError naming it rather than a TypeError from deep inside."""
+    kwargs = dict(kwargs)
+    if kwargs.pop("trust_remote_code", False):
+        logger.info("trust_remote_code=True: pagedllm never runs code from a checkpoint; "
+                    "models load from their weights and config alone")
+    known = {f.name for f in dataclasses.fields(EngineArgs)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ValueError(f"LLM() got {', '.join(map(repr, unknown))}, which pagedllm does not "
+                         f"support; its options are: {', '.join(sorted(known))}")
+    return kwargs
 
 
 class LLM:
@@ -31,7 +50,7 @@ class LLM:
     kv_cache_memory_bytes, max_num_seqs, max_num_batched_tokens, block_size, seed, ...)."""
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
-        self.llm_engine = LLMEngine(EngineArgs(model=model, **kwargs))
+        self.llm_engine = LLMEngine(EngineArgs(model=model, **engine_kwargs(kwargs)))
         self._counter = itertools.count()
 
     def get_tokenizer(self):
