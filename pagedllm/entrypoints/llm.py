@@ -23,6 +23,7 @@ from pagedllm.logger import init_logger
 from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.tokenizer import reserved_template_kwargs
 
 logger = init_logger(__name__)
 ChatMessage = dict[str, Any]
@@ -87,22 +88,30 @@ class LLM:
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template: str | None = None,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
-             lora_request: LoRARequests = None) -> list[RequestOutput]:
+             lora_request: LoRARequests = None, tools: list[dict[str, Any]] | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """Apply the model's chat template to each conversation, then generate (under
-        `lora_request`, as in generate)."""
+        `lora_request`, as in generate). `tools` (OpenAI tool definitions) and
+        `chat_template_kwargs` (e.g. enable_thinking) reach the template."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        prompts = [self._chat_prompt(c, chat_template, add_generation_prompt,
+        reserved = reserved_template_kwargs(chat_template_kwargs)
+        if reserved:
+            raise ValueError(f"chat_template_kwargs may not set {', '.join(reserved)} (they "
+                             "are arguments of chat() itself)")
+        template = {"chat_template": chat_template, "tools": tools,
+                    **(chat_template_kwargs or {})}
+        prompts = [self._chat_prompt(c, template, add_generation_prompt,
                                      continue_final_message) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm,
                              lora_request=lora_request)
 
-    def _chat_prompt(self, conversation: list[ChatMessage], chat_template: str | None,
+    def _chat_prompt(self, conversation: list[ChatMessage], template: dict[str, Any],
                      add_generation_prompt: bool, continue_final_message: bool) -> PromptType:
         tokenizer = self.get_tokenizer()
         if tokenizer is None:
             raise ValueError("chat needs a tokenizer (the engine has skip_tokenizer_init=True)")
         text = tokenizer.apply_chat_template(
-            conversation, chat_template=chat_template, tokenize=False,
+            conversation, **template, tokenize=False,
             add_generation_prompt=add_generation_prompt and not continue_final_message,
             continue_final_message=continue_final_message)
         # The template already wrote any BOS it wants, so encode without special tokens.

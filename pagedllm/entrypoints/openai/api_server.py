@@ -115,6 +115,18 @@ def generated(whole: type, chunk: type) -> dict[int | str, dict[str, Any]]:
                   "content": {"text/event-stream": {"schema": event}}}}
 
 
+def response_events() -> dict[int | str, dict[str, Any]]:
+    """The 200 of /v1/responses: the response, or with stream=true its events (each names its
+    `type` and `sequence_number`; serving_responses.py)."""
+    event_data = {"contentMediaType": "application/json", "contentSchema": {
+        "type": "object", "required": ["type", "sequence_number"],
+        "properties": {"type": {"type": "string"}, "sequence_number": {"type": "integer"}}}}
+    event = {"type": "object", "required": ["data"], "properties": {
+        "event": {"type": "string"}, "data": event_data}}
+    return {200: {"model": ResponseObject, "description": "The response, or with stream=true "
+                  "its events", "content": {"text/event-stream": {"schema": event}}}}
+
+
 # ---- routes -------------------------------------------------------------------------------------
 @router.get("/health", response_class=Response,
             responses={200: {"description": "The engine runs", "content": None}})
@@ -175,7 +187,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     return await _state(request).chat.create_chat_completion(body, request)
 
 
-@router.post("/v1/responses", responses=generated(ResponseObject, ResponseObject))
+@router.post("/v1/responses", responses=response_events())
 async def create_response(body: ResponsesRequest, request: Request) -> Response:
     """OpenAI's Responses API, made by the chat path (serving_responses.py)."""
     return await _state(request).responses.create_response(body, request)
@@ -227,7 +239,7 @@ def build_app(engine: AsyncLLM, served_model_names: list[str], api_key: str | No
         completion=OpenAIServingCompletion(engine, models, options.limits, **shared),
         chat=chat, responses=OpenAIServingResponses(chat),
         tokens=OpenAIServingTokens(engine, models, options.limits, options.chat_template),
-        metrics=ServerMetrics(engine),
+        metrics=ServerMetrics(engine, models.default),
         options=options,
     )
     app.include_router(router)

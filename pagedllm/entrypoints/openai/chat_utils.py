@@ -9,19 +9,13 @@ from typing import TYPE_CHECKING, Any
 from pagedllm.entrypoints.openai.errors import OpenAIError
 from pagedllm.entrypoints.openai.protocol import ChatMessage, ToolCall
 from pagedllm.inputs import TokensPrompt
+from pagedllm.tokenizer import reserved_template_kwargs
 
 if TYPE_CHECKING:
     from pagedllm.engine.async_llm import AsyncLLM
 
 TEXT_PART_TYPES = ("text", "input_text", "output_text")
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name; templates know "system"
-# apply_chat_template's own arguments: chat_template_kwargs may not set them
-RESERVED_TEMPLATE_KWARGS = frozenset({
-    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
-    "continue_final_message", "tokenize", "padding", "truncation", "max_length",
-    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
-
-
 @dataclass(slots=True)
 class TemplateOptions:
     """How one conversation is rendered: everything apply_chat_template takes but the turns."""
@@ -34,7 +28,7 @@ class TemplateOptions:
 
 
 def check_template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
-    reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(kwargs or {}))
+    reserved = reserved_template_kwargs(kwargs)
     if reserved:
         raise OpenAIError.bad_request(f"chat_template_kwargs may not set {', '.join(reserved)} "
                                       "(give them as request fields)", "chat_template_kwargs")
@@ -59,27 +53,22 @@ def message_text(message: ChatMessage, index: int) -> str:
     return "\n".join(texts)
 
 
-def template_tool_calls(calls: list[ToolCall], index: int) -> list[dict[str, Any]]:
+def template_tool_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:
     """An assistant's earlier calls as templates expect them: arguments as a dict (Qwen's,
-    Llama's and Hermes' templates write them with `tojson`)."""
-    result = []
-    for call in calls:
-        arguments = _json_object(call.function.arguments)
-        if arguments is None:
-            raise OpenAIError.bad_request(
-                f"messages[{index}].tool_calls: the arguments of {call.function.name!r} are "
-                "not a JSON object", f"messages.{index}.tool_calls")
-        result.append({"id": call.id, "type": "function",
-                       "function": {"name": call.function.name, "arguments": arguments}})
-    return result
+    Llama's and Hermes' templates write them with `tojson`); arguments that are not a JSON
+    object stay the text they are."""
+    return [{"id": call.id, "type": "function",
+             "function": {"name": call.function.name,
+                          "arguments": _json_object(call.function.arguments)}}
+            for call in calls]
 
 
-def _json_object(text: str) -> dict[str, Any] | None:
+def _json_object(text: str) -> dict[str, Any] | str:
     try:
         value = json.loads(text)
     except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
+        return text
+    return value if isinstance(value, dict) else text
 
 
 def conversation(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -90,7 +79,7 @@ def conversation(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         if message.name:
             entry["name"] = message.name
         if message.tool_calls:
-            entry["tool_calls"] = template_tool_calls(message.tool_calls, index)
+            entry["tool_calls"] = template_tool_calls(message.tool_calls)
         if message.tool_call_id is not None:
             entry["tool_call_id"] = message.tool_call_id
         result.append(entry)
@@ -115,6 +104,12 @@ async def render_chat(engine: AsyncLLM, messages: list[ChatMessage],
     a template error, or a conversation too long to fit the context, is the client's 400."""
     turns = conversation(messages)
     tokenizer = engine.tokenizer
+    for index, turn in enumerate(turns):  # each message fits, whatever the template keeps
+        try:
+            engine.input_processor.check_prompt_text(turn["content"],
+                                                     f"content of messages[{index}]")
+        except ValueError as exc:
+            raise OpenAIError.bad_request(str(exc), f"messages.{index}.content") from exc
 
     def render() -> TokensPrompt:
         text = apply_template(tokenizer, turns, options)

@@ -15,6 +15,7 @@ from pagedllm.entrypoints.openai.reasoning_parsers import REASONING_PARSERS, get
 from pagedllm.entrypoints.openai.tool_parsers import TOOL_PARSERS, get_tool_parser
 
 API_KEY_ENV = "PAGEDLLM_API_KEY"
+VLLM_API_KEY_ENV = "VLLM_API_KEY"
 # vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING, under our prefix (or --allow-runtime-lora-updating)
 RUNTIME_LORA_ENV = "PAGEDLLM_ALLOW_RUNTIME_LORA_UPDATING"
 DEFAULT_MAX_BODY = "8MiB"  # ~100 times the longest prompt the default model takes, as text
@@ -225,5 +226,6 @@ def load_chat_template(value: str | None) -> str | None:
 
 
 def resolve_api_key(cli_value: str | None) -> str | None:
-    """--api-key wins, then the environment; an empty value means no key."""
-    return cli_value or os.environ.get(API_KEY_ENV) or None
+    """--api-key wins, then the environment (ours, then vLLM's name for it, so that a vLLM
+    deployment's settings carry over); an empty value means no key."""
+    return cli_value or os.environ.get(API_KEY_ENV) or os.environ.get(VLLM_API_KEY_ENV) or None

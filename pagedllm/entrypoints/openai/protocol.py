@@ -16,6 +16,7 @@ server to it both ways: what the document allows is accepted, what it forbids is
 
 from __future__ import annotations
 
+import copy
 import re
 import time
 from collections.abc import Callable
@@ -90,8 +91,8 @@ def rule(**keywords: Any) -> Callable[[dict[str, Any]], None]:
             for branch in targets:
                 if isinstance(value, Limit):
                     branch.setdefault(LIMIT_KEY, {})[keyword] = value.name
-                else:
-                    branch[keyword] = value
+                else:  # a copy: document_limits fills in the schema in place
+                    branch[keyword] = copy.deepcopy(value)
 
     return extra
 
@@ -148,7 +149,8 @@ def model_field() -> Any:
 
 
 TEXT_PART = {"type": "object", "required": ["type", "text"],
-             "properties": {"type": {"enum": ["text", "input_text"]}, "text": {"type": "string"}}}
+             "properties": {"type": {"enum": ["text", "input_text", "output_text"]},
+                            "text": {"type": "string"}}}
 
 
 class OpenAIBaseModel(BaseModel):
@@ -596,18 +598,21 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = max_tokens_field(None)  # OpenAI's newer name
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[ChatTool] | None = None
+    tools: list[ChatTool] | None = Field(None, description="distinct function names")
     # None: "auto" when there are tools, else "none" (OpenAI's defaults)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description="required and a named function need tools (and the name one of "
-                          "them); auto needs the server's --enable-auto-tool-choice")
+                          "them), and are a structured-output constraint of their own (no "
+                          "response_format, structured_outputs or guided_* with them); auto "
+                          "(the default with tools) needs the server's "
+                          "--enable-auto-tool-choice")
     parallel_tool_calls: bool = True
     use_beam_search: bool = Field(False, json_schema_extra=rule(const=False))  # completions only
     # vLLM's extras for the chat template
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     echo: bool = False  # the answer starts with the last message's content (same role only)
-    chat_template: str | None = Field(None, json_schema_extra=rule(minLength=1))
+    chat_template: str | None = Field(None, min_length=1)
     chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the template
 
     @classmethod
@@ -760,7 +765,7 @@ class TokenizeRequest(RequestBody):
     continue_final_message: bool = False
     return_token_strs: bool = False
     tools: list[ChatTool] | None = None  # for `messages`: what the template receives
-    chat_template: str | None = Field(None, json_schema_extra=rule(minLength=1))
+    chat_template: str | None = Field(None, min_length=1)
     chat_template_kwargs: dict[str, Any] | None = None
 
     @classmethod

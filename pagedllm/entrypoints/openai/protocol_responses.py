@@ -10,20 +10,26 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
+from pagedllm.entrypoints.openai.limits import LIMIT_KEY
 from pagedllm.entrypoints.openai.protocol import (
+    TEXT_PART,
     ChatCompletionRequest,
     ChatMessage,
     ChatTool,
     FunctionCall,
     FunctionDefinition,
     JsonSchemaFormat,
+    Limit,
     OpenAIBaseModel,
     RequestBody,
     RequestModel,
     ResponseFormat,
     ToolCall,
+    document_rules,
+    either,
+    given,
     max_tokens_field,
     model_field,
     rule,
@@ -51,27 +57,59 @@ class ResponsesNamedTool(RequestModel):
 
 
 class TextFormat(RequestModel):
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False,
+                              populate_by_name=True, json_schema_extra=document_rules)
     type: Literal["text", "json_object", "json_schema"]
     name: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     description: str | None = None
     strict: bool | None = None
 
+    @classmethod
+    def schema_rules(cls) -> list[dict[str, Any]]:
+        return [either({"properties": {"type": {"enum": ["text", "json_object"]}}},
+                       given("schema", "object"))]
+
 
 class TextConfig(RequestModel):
     format: TextFormat | None = None
 
 
+# What each input item may be, for the OpenAPI document (input_message reads them): a message
+# (`type` "message" or absent), a function call, a function call's output, or earlier reasoning.
+# Every text becomes a chat message, so each is bounded as a message's content is.
+BOUNDED_TEXT = {"type": "string", LIMIT_KEY: {"maxLength": "max_prompt_chars"}}
+INPUT_ITEM = {"anyOf": [
+    {"type": "object", "required": ["role"], "properties": {
+        "type": {"const": "message"}, "role": {"type": "string"},
+        "content": {"anyOf": [BOUNDED_TEXT, {"type": "array", "items": TEXT_PART},
+                              {"type": "null"}]}}},
+    {"type": "object", "required": ["type", "call_id", "name", "arguments"], "properties": {
+        "type": {"const": "function_call"}, "call_id": {"type": "string"},
+        "name": {"type": "string"}, "arguments": {"type": "string"}}},
+    {"type": "object", "required": ["type", "call_id", "output"], "properties": {
+        "type": {"const": "function_call_output"}, "call_id": {"type": "string"},
+        "output": BOUNDED_TEXT}},
+    {"type": "object", "required": ["type"], "properties": {"type": {"const": "reasoning"}}},
+]}
+
+
 class ResponsesRequest(RequestBody):
     model: str | None = model_field()
     # a text (one user message), or items: messages, function calls and their outputs
-    input: str | list[dict[str, Any]] = Field(json_schema_extra=rule(minItems=1))
-    instructions: str | None = None  # a system message first (not carried to the next turn)
+    input: str | list[dict[str, Any]] = Field(json_schema_extra=rule(
+        minItems=1, items=INPUT_ITEM, maxLength=Limit("max_prompt_chars")))
+    # a system message first (not carried over to the next turn)
+    instructions: str | None = Field(None, json_schema_extra=rule(
+        maxLength=Limit("max_prompt_chars")))
     max_output_tokens: int | None = max_tokens_field(None)
     temperature: float | None = Field(None, json_schema_extra=rule(minimum=0))
     top_p: float | None = Field(None, json_schema_extra=rule(exclusiveMinimum=0, maximum=1))
     tools: list[ResponsesFunctionTool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | ResponsesNamedTool | None = None
+    tool_choice: Literal["none", "auto", "required"] | ResponsesNamedTool | None = Field(
+        None, description="as on /v1/chat/completions: required and a named function need "
+                          "tools (the name one of them) and no text.format; auto needs the "
+                          "server's --enable-auto-tool-choice")
     parallel_tool_calls: bool = True
     text: TextConfig | None = None
     stream: bool = False
@@ -117,6 +155,9 @@ class ResponsesRequest(RequestBody):
         messages: list[ChatMessage] = []
         for index, item in enumerate(self.input):
             input_message(item, index, messages)
+        if not messages:
+            raise ValueError("input has no message, function call or function call output to "
+                             "answer (only reasoning items)")
         return messages
 
 
@@ -124,27 +165,30 @@ def input_message(item: dict[str, Any], index: int, messages: list[ChatMessage])
     """One input item onto the chat messages; consecutive function calls share one assistant
     message. ValueError (a 400) naming the item for a kind this server does not take."""
     kind = item.get("type", "message")
-    try:
-        if kind == "message":
-            messages.append(ChatMessage(role=item["role"], content=item.get("content")))
-        elif kind == "function_call":
-            call = ToolCall(id=item["call_id"], function=FunctionCall(
-                name=item["name"], arguments=item["arguments"]))
-            last = messages[-1] if messages else None
-            if last is not None and last.role == "assistant" and last.tool_calls:
-                last.tool_calls.append(call)
-            else:
-                messages.append(ChatMessage(role="assistant", content=None, tool_calls=[call]))
-        elif kind == "function_call_output":
-            messages.append(ChatMessage(role="tool", tool_call_id=item["call_id"],
-                                        content=item["output"]))
-        elif kind == "reasoning":
-            return  # earlier reasoning is not shown to the model again (as chat does)
+    if kind == "message":
+        messages.append(ChatMessage(role=_text(item, "role", index), content=item.get("content")))
+    elif kind == "function_call":
+        call = ToolCall(id=_text(item, "call_id", index), function=FunctionCall(
+            name=_text(item, "name", index), arguments=_text(item, "arguments", index)))
+        last = messages[-1] if messages else None
+        if last is not None and last.role == "assistant" and last.tool_calls:
+            last.tool_calls.append(call)
         else:
-            raise ValueError(f"input[{index}]: items of type {kind!r} are not supported; give "
-                             "message, function_call or function_call_output items")
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"input[{index}]: a {kind} item needs {exc}") from exc
+            messages.append(ChatMessage(role="assistant", content=None, tool_calls=[call]))
+    elif kind == "function_call_output":
+        messages.append(ChatMessage(role="tool", tool_call_id=_text(item, "call_id", index),
+                                    content=_text(item, "output", index)))
+    elif kind != "reasoning":  # earlier reasoning is not shown to the model again (as chat)
+        raise ValueError(f"input[{index}]: items of type {kind!r} are not supported; give "
+                         "message, function_call or function_call_output items")
+
+
+def _text(item: dict[str, Any], key: str, index: int) -> str:
+    value = item.get(key)
+    if not isinstance(value, str):
+        raise ValueError(f"input[{index}]: a {item.get('type', 'message')} item needs {key!r} "
+                         "as a string")
+    return value
 
 
 class ResponseUsage(OpenAIBaseModel):

@@ -113,8 +113,6 @@ class OpenAIServingResponses:
             chat_request = request.chat_request(history)
         except ValueError as exc:
             raise OpenAIError.bad_request(str(exc), "input") from exc
-        if chat_request.n != 1:
-            raise OpenAIError.bad_request("a response has one output", "n")
         job, stream = await self.chat.start(chat_request, "resp", always_split=True)
         response = self._skeleton(request, job)
         turns = history + chat_request.messages[1 if request.instructions else 0:]

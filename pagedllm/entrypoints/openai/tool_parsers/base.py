@@ -49,9 +49,11 @@ class ToolParser(ABC):
     # Whether the markers are special tokens, which detokenizing would otherwise drop.
     keeps_special_tokens: ClassVar[bool] = False
 
-    @abstractmethod
     def next_call(self, text: str, pos: int) -> int | None:
-        """Where the next call region starts at or after `pos` (None: nowhere yet)."""
+        """Where the next call region starts at or after `pos` (None: nowhere yet); by
+        default, at the next marker."""
+        start = text.find(self.markers[0], pos)
+        return None if start < 0 else start
 
     @abstractmethod
     def read_region(self, text: str, start: int, final: bool) -> CallRegion | None:
@@ -79,6 +81,24 @@ class ToolParser(ABC):
                 calls.extend(region.calls)
             pos = region.end
         return ParsedText("".join(content), calls)
+
+
+class WholeAnswerParser(ToolParser):
+    """A format in which the whole answer is the calls, or is text: it is a call region when
+    it starts (after whitespace) with one of `markers`, and is settled when the output ends."""
+
+    def next_call(self, text: str, pos: int) -> int | None:
+        if pos != 0:
+            return None
+        start = len(text) - len(text.lstrip())
+        return start if text.startswith(self.markers, start) else None
+
+    def read_region(self, text: str, start: int, final: bool) -> CallRegion | None:
+        return CallRegion(self.read_calls(text[start:]), len(text)) if final else None
+
+    @abstractmethod
+    def read_calls(self, answer: str) -> list[ToolCallText] | None:
+        """The calls the answer is; None if it is not only calls (then it is content)."""
 
 
 def held_back(tail: str, markers: tuple[str, ...]) -> int:

@@ -18,10 +18,6 @@ class HermesToolParser(ToolParser):
     name = "hermes"
     markers = (OPEN,)
 
-    def next_call(self, text: str, pos: int) -> int | None:
-        start = text.find(OPEN, pos)
-        return None if start < 0 else start
-
     def read_region(self, text: str, start: int, final: bool) -> CallRegion | None:
         body = start + len(OPEN)
         while body < len(text) and text[body].isspace():

@@ -6,30 +6,20 @@ from __future__ import annotations
 import json
 
 from pagedllm.entrypoints.openai.tool_parsers.base import (
-    CallRegion,
     ToolCallText,
-    ToolParser,
+    WholeAnswerParser,
     call_from_object,
 )
 
 PYTHON_TAG = "<|python_tag|>"
 
 
-class Llama3JsonToolParser(ToolParser):
+class Llama3JsonToolParser(WholeAnswerParser):
     name = "llama3_json"
     markers = (PYTHON_TAG, "{")
 
-    def next_call(self, text: str, pos: int) -> int | None:
-        if pos != 0:
-            return None
-        start = len(text) - len(text.lstrip())
-        return start if text.startswith((PYTHON_TAG, "{"), start) else None
-
-    def read_region(self, text: str, start: int, final: bool) -> CallRegion | None:
-        if not final:  # the answer is one region: it is settled when the output ends
-            return None
-        body = text[start:].removeprefix(PYTHON_TAG)
-        return CallRegion(_calls(body), len(text))
+    def read_calls(self, answer: str) -> list[ToolCallText] | None:
+        return _calls(answer.removeprefix(PYTHON_TAG))
 
 
 def _calls(body: str) -> list[ToolCallText] | None:

@@ -24,10 +24,6 @@ class MistralToolParser(ToolParser):
     markers = (MARKER,)
     keeps_special_tokens = True
 
-    def next_call(self, text: str, pos: int) -> int | None:
-        start = text.find(MARKER, pos)
-        return None if start < 0 else start
-
     def read_region(self, text: str, start: int, final: bool) -> CallRegion | None:
         body = start + len(MARKER)
         while body < len(text) and text[body].isspace():

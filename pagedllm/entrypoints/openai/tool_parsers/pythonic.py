@@ -6,26 +6,17 @@ from __future__ import annotations
 import ast
 import json
 
-from pagedllm.entrypoints.openai.tool_parsers.base import CallRegion, ToolCallText, ToolParser
+from pagedllm.entrypoints.openai.tool_parsers.base import ToolCallText, WholeAnswerParser
 
 START, END = "<|python_start|>", "<|python_end|>"
 
 
-class PythonicToolParser(ToolParser):
+class PythonicToolParser(WholeAnswerParser):
     name = "pythonic"
     markers = (START, "[")
 
-    def next_call(self, text: str, pos: int) -> int | None:
-        if pos != 0:
-            return None
-        start = len(text) - len(text.lstrip())
-        return start if text.startswith((START, "["), start) else None
-
-    def read_region(self, text: str, start: int, final: bool) -> CallRegion | None:
-        if not final:  # the answer is one region: it is settled when the output ends
-            return None
-        body = text[start:].strip().removeprefix(START).removesuffix(END)
-        return CallRegion(_calls(body), len(text))
+    def read_calls(self, answer: str) -> list[ToolCallText] | None:
+        return _calls(answer.strip().removeprefix(START).removesuffix(END))
 
 
 def _calls(body: str) -> list[ToolCallText] | None:
