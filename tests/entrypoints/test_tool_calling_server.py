@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import httpx
 import jsonschema
 import pytest
-from openai import OpenAI
 
-from .server_utils import ServerProcess, running_server
+from .server_utils import running_server
 
 MODEL = "smol"
 TEMPLATE = Path(__file__).parent / "templates" / "tool_chat.jinja"
@@ -52,17 +50,6 @@ def server(tmp_path_factory):
                         "--allowed-origins", json.dumps([ORIGIN]), "--enable-log-requests",
                         "--max-log-len", "12") as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> OpenAI:
-    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def http(server: ServerProcess):
-    with httpx.Client(base_url=server.url, timeout=120) as session:
-        yield session
 
 
 def check_calls(calls, names=tuple(SCHEMAS)) -> None:
