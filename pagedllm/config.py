@@ -75,7 +75,7 @@ class EngineArgs:
     block_size: int = _opt("tokens per KV-cache block", 16)
     kv_cache_memory_bytes: int | None = _opt(
         "bytes for the KV cache, e.g. 2GiB (default: 4GiB on CPU)", cli_name="kv-cache-memory",
-        parse=parse_bytes)
+        parse=parse_bytes, aliases=("--kv-cache-memory-bytes",))  # the alias is vLLM's name
     gpu_memory_utilization: float = _opt(
         "share of the GPU's memory the engine may fill: weights, activations, CUDA graphs and "
         "the KV cache, which gets the rest (CUDA only; ignored with --kv-cache-memory)", 0.9)

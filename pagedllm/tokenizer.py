@@ -21,6 +21,18 @@ from pagedllm.model.source import ModelSource
 
 logger = init_logger(__name__)
 
+# apply_chat_template's own arguments, which chat_template_kwargs may not set
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
+def reserved_template_kwargs(kwargs: dict | None) -> list[str]:
+    """The names in chat_template_kwargs that apply_chat_template takes itself."""
+    return sorted(RESERVED_TEMPLATE_KWARGS & set(kwargs or {}))
+
+
 # Any of these next to config.json means the folder has a tokenizer of its own.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 

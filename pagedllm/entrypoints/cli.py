@@ -63,18 +63,41 @@ def run_serve(args: argparse.Namespace) -> int:
         return 130
 
 
-def add_serve_parser(commands) -> None:
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless its help already says it (or there is none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+def add_serve_args(serve: argparse.ArgumentParser, model_flag: bool = False) -> None:
+    """`serve`'s options; `model_flag`: the model as --model (vLLM's api_server spelling)."""
     from pagedllm.entrypoints.openai.cli_args import add_server_args
 
-    serve = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server")
-    serve.add_argument("model", nargs="?", default=None,
-                       help="HF folder, .gguf file or hub id (default: bundled SmolLM2-135M)")
+    if model_flag:
+        serve.add_argument("--model", default=None, help="HF folder, .gguf file or hub id "
+                                                          "(default: bundled SmolLM2-135M)")
+    else:
+        serve.add_argument("model", nargs="?", default=None,
+                           help="HF folder, .gguf file or hub id (default: bundled "
+                                "SmolLM2-135M)")
     add_server_args(serve)
     EngineArgs.add_cli_args(serve, skip=("model",))
     serve.set_defaults(handler=run_serve, **SERVE_DEFAULTS)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_serve_parser(commands) -> None:
+    serve = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server",
+                                formatter_class=DefaultsHelpFormatter)
+    add_serve_args(serve)
+
+
+def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
+    """`with_bench=False` lists `bench` without building its options, whose modules import
+    torch (seconds): `pagedllm --help` and `pagedllm serve ...` do not need them."""
     parser = argparse.ArgumentParser(prog="pagedllm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -86,7 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(generate)
     generate.set_defaults(handler=run_generate)
     add_serve_parser(commands)
-    add_bench_parser(commands)
+    if with_bench:
+        add_bench_parser(commands)
+    else:
+        commands.add_parser("bench", help="measure throughput and latency")
     return parser
 
 
@@ -100,7 +126,12 @@ def add_bench_parser(commands) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(with_bench="bench" in argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the command's own usage, not the top level's
+        command = parser._subparsers._group_actions[0].choices[args.command]
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.handler(args)
     except ValueError as exc:

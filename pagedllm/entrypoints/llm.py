@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Sequence
@@ -18,12 +19,31 @@ from pagedllm.engine.beam_ranking import (
 )
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.inputs import PromptType
+from pagedllm.logger import init_logger
 from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.tokenizer import reserved_template_kwargs
 
+logger = init_logger(__name__)
 ChatMessage = dict[str, Any]
 LoRARequests = LoRARequest | Sequence[LoRARequest | None] | None  # one for all, or one per prompt
+
+
+def engine_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """LLM()'s keyword arguments as EngineArgs: trust_remote_code is accepted (no checkpoint code
+    ever runs here, so there is nothing to trust); any other option EngineArgs lacks, such as
+    one of vLLM's, is a ValueError naming it rather than a TypeError from deep inside."""
+    kwargs = dict(kwargs)
+    if kwargs.pop("trust_remote_code", False):
+        logger.info("trust_remote_code=True: pagedllm never runs code from a checkpoint; "
+                    "models load from their weights and config alone")
+    known = {f.name for f in dataclasses.fields(EngineArgs)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ValueError(f"LLM() got {', '.join(map(repr, unknown))}, which pagedllm does not "
+                         f"support; its options are: {', '.join(sorted(known))}")
+    return kwargs
 
 
 class LLM:
@@ -31,7 +51,7 @@ class LLM:
     kv_cache_memory_bytes, max_num_seqs, max_num_batched_tokens, block_size, seed, ...)."""
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
-        self.llm_engine = LLMEngine(EngineArgs(model=model, **kwargs))
+        self.llm_engine = LLMEngine(EngineArgs(model=model, **engine_kwargs(kwargs)))
         self._counter = itertools.count()
 
     def get_tokenizer(self):
@@ -68,22 +88,30 @@ class LLM:
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template: str | None = None,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
-             lora_request: LoRARequests = None) -> list[RequestOutput]:
+             lora_request: LoRARequests = None, tools: list[dict[str, Any]] | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """Apply the model's chat template to each conversation, then generate (under
-        `lora_request`, as in generate)."""
+        `lora_request`, as in generate). `tools` (OpenAI tool definitions) and
+        `chat_template_kwargs` (e.g. enable_thinking) reach the template."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        prompts = [self._chat_prompt(c, chat_template, add_generation_prompt,
+        reserved = reserved_template_kwargs(chat_template_kwargs)
+        if reserved:
+            raise ValueError(f"chat_template_kwargs may not set {', '.join(reserved)} (they "
+                             "are arguments of chat() itself)")
+        template = {"chat_template": chat_template, "tools": tools,
+                    **(chat_template_kwargs or {})}
+        prompts = [self._chat_prompt(c, template, add_generation_prompt,
                                      continue_final_message) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm,
                              lora_request=lora_request)
 
-    def _chat_prompt(self, conversation: list[ChatMessage], chat_template: str | None,
+    def _chat_prompt(self, conversation: list[ChatMessage], template: dict[str, Any],
                      add_generation_prompt: bool, continue_final_message: bool) -> PromptType:
         tokenizer = self.get_tokenizer()
         if tokenizer is None:
             raise ValueError("chat needs a tokenizer (the engine has skip_tokenizer_init=True)")
         text = tokenizer.apply_chat_template(
-            conversation, chat_template=chat_template, tokenize=False,
+            conversation, **template, tokenize=False,
             add_generation_prompt=add_generation_prompt and not continue_final_message,
             continue_final_message=continue_final_message)
         # The template already wrote any BOS it wants, so encode without special tokens.

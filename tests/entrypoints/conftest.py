@@ -41,3 +41,20 @@ def offline_llm():
     llm = OfflineLLM(kv_cache_memory_bytes=128 << 20)
     yield llm
     llm.close()
+
+
+# A module that starts a `server` fixture (server_utils.running_server) gets these for it.
+@pytest.fixture(scope="module")
+def client(server):
+    """The official openai client of the module's server."""
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=120) as session:
+        yield session

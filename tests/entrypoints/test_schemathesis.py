@@ -58,8 +58,11 @@ class Rule:
 
 
 def asked_max_tokens(body: dict[str, Any]) -> int | None:
-    """max_tokens as the server reads it: chat's max_completion_tokens first; for
-    /v1/completions OpenAI's default when absent (None: the server's own default)."""
+    """max_tokens as the server reads it: /v1/responses' max_output_tokens; chat's
+    max_completion_tokens first; for /v1/completions OpenAI's default when absent (None: the
+    server's own default)."""
+    if "input" in body:  # /v1/responses
+        return body.get("max_output_tokens")
     if "messages" in body:
         value = body.get("max_completion_tokens")
         return body.get("max_tokens") if value is None else value
@@ -82,14 +85,14 @@ def prompt_and_output_too_long(body: dict[str, Any], message: str) -> bool:
 
 def prompt_too_many_tokens(body: dict[str, Any], message: str) -> bool:
     found = matches(r"the prompt is (\d+) tokens long, but max_model_len is (\d+)", message)
-    text_prompt = "messages" in body or isinstance(body.get("prompt"), str) or (
+    text_prompt = "messages" in body or "input" in body or isinstance(body.get("prompt"), str) or (
         isinstance(body.get("prompt"), list) and isinstance(body["prompt"][0], str))
     return bool(found) and int(found[1]) >= int(found[2]) and text_prompt
 
 
 def conversation_too_long(body: dict[str, Any], message: str) -> bool:
-    return "messages" in body and bool(matches(r"the conversation is \d+ characters long",
-                                               message))
+    return ("messages" in body or "input" in body) and bool(matches(
+        r"the conversation is \d+ characters long", message))
 
 
 def best_of_below_n(body: dict[str, Any], message: str) -> bool:
@@ -135,7 +138,67 @@ def constraint_does_not_compile(body: dict[str, Any], message: str) -> bool:
     return bool(kind or not_json) and len(structured_sources(body)) == 1
 
 
+def tool_names(body: dict[str, Any]) -> list[Any]:
+    """The function names of a chat or Responses request's tools."""
+    tools = body.get("tools") or []
+    return [(t.get("function") or {}).get("name") if "function" in t else t.get("name")
+            for t in tools if isinstance(t, dict)]
+
+
+def forced_tool_choice(body: dict[str, Any]) -> bool:
+    return body.get("tool_choice") == "required" or isinstance(body.get("tool_choice"), dict)
+
+
+def tool_choice_without_its_tool(body: dict[str, Any], message: str) -> bool:
+    """required or a named function without tools, or naming a function not among them."""
+    if "needs tools" in message:
+        return forced_tool_choice(body) and not tool_names(body)
+    found = matches(r"tool_choice names function '(.*)', which is not among the tools", message)
+    return bool(found) and found[1] not in tool_names(body)
+
+
+def duplicate_tool_names(body: dict[str, Any], message: str) -> bool:
+    names = tool_names(body)
+    return "tools must have distinct function names" in message and len(set(names)) < len(names)
+
+
+def auto_tool_choice_off(body: dict[str, Any], message: str) -> bool:
+    """This server runs without --enable-auto-tool-choice: tools under 'auto' are refused."""
+    return ("needs a server started with --enable-auto-tool-choice" in message
+            and bool(tool_names(body)) and body.get("tool_choice") in (None, "auto"))
+
+
+def forced_tool_and_structured(body: dict[str, Any], message: str) -> bool:
+    text_format = ((body.get("text") or {}).get("format") or {}).get("type")
+    structured = structured_sources(body) or text_format in ("json_object", "json_schema")
+    return "is a structured-output constraint of its own" in message and forced_tool_choice(
+        body) and bool(structured)
+
+
+def request_template_fails(body: dict[str, Any], message: str) -> bool:
+    return message.startswith("cannot apply the chat template") and bool(
+        body.get("chat_template"))
+
+
 BEYOND_THE_DOCUMENT = {
+    "tool_choice names no given tool": Rule(
+        "JSON Schema cannot say that one field's value is among another's",
+        tool_choice_without_its_tool),
+    "tools of one name": Rule("JSON Schema cannot say that items differ in one property",
+                              duplicate_tool_names),
+    "tool_choice auto without the server's parser": Rule(
+        "a server option (--enable-auto-tool-choice), stated in tool_choice's description",
+        auto_tool_choice_off),
+    "forced tool call and structured output": Rule(
+        "stated in tool_choice's description, as the other structured outputs are",
+        forced_tool_and_structured),
+    "responses input of reasoning items only": Rule(
+        "JSON Schema could say it (contains), at the cost of a harder schema for the fuzzer",
+        lambda body, message: message.startswith("input has no message") and all(
+            isinstance(i, dict) and i.get("type") == "reasoning" for i in body["input"])),
+    "the request's chat template cannot render it": Rule(
+        "whether a Jinja template renders these messages is not a matter of JSON types",
+        request_template_fails),
     "prompt + max_tokens over max_model_len": Rule(
         "the prompt's length in tokens depends on the tokenizer", prompt_and_output_too_long),
     "prompt over max_model_len tokens": Rule(

@@ -9,14 +9,13 @@ import json
 import re
 from typing import Annotated, Literal
 
-import httpx
 import jsonschema
 import pytest
-from openai import AsyncOpenAI, OpenAI
+from openai import AsyncOpenAI
 from pydantic import BaseModel, Field
 from structured_output.schemas import SCHEMAS
 
-from .server_utils import ServerProcess, running_server
+from .server_utils import running_server
 
 MODEL = "smol"
 USER = [{"role": "user", "content": "Give an example answer."}]
@@ -40,17 +39,6 @@ def server(tmp_path_factory):
                         MODEL, "--kv-cache-memory", "256MiB", "--max-model-len", "1024",
                         "--disable-access-log") as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> OpenAI:
-    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def http(server: ServerProcess):
-    with httpx.Client(base_url=server.url, timeout=120) as session:
-        yield session
 
 
 def test_openai_client_parses_a_pydantic_response_format(client):

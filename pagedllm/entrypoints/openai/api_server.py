@@ -1,8 +1,8 @@
 """The FastAPI app (`build_app`) and the uvicorn process around it (`run_server`).
 
 Routes:
-    GET  /health /version /metrics /v1/models
-    POST /v1/completions /v1/chat/completions /tokenize /detokenize
+    GET  /health /version /metrics /v1/models /v1/models/{id}
+    POST /v1/completions /v1/chat/completions /v1/responses /tokenize /detokenize
     POST /v1/load_lora_adapter /v1/unload_lora_adapter   only with --allow-runtime-lora-updating
     GET  /debug/step_stats   what the engine's steps batched (tests and benchmarks read it)
     GET  /dashboard (/dashboard/stream)   the live dashboard (dashboard.py)
@@ -20,11 +20,13 @@ import argparse
 import asyncio
 import signal
 import socket
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import PlainTextResponse, Response
 
 from pagedllm.config import EngineArgs
@@ -40,9 +42,14 @@ from pagedllm.entrypoints.openai.errors import (
     error_response,
     install_error_handlers,
 )
+from pagedllm.entrypoints.openai.generation_config import load_sampling_defaults
 from pagedllm.entrypoints.openai.limits import ModelBounds, document_limits
 from pagedllm.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
-from pagedllm.entrypoints.openai.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
+from pagedllm.entrypoints.openai.middleware import (
+    APIKeyMiddleware,
+    BodySizeLimitMiddleware,
+    RequestIdMiddleware,
+)
 from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -52,15 +59,21 @@ from pagedllm.entrypoints.openai.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
     LoadLoRAAdapterRequest,
+    ModelCard,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
     UnloadLoRAAdapterRequest,
 )
+from pagedllm.entrypoints.openai.protocol_responses import ResponseObject, ResponsesRequest
+from pagedllm.entrypoints.openai.reasoning_parsers import get_reasoning_parser
+from pagedllm.entrypoints.openai.server_logging import RequestLogger, StatsLogger
 from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagedllm.entrypoints.openai.serving_models import ServedModels
+from pagedllm.entrypoints.openai.serving_responses import OpenAIServingResponses
 from pagedllm.entrypoints.openai.serving_tokens import OpenAIServingTokens
+from pagedllm.entrypoints.openai.tool_parsers import get_tool_parser
 from pagedllm.logger import init_logger
 
 logger = init_logger(__name__)
@@ -82,6 +95,7 @@ class ServerState:
     models: ServedModels
     completion: OpenAIServingCompletion
     chat: OpenAIServingChat
+    responses: OpenAIServingResponses
     tokens: OpenAIServingTokens
     metrics: ServerMetrics
     options: ServerOptions
@@ -102,6 +116,18 @@ def generated(whole: type, chunk: type) -> dict[int | str, dict[str, Any]]:
     event = {"type": "object", "required": ["data"], "properties": {"data": event_data}}
     return {200: {"model": whole, "description": "The completion, or with stream=true its events",
                   "content": {"text/event-stream": {"schema": event}}}}
+
+
+def response_events() -> dict[int | str, dict[str, Any]]:
+    """The 200 of /v1/responses: the response, or with stream=true its events (each names its
+    `type` and `sequence_number`; serving_responses.py)."""
+    event_data = {"contentMediaType": "application/json", "contentSchema": {
+        "type": "object", "required": ["type", "sequence_number"],
+        "properties": {"type": {"type": "string"}, "sequence_number": {"type": "integer"}}}}
+    event = {"type": "object", "required": ["data"], "properties": {
+        "event": {"type": "string"}, "data": event_data}}
+    return {200: {"model": ResponseObject, "description": "The response, or with stream=true "
+                  "its events", "content": {"text/event-stream": {"schema": event}}}}
 
 
 # ---- routes -------------------------------------------------------------------------------------
@@ -132,6 +158,13 @@ async def list_models(request: Request) -> ModelList:
     return _state(request).models.model_list()
 
 
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, request: Request) -> ModelCard:
+    """One served model (the SDK's models.retrieve); 404 for a name this server does not
+    serve."""
+    return _state(request).models.card(model_id)
+
+
 @lora_router.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
 async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> str:
     """Serve another LoRA adapter as model=lora_name; 400 naming what is wrong with it."""
@@ -155,6 +188,12 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
              responses=generated(ChatCompletionResponse, ChatCompletionChunk))
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     return await _state(request).chat.create_chat_completion(body, request)
+
+
+@router.post("/v1/responses", responses=response_events())
+async def create_response(body: ResponsesRequest, request: Request) -> Response:
+    """OpenAI's Responses API, made by the chat path (serving_responses.py)."""
+    return await _state(request).responses.create_response(body, request)
 
 
 @router.post("/tokenize")
@@ -195,12 +234,15 @@ def build_app(engine: AsyncLLM, served_model_names: list[str], api_key: str | No
     engine.default_max_tokens = options.limits.default_max_tokens(
         getattr(config, "default_max_tokens", None))
     app = FastAPI(title="pagedllm", version=__version__)
+    shared = serving_options(engine, options)
+    chat = OpenAIServingChat(engine, models, options.limits, options.chat_template,
+                             **shared, **chat_parsers(options))
     app.state.pagedllm = ServerState(
         engine=engine, models=models,
-        completion=OpenAIServingCompletion(engine, models, options.limits),
-        chat=OpenAIServingChat(engine, models, options.limits),
-        tokens=OpenAIServingTokens(engine, models, options.limits),
-        metrics=ServerMetrics(engine),
+        completion=OpenAIServingCompletion(engine, models, options.limits, **shared),
+        chat=chat, responses=OpenAIServingResponses(chat),
+        tokens=OpenAIServingTokens(engine, models, options.limits, options.chat_template),
+        metrics=ServerMetrics(engine, models.default),
         options=options,
     )
     app.include_router(router)
@@ -216,11 +258,39 @@ def build_app(engine: AsyncLLM, served_model_names: list[str], api_key: str | No
         max_prompt_chars=getattr(processor, "max_prompt_chars", None),
         cache_tokens=getattr(processor, "cache_tokens", None)),
         open_paths=open_paths if api_key else None)
-    # Added last runs first: the key is checked before the body is read at all.
+    # Added last runs first: the key is checked before the body is read at all, CORS (whose
+    # preflight carries no key) before that, and every response gets its X-Request-Id.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=options.max_request_body_bytes)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key, open_paths=open_paths)
+    app.add_middleware(CORSMiddleware, allow_origins=list(options.allowed_origins),
+                       allow_methods=list(options.allowed_methods),
+                       allow_headers=list(options.allowed_headers),
+                       allow_credentials=options.allow_credentials)
+    app.add_middleware(RequestIdMiddleware)
     return app
+
+
+def serving_options(engine: AsyncLLM, options: ServerOptions) -> dict[str, Any]:
+    """What every generation handler takes from the options: sampling defaults (logged, as
+    vLLM does) and the request logger."""
+    defaults = load_sampling_defaults(options.generation_config,
+                                      engine.model_config.source.path)
+    if defaults:
+        logger.info("sampling defaults from the model's generation config (a request's own "
+                    "values win): %s", defaults)
+    request_logger = RequestLogger(options.max_log_len) if options.log_requests else None
+    if request_logger is not None:
+        engine.add_observer(request_logger.finished)
+    return {"sampling_defaults": defaults, "request_logger": request_logger}
+
+
+def chat_parsers(options: ServerOptions) -> dict[str, Any]:
+    """The tool-call parser (only with --enable-auto-tool-choice) and reasoning parser."""
+    auto = options.enable_auto_tool_choice and options.tool_call_parser is not None
+    return {"tool_parser": get_tool_parser(options.tool_call_parser) if auto else None,
+            "reasoning_parser": get_reasoning_parser(options.reasoning_parser)
+            if options.reasoning_parser else None}
 
 
 def _serve_loras(engine: AsyncLLM, models: ServedModels, options: ServerOptions) -> None:
@@ -274,8 +344,10 @@ class DrainingServer(uvicorn.Server):
 
     def __init__(self, config: uvicorn.Config, engine: AsyncLLM, drain_timeout: float,
                  watch_interval: float = ENGINE_WATCH_INTERVAL_S,
-                 stall_timeout: float = DEFAULT_STALL_TIMEOUT_S) -> None:
+                 stall_timeout: float = DEFAULT_STALL_TIMEOUT_S,
+                 stats_logger: StatsLogger | None = None) -> None:
         super().__init__(config)
+        self.stats_logger = stats_logger
         self.engine = engine
         self.drain_timeout = drain_timeout
         self.watch_interval = watch_interval
@@ -287,11 +359,14 @@ class DrainingServer(uvicorn.Server):
         return EXIT_ENGINE_DIED if self.engine_died else 0
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        watchdog = asyncio.create_task(self.watch_engine())
+        tasks = [asyncio.create_task(self.watch_engine())]
+        if self.stats_logger is not None:
+            tasks.append(asyncio.create_task(self.stats_logger.run()))
         try:
             await super().serve(sockets)
         finally:
-            watchdog.cancel()
+            for task in tasks:
+                task.cancel()
 
     async def watch_engine(self) -> None:
         """Poll the engine; log when it stalls (and when it recovers); once it has stopped,
@@ -347,16 +422,42 @@ def run_server(args: argparse.Namespace) -> int:
         config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="off",
                                 log_level=args.uvicorn_log_level,
                                 access_log=not args.disable_access_log,
-                                timeout_graceful_shutdown=args.shutdown_timeout + 5)
-        logger.info("serving %s as %s on http://%s:%d%s", engine.model_config.source.path.name,
-                    ", ".join(names), args.host, args.port, " (API key required)" if api_key else "")
+                                timeout_graceful_shutdown=args.shutdown_timeout + 5,
+                                root_path=args.root_path, ssl_keyfile=args.ssl_keyfile,
+                                ssl_certfile=args.ssl_certfile)
+        scheme = "https" if args.ssl_certfile else "http"
+        logger.info("serving %s as %s on %s://%s:%d%s%s", engine.model_config.source.path.name,
+                    ", ".join(names), scheme, args.host, args.port, args.root_path,
+                    " (API key required)" if api_key else "")
         # uvicorn re-raises SIGINT/SIGTERM once it has shut down, so that the handler it
         # replaced runs; with these (log and return) a signalled stop exits with status 0.
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, _note_signal)
+        interval = options.log_stats_interval_s
         server = DrainingServer(config, engine, args.shutdown_timeout,
-                                stall_timeout=options.health_stall_timeout_s)
+                                stall_timeout=options.health_stall_timeout_s,
+                                stats_logger=StatsLogger(engine, interval) if interval else None)
         server.run()
         return server.exit_code
     finally:
         engine.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pagedllm.entrypoints.openai.api_server --model M ...`, as vLLM's docs and
+    deployment manifests spell it: `pagedllm serve M ...` under another name."""
+    from pagedllm.entrypoints.cli import DefaultsHelpFormatter, add_serve_args, run_serve
+
+    parser = argparse.ArgumentParser(prog="python -m pagedllm.entrypoints.openai.api_server",
+                                     formatter_class=DefaultsHelpFormatter)
+    add_serve_args(parser, model_flag=True)
+    args = parser.parse_args(argv)
+    try:
+        return run_serve(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

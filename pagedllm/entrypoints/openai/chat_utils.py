@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pagedllm.entrypoints.openai.errors import OpenAIError
-from pagedllm.entrypoints.openai.protocol import ChatMessage
+from pagedllm.entrypoints.openai.protocol import ChatMessage, ToolCall
 from pagedllm.inputs import TokensPrompt
+from pagedllm.tokenizer import reserved_template_kwargs
 
 if TYPE_CHECKING:
     from pagedllm.engine.async_llm import AsyncLLM
 
-TEXT_PART_TYPES = ("text", "input_text")
+TEXT_PART_TYPES = ("text", "input_text", "output_text")
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name; templates know "system"
+@dataclass(slots=True)
+class TemplateOptions:
+    """How one conversation is rendered: everything apply_chat_template takes but the turns."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None  # None: the model's own
+    tools: list[dict[str, Any]] | None = None  # OpenAI tool definitions, as the template sees
+    kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs
+
+
+def check_template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    reserved = reserved_template_kwargs(kwargs)
+    if reserved:
+        raise OpenAIError.bad_request(f"chat_template_kwargs may not set {', '.join(reserved)} "
+                                      "(give them as request fields)", "chat_template_kwargs")
+    return dict(kwargs or {})
 
 
 def message_text(message: ChatMessage, index: int) -> str:
@@ -33,6 +53,24 @@ def message_text(message: ChatMessage, index: int) -> str:
     return "\n".join(texts)
 
 
+def template_tool_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    """An assistant's earlier calls as templates expect them: arguments as a dict (Qwen's,
+    Llama's and Hermes' templates write them with `tojson`); arguments that are not a JSON
+    object stay the text they are."""
+    return [{"id": call.id, "type": "function",
+             "function": {"name": call.function.name,
+                          "arguments": _json_object(call.function.arguments)}}
+            for call in calls]
+
+
+def _json_object(text: str) -> dict[str, Any] | str:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
+
+
 def conversation(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     result = []
     for index, message in enumerate(messages):
@@ -40,25 +78,41 @@ def conversation(messages: list[ChatMessage]) -> list[dict[str, Any]]:
                                  "content": message_text(message, index)}
         if message.name:
             entry["name"] = message.name
+        if message.tool_calls:
+            entry["tool_calls"] = template_tool_calls(message.tool_calls)
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
         result.append(entry)
     return result
 
 
-async def render_chat(engine: AsyncLLM, messages: list[ChatMessage], add_generation_prompt: bool,
-                      continue_final_message: bool) -> TokensPrompt:
+def apply_template(tokenizer: Any, turns: list[dict[str, Any]], options: TemplateOptions) -> str:
+    """The rendered conversation; a template error is the client's 400."""
+    try:
+        return tokenizer.apply_chat_template(
+            turns, tools=options.tools, chat_template=options.chat_template, tokenize=False,
+            add_generation_prompt=options.add_generation_prompt,
+            continue_final_message=options.continue_final_message, **options.kwargs)
+    except Exception as exc:  # jinja and transformers raise many kinds for a bad conversation
+        raise OpenAIError.bad_request(f"cannot apply the chat template to these messages: "
+                                      f"{exc}", "messages") from exc
+
+
+async def render_chat(engine: AsyncLLM, messages: list[ChatMessage],
+                      options: TemplateOptions) -> TokensPrompt:
     """Apply the chat template and tokenize on the engine's input thread (off the event loop);
     a template error, or a conversation too long to fit the context, is the client's 400."""
     turns = conversation(messages)
     tokenizer = engine.tokenizer
+    for index, turn in enumerate(turns):  # each message fits, whatever the template keeps
+        try:
+            engine.input_processor.check_prompt_text(turn["content"],
+                                                     f"content of messages[{index}]")
+        except ValueError as exc:
+            raise OpenAIError.bad_request(str(exc), f"messages.{index}.content") from exc
 
     def render() -> TokensPrompt:
-        try:
-            text = tokenizer.apply_chat_template(
-                turns, tokenize=False, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message)
-        except Exception as exc:  # jinja and transformers raise many kinds for a bad conversation
-            raise OpenAIError.bad_request(f"cannot apply the chat template to these messages: "
-                                          f"{exc}", "messages") from exc
+        text = apply_template(tokenizer, turns, options)
         try:
             engine.input_processor.check_prompt_text(text, "conversation")
         except ValueError as exc:

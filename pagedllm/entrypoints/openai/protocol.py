@@ -16,13 +16,14 @@ server to it both ways: what the document allows is accepted, what it forbids is
 
 from __future__ import annotations
 
+import copy
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pagedllm.engine.beam_ranking import MAX_LENGTH_PENALTY
 from pagedllm.entrypoints.openai.limits import LIMIT_KEY
@@ -36,6 +37,17 @@ from pagedllm.sampling_params import (
 
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs; the sampler's top-k cost grows with it
 MAX_JSON_DEPTH = 64  # nesting of a request body (a JSON schema's, mostly)
+# vLLM's request extras this server does not implement: a 400 naming the field, rather than
+# being ignored. Unknown fields otherwise pass (OpenAI adds fields; user, metadata, store and
+# the like change nothing about the output).
+UNSUPPORTED_VLLM_EXTRAS = {  # field -> the values that ask for nothing (vLLM's defaults)
+    **dict.fromkeys(("guided_decoding_backend", "guided_whitespace_pattern", "documents",
+                     "mm_processor_kwargs", "media_io_kwargs", "truncate_prompt_tokens",
+                     "prompt_logprobs", "logits_processors", "kv_transfer_params",
+                     "vllm_xargs", "thinking_token_budget"), (None,)),
+    **dict.fromkeys(("return_tokens_as_token_ids", "return_token_ids"), (None, False)),
+    "spaces_between_special_tokens": (None, True),
+}
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
@@ -79,8 +91,8 @@ def rule(**keywords: Any) -> Callable[[dict[str, Any]], None]:
             for branch in targets:
                 if isinstance(value, Limit):
                     branch.setdefault(LIMIT_KEY, {})[keyword] = value.name
-                else:
-                    branch[keyword] = value
+                else:  # a copy: document_limits fills in the schema in place
+                    branch[keyword] = copy.deepcopy(value)
 
     return extra
 
@@ -137,7 +149,8 @@ def model_field() -> Any:
 
 
 TEXT_PART = {"type": "object", "required": ["type", "text"],
-             "properties": {"type": {"enum": ["text", "input_text"]}, "text": {"type": "string"}}}
+             "properties": {"type": {"enum": ["text", "input_text", "output_text"]},
+                            "text": {"type": "string"}}}
 
 
 class OpenAIBaseModel(BaseModel):
@@ -359,6 +372,10 @@ class SamplingRequest(RequestBody):
 
     def unsupported(self) -> list[tuple[str, str]]:
         """(param, reason) for every field that asks for what the engine does not do yet."""
+        extras = sorted(name for name, value in (self.model_extra or {}).items()
+                        if value not in UNSUPPORTED_VLLM_EXTRAS.get(name, (value,)))
+        if extras:
+            return [(extras[0], f"{extras[0]} (a vLLM extra) is not supported by this server")]
         if self.use_beam_search and self._structured_sources():
             return [("use_beam_search", "beam search cannot be combined with structured "
                                         "outputs (response_format, structured_outputs, guided_*)")]
@@ -526,12 +543,52 @@ class CompletionResponse(OpenAIBaseModel):
 
 
 # ---- /v1/chat/completions -----------------------------------------------------------------------
+class FunctionDefinition(RequestModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
+    strict: bool | None = None  # the schema is enforced whenever a call is forced, strict or not
+
+
+class ChatTool(RequestModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(RequestModel):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(RequestModel):
+    """tool_choice {"type": "function", "function": {"name": ...}}: call exactly this one."""
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(RequestModel):
     role: str
     # a text, or text parts: {"type": "text", "text": ...}
     content: str | list[dict[str, Any]] | None = Field(None, json_schema_extra=rule(
         maxLength=Limit("max_prompt_chars"), items=TEXT_PART))
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    reasoning_content: str | None = None  # an assistant's earlier reasoning (not templated)
+
+
+TOOL_CHOICES = ("none", "auto", "required")
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -541,13 +598,22 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = max_tokens_field(None)  # OpenAI's newer name
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    # Tool calling is not supported yet: no tools, tool_choice "none" or "auto"
-    tools: list[dict[str, Any]] | None = Field(None, json_schema_extra=rule(maxItems=0))
-    tool_choice: Annotated[str | dict[str, Any] | None, WithJsonSchema(
-        {"anyOf": [{"enum": ["none", "auto"]}, {"type": "null"}]})] = None
+    tools: list[ChatTool] | None = Field(None, description="distinct function names")
+    # None: "auto" when there are tools, else "none" (OpenAI's defaults)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="required and a named function need tools (and the name one of "
+                          "them), and are a structured-output constraint of their own (no "
+                          "response_format, structured_outputs or guided_* with them); auto "
+                          "(the default with tools) needs the server's "
+                          "--enable-auto-tool-choice")
+    parallel_tool_calls: bool = True
     use_beam_search: bool = Field(False, json_schema_extra=rule(const=False))  # completions only
-    add_generation_prompt: bool = True  # vLLM's extras for the chat template
+    # vLLM's extras for the chat template
+    add_generation_prompt: bool = True
     continue_final_message: bool = False
+    echo: bool = False  # the answer starts with the last message's content (same role only)
+    chat_template: str | None = Field(None, min_length=1)
+    chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the template
 
     @classmethod
     def schema_rules(cls) -> list[dict[str, Any]]:
@@ -555,14 +621,16 @@ class ChatCompletionRequest(SamplingRequest):
                 either(absent("top_logprobs"), is_true("logprobs")),
                 either(is_false("continue_final_message"), NO_GENERATION_PROMPT)]
 
+    @property
+    def effective_tool_choice(self) -> str | NamedToolChoice:
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
     def unsupported(self) -> list[tuple[str, str]]:
         problems = super().unsupported()
         if self.use_beam_search:
             problems.append(("use_beam_search", "beam search is offered on /v1/completions"))
-        if self.tools:
-            problems.append(("tools", "tool calling is not supported by this server yet"))
-        if self.tool_choice not in (None, "none", "auto"):
-            problems.append(("tool_choice", "tool calling is not supported by this server yet"))
         return problems
 
     def invalid(self) -> list[tuple[str, str]]:
@@ -572,7 +640,30 @@ class ChatCompletionRequest(SamplingRequest):
         if self.add_generation_prompt and self.continue_final_message:
             problems.append(("continue_final_message", "continue_final_message and "
                              "add_generation_prompt cannot both be true"))
-        return problems
+        return problems + self._tool_problems()
+
+    def _tool_problems(self) -> list[tuple[str, str]]:
+        choice = self.tool_choice
+        forced = choice == "required" or isinstance(choice, NamedToolChoice)
+        if forced and not self.tools:
+            return [("tool_choice", "tool_choice 'required' or a named function needs tools")]
+        names = [tool.function.name for tool in self.tools or []]
+        if len(set(names)) != len(names):
+            return [("tools", "tools must have distinct function names")]
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            return [("tool_choice", f"tool_choice names function {choice.function.name!r}, "
+                                    "which is not among the tools")]
+        if forced and self._structured_sources():
+            return [("tool_choice", "tool_choice 'required' or a named function is a "
+                                    "structured-output constraint of its own: give no "
+                                    f"{self._structured_sources()[0]} with it")]
+        return []
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        from pagedllm.entrypoints.openai.tool_calls import forced_tool_constraint
+
+        forced = forced_tool_constraint(self)
+        return forced if forced is not None else super().structured_outputs_params()
 
     def to_sampling_params(self, output_kind: RequestOutputKind) -> SamplingParams:
         max_tokens = self.max_tokens if self.max_completion_tokens is None else \
@@ -598,6 +689,8 @@ class ChatLogprobs(OpenAIBaseModel):
 class ChatResponseMessage(OpenAIBaseModel):
     role: str = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None  # with --reasoning-parser
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(OpenAIBaseModel):
@@ -617,9 +710,25 @@ class ChatCompletionResponse(OpenAIBaseModel):
     usage: UsageInfo
 
 
+class DeltaFunctionCall(OpenAIBaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(OpenAIBaseModel):
+    """A streamed call: its first delta has id, type and name; later ones argument text."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(OpenAIBaseModel):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(OpenAIBaseModel):
@@ -655,6 +764,9 @@ class TokenizeRequest(RequestBody):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     return_token_strs: bool = False
+    tools: list[ChatTool] | None = None  # for `messages`: what the template receives
+    chat_template: str | None = Field(None, min_length=1)
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @classmethod
     def schema_rules(cls) -> list[dict[str, Any]]:

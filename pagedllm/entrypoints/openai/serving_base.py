@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Any
 
 from fastapi.responses import Response
 from pydantic import BaseModel
@@ -21,6 +22,7 @@ from pagedllm.engine.async_llm import (
 from pagedllm.entrypoints.openai.errors import OpenAIError
 from pagedllm.entrypoints.openai.limits import RequestLimits
 from pagedllm.entrypoints.openai.protocol import SamplingRequest, UsageInfo
+from pagedllm.entrypoints.openai.server_logging import RequestLogger
 from pagedllm.entrypoints.openai.serving_models import ServedModels
 from pagedllm.entrypoints.openai.streaming import SSE_DONE, sse_event
 from pagedllm.outputs import CompletionOutput, RequestOutput
@@ -60,8 +62,14 @@ def count_usage(usage: UsageInfo, output: RequestOutput,
 
 class OpenAIServing:
     def __init__(self, engine: AsyncLLM, models: ServedModels,
-                 limits: RequestLimits | None = None) -> None:
+                 limits: RequestLimits | None = None, chat_template: str | None = None,
+                 sampling_defaults: dict[str, Any] | None = None,
+                 request_logger: RequestLogger | None = None) -> None:
         self.engine = engine
+        self.chat_template = chat_template  # --chat-template: overrides the model's own
+        # --generation-config: values for the sampling fields a request leaves unset (None)
+        self.sampling_defaults = sampling_defaults or {}
+        self.request_logger = request_logger  # --enable-log-requests
         self.models = models
         self.limits = limits or RequestLimits()
         self.tokenizer = engine.tokenizer
@@ -79,6 +87,9 @@ class OpenAIServing:
     def sampling_params(self, request: SamplingRequest) -> SamplingParams:
         # Always deltas: a stream forwards them and a whole response adds them up, so an
         # abort (disconnect, shutdown) never loses what was already delivered.
+        for name, value in self.sampling_defaults.items():
+            if getattr(request, name, False) is None:
+                setattr(request, name, value)
         try:
             params = request.to_sampling_params(RequestOutputKind.DELTA)
         except ValueError as exc:
@@ -101,6 +112,12 @@ class OpenAIServing:
 
     async def submit(self, requests: list[NewRequest]) -> OutputStream:
         """Hand the requests to the engine; its ValueError (e.g. prompt too long) is a 400."""
+        if self.request_logger is not None:
+            for new in requests:
+                prompt = new.prompt if isinstance(new.prompt, dict) else {"prompt": new.prompt}
+                self.request_logger.received(new.request_id, prompt.get("prompt"),
+                                             list(prompt.get("prompt_token_ids") or []),
+                                             new.params)
         try:
             return await self.engine.add_requests(requests)
         except ValueError as exc:

@@ -57,6 +57,11 @@ class ServedModels:
                             max_model_len=self.max_model_len) for name, lora in self.loras.items()]
         return ModelList(data=cards)
 
+    def card(self, name: str) -> ModelCard:
+        """GET /v1/models/{name}: the served model or adapter; 404 otherwise."""
+        resolved = self.resolve(name)
+        return next(card for card in self.model_list().data if card.id == resolved)
+
     # ---- run-time loading (the engine checks the adapter) --------------------------------------
     async def load(self, engine, body: LoadLoRAAdapterRequest) -> str:
         lora = self.new_lora(body.lora_name, body.lora_path)

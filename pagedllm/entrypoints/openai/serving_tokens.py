@@ -5,7 +5,11 @@ not be a prompt: text too long for max_model_len tokens, more ids than max_model
 
 from __future__ import annotations
 
-from pagedllm.entrypoints.openai.chat_utils import render_chat
+from pagedllm.entrypoints.openai.chat_utils import (
+    TemplateOptions,
+    check_template_kwargs,
+    render_chat,
+)
 from pagedllm.entrypoints.openai.errors import OpenAIError
 from pagedllm.entrypoints.openai.protocol import (
     DetokenizeRequest,
@@ -23,9 +27,12 @@ class OpenAIServingTokens(OpenAIServing):
         if (request.prompt is None) == (request.messages is None):
             raise OpenAIError.bad_request("give exactly one of 'prompt' and 'messages'", "prompt")
         if request.messages is not None:
-            rendered = await render_chat(self.engine, request.messages,
-                                         request.add_generation_prompt,
-                                         request.continue_final_message)
+            options = TemplateOptions(
+                request.add_generation_prompt, request.continue_final_message,
+                request.chat_template or self.chat_template,
+                [tool.model_dump(exclude_none=True) for tool in request.tools or []] or None,
+                check_template_kwargs(request.chat_template_kwargs))
+            rendered = await render_chat(self.engine, request.messages, options)
             token_ids = rendered["prompt_token_ids"]
         else:
             token_ids = await self.engine.run_input_work(self._encode, request.prompt,
