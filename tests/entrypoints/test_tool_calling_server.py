@@ -156,6 +156,8 @@ def test_auto_reads_hermes_calls_streamed_and_not(client):
     ({"tools": [WEATHER, WEATHER]}, "tools"),
     ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs"),
     ({"truncate_prompt_tokens": 5}, "truncate_prompt_tokens"),  # a vLLM extra we lack
+    ({"request_id": "mine"}, "request_id"),  # nor its own request ids
+    ({"reasoning_effort": "low"}, "reasoning_effort"),  # accepted only to be ignored otherwise
 ])
 def test_bad_tool_requests_are_400s(http, body, param):
     response = http.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK,

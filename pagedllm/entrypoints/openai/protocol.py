@@ -44,7 +44,9 @@ UNSUPPORTED_VLLM_EXTRAS = {  # field -> the values that ask for nothing (vLLM's 
     **dict.fromkeys(("guided_decoding_backend", "guided_whitespace_pattern", "documents",
                      "mm_processor_kwargs", "media_io_kwargs", "truncate_prompt_tokens",
                      "prompt_logprobs", "logits_processors", "kv_transfer_params",
-                     "vllm_xargs", "thinking_token_budget"), (None,)),
+                     "vllm_xargs", "thinking_token_budget", "request_id",
+                     # OpenAI's, for its reasoning models; no template here reads it
+                     "reasoning_effort"), (None,)),
     **dict.fromkeys(("return_tokens_as_token_ids", "return_token_ids"), (None, False)),
     "spaces_between_special_tokens": (None, True),
 }
@@ -375,7 +377,7 @@ class SamplingRequest(RequestBody):
         extras = sorted(name for name, value in (self.model_extra or {}).items()
                         if value not in UNSUPPORTED_VLLM_EXTRAS.get(name, (value,)))
         if extras:
-            return [(extras[0], f"{extras[0]} (a vLLM extra) is not supported by this server")]
+            return [(extras[0], f"{extras[0]} is not supported by this server")]
         if self.use_beam_search and self._structured_sources():
             return [("use_beam_search", "beam search cannot be combined with structured "
                                         "outputs (response_format, structured_outputs, guided_*)")]
