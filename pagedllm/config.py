@@ -123,6 +123,9 @@ class EngineArgs:
     max_cpu_loras: int | None = _opt(
         "LoRA adapters kept loaded in host memory, least recently used evicted (enable_lora; "
         "default: max_loras)")
+    speculative_config: Any = _opt(
+        "speculative decoding, as a dict or its JSON text, e.g. '{\"method\": \"ngram\", "
+        "\"num_speculative_tokens\": 4}' (docs/spec_decode.md)", parse=str)
     engine_core_process: bool = _opt(
         "run the engine core (scheduler, step loop, workers) in a process of its own, apart "
         "from HTTP handling, tokenizing and detokenizing (default: on for `serve`, off for "
@@ -165,6 +168,15 @@ class EngineArgs:
         self._check_scheduling()
         self._check_lora()
         self._check_parallelism()
+        self._check_speculative()
+
+    def _check_speculative(self) -> None:
+        from pagedllm.spec_decode.config import SpeculativeConfig
+
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        if self.speculative_config is not None and self.world_size > 1:
+            raise ValueError("speculative_config with more than one rank (tensor or pipeline "
+                             "parallelism) is not supported yet")
 
     def _check_device_options(self) -> None:
         if not DEVICE_PATTERN.fullmatch(self.device):

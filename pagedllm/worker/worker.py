@@ -28,6 +28,7 @@ from pagedllm.lora.manager import LoRAManager
 from pagedllm.lora.model import wrap_model
 from pagedllm.model.loader import ModelConfig, load_model, load_model_config
 from pagedllm.model.pipeline import this_stage
+from pagedllm.spec_decode import make_proposer
 from pagedllm.utils import GiB
 from pagedllm.worker.cuda_graph import capture_sizes
 from pagedllm.worker.kv_cache import (
@@ -185,7 +186,8 @@ class Worker:
         self.runner = ModelRunner(self.model, kv_caches, plan.block_size, self.device,
                                   self.args.seed, self.model_config.vocab_size, swap_space,
                                   self.lora_manager,
-                                  samples=tp_group().is_first and pp_group().is_last)
+                                  samples=tp_group().is_first and pp_group().is_last,
+                                  proposer=make_proposer(self.args.speculative_config))
         if self.cuda_graph_sizes:
             self.cuda_graph_capture_s = self._capture_cuda_graphs()
 
