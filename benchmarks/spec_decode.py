@@ -1,0 +1,118 @@
+"""Output tokens/s with n-gram speculative decoding against the same engine without it.
+
+    python benchmarks/spec_decode.py --batch-sizes 1,8,32 --max-tokens 96 --repeats 2
+
+Two workloads, each at every batch size, both engines in one process and the arms interleaved
+(plain, speculative, plain, ...) so that other work on the machine weighs on both alike:
+
+  copy    the answer copies from the prompt (repeat a passage, re-emit a function with one
+          edit): drafts are accepted, speculation should pay
+  fresh   open questions whose answers repeat nothing: few drafts, mostly rejected, to bound
+          what speculation costs when it does not pay
+
+Greedy, EOS ignored (every arm makes the same number of tokens: greedy outputs are identical
+with and without speculation, which this checks too). Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from pagedllm import LLM, SamplingParams
+
+PASSAGES = [
+    "The old lighthouse keeper climbed the spiral stairs every evening, lit the great lamp, "
+    "and watched the ships pass safely through the narrow channel below the cliffs.",
+    "def moving_average(values, window):\n    result = []\n    for i in range(len(values) - "
+    "window + 1):\n        chunk = values[i:i + window]\n        result.append(sum(chunk) / "
+    "window)\n    return result\n",
+    "Photosynthesis is the process by which green plants use sunlight, water and carbon "
+    "dioxide to make glucose and oxygen; it takes place mainly in the leaves.",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):"
+    "\n        self.items.append(item)\n\n    def pop(self):\n        return self.items.pop()\n",
+]
+QUESTIONS = [
+    "Write a short story about a robot who learns to paint.",
+    "Explain why the sky is blue to a five year old.",
+    "What are three good habits for staying healthy?",
+    "Describe your ideal weekend in a few sentences.",
+    "Give me some advice for a job interview.",
+    "Why do cats purr?",
+    "Invent a new holiday and describe how people celebrate it.",
+    "What would you pack for a trip to the mountains?",
+]
+
+
+def copy_prompts(count: int) -> list[str]:
+    return [f"Repeat the following text exactly.\n\n{PASSAGES[i % len(PASSAGES)]}\n\n"
+            f"Repeated text:\n{PASSAGES[i % len(PASSAGES)][:12]}" for i in range(count)]
+
+
+def fresh_prompts(count: int) -> list[str]:
+    return [QUESTIONS[i % len(QUESTIONS)] for i in range(count)]
+
+
+def timed(llm: LLM, prompts: list[str], params: SamplingParams) -> tuple[float, list]:
+    started = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return time.perf_counter() - started, [o.outputs[0].token_ids for o in outputs]
+
+
+def measure(plain: LLM, spec: LLM, prompts: list[str], max_tokens: int, repeats: int) -> dict:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    timed(plain, prompts[:1], params)  # warm both (prefix cache stays off: no reuse)
+    timed(spec, prompts[:1], params)
+    times = {"plain": [], "spec": []}
+    before = spec.llm_engine.engine_core.stats().spec_decoding.copy()
+    for _ in range(repeats):
+        for name, llm in (("plain", plain), ("spec", spec)):
+            seconds, tokens = timed(llm, prompts, params)
+            times[name].append(seconds)
+            if name == "plain":
+                reference = tokens
+            elif tokens != reference:
+                raise AssertionError("speculative greedy output differs from the plain engine's")
+    after = spec.llm_engine.engine_core.stats().spec_decoding
+    drafted = after.num_draft_tokens - before.num_draft_tokens
+    accepted = after.num_accepted_tokens - before.num_accepted_tokens
+    total = max_tokens * len(prompts)
+    plain_rate, spec_rate = total / min(times["plain"]), total / min(times["spec"])
+    return {"plain_tok_s": plain_rate, "spec_tok_s": spec_rate, "speedup": spec_rate / plain_rate,
+            "acceptance_rate": accepted / drafted if drafted else 0.0,
+            "draft_tokens_per_output_token": drafted / (total * repeats),
+            "times_s": times}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--batch-sizes", default="1,8,32")
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--num-speculative-tokens", type=int, default=4)
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args()
+    common = dict(model=args.model, dtype=args.dtype, enable_prefix_caching=False,
+                  kv_cache_memory_bytes=1 << 30)
+    plain = LLM(**common)
+    spec = LLM(**common, speculative_config={
+        "method": "ngram", "num_speculative_tokens": args.num_speculative_tokens,
+        "prompt_lookup_max": 4, "prompt_lookup_min": 2})
+    rows = []
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        for workload, make in (("copy", copy_prompts), ("fresh", fresh_prompts)):
+            result = measure(plain, spec, make(batch), args.max_tokens, args.repeats)
+            rows.append({"workload": workload, "batch": batch, **result})
+            print(f"{workload:5} batch {batch:3}: plain {result['plain_tok_s']:7.1f} tok/s  "
+                  f"ngram {result['spec_tok_s']:7.1f} tok/s  x{result['speedup']:.2f}  "
+                  f"acceptance {result['acceptance_rate']:.2f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
