@@ -1,6 +1,6 @@
 """Output tokens/s with n-gram speculative decoding against the same engine without it.
 
-    python benchmarks/spec_decode.py --batch-sizes 1,8,32 --max-tokens 96 --repeats 2
+    python benchmarks/spec_decode.py --batch-sizes 1,8,32 --max-tokens 48 --repeats 3
 
 Two workloads, each at every batch size, both engines in one process and the arms interleaved
 (plain, speculative, plain, ...) so that other work on the machine weighs on both alike:
@@ -10,8 +10,9 @@ Two workloads, each at every batch size, both engines in one process and the arm
   fresh   open questions whose answers repeat nothing: few drafts, mostly rejected, to bound
           what speculation costs when it does not pay
 
-Greedy, EOS ignored (every arm makes the same number of tokens: greedy outputs are identical
-with and without speculation, which this checks too). Prints a table and writes JSON.
+Greedy, EOS ignored, so every arm makes the same number of tokens; tokens/s is over the sum of
+each arm's runs. Reports the acceptance rate and the share of outputs identical to the plain
+engine's (all of them in float32). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -62,26 +63,27 @@ def timed(llm: LLM, prompts: list[str], params: SamplingParams) -> tuple[float, 
 
 def measure(plain: LLM, spec: LLM, prompts: list[str], max_tokens: int, repeats: int) -> dict:
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    timed(plain, prompts[:1], params)  # warm both (prefix cache stays off: no reuse)
+    timed(plain, prompts[:1], params)  # warm both (prefix caching is off: no reuse)
     timed(spec, prompts[:1], params)
-    times = {"plain": [], "spec": []}
+    times: dict[str, list[float]] = {"plain": [], "spec": []}
+    outputs: dict[str, list] = {}
     before = spec.llm_engine.engine_core.stats().spec_decoding.copy()
-    for _ in range(repeats):
-        for name, llm in (("plain", plain), ("spec", spec)):
-            seconds, tokens = timed(llm, prompts, params)
+    arms = [("plain", plain), ("spec", spec)]
+    for repeat in range(repeats):
+        for name, llm in arms if repeat % 2 == 0 else arms[::-1]:  # alternate who goes first
+            seconds, outputs[name] = timed(llm, prompts, params)
             times[name].append(seconds)
-            if name == "plain":
-                reference = tokens
-            elif tokens != reference:
-                raise AssertionError("speculative greedy output differs from the plain engine's")
     after = spec.llm_engine.engine_core.stats().spec_decoding
     drafted = after.num_draft_tokens - before.num_draft_tokens
     accepted = after.num_accepted_tokens - before.num_accepted_tokens
-    total = max_tokens * len(prompts)
-    plain_rate, spec_rate = total / min(times["plain"]), total / min(times["spec"])
+    total = max_tokens * len(prompts) * repeats
+    plain_rate, spec_rate = total / sum(times["plain"]), total / sum(times["spec"])
+    # float32: identical; bf16: the verify pass computes the same logits through the prefill
+    # kernels, whose rounding differs from the decode kernel's, so a near-tie may flip
+    same = sum(a == b for a, b in zip(outputs["plain"], outputs["spec"])) / len(prompts)
     return {"plain_tok_s": plain_rate, "spec_tok_s": spec_rate, "speedup": spec_rate / plain_rate,
             "acceptance_rate": accepted / drafted if drafted else 0.0,
-            "draft_tokens_per_output_token": drafted / (total * repeats),
+            "draft_tokens_per_output_token": drafted / total, "identical_outputs": same,
             "times_s": times}
 
 
@@ -90,8 +92,8 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--batch-sizes", default="1,8,32")
-    parser.add_argument("--max-tokens", type=int, default=96)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num-speculative-tokens", type=int, default=4)
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
@@ -108,7 +110,8 @@ def main() -> None:
             rows.append({"workload": workload, "batch": batch, **result})
             print(f"{workload:5} batch {batch:3}: plain {result['plain_tok_s']:7.1f} tok/s  "
                   f"ngram {result['spec_tok_s']:7.1f} tok/s  x{result['speedup']:.2f}  "
-                  f"acceptance {result['acceptance_rate']:.2f}", flush=True)
+                  f"acceptance {result['acceptance_rate']:.2f}  "
+                  f"identical {result['identical_outputs']:.2f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
