@@ -174,9 +174,16 @@ class EngineArgs:
         from pagedllm.spec_decode.config import SpeculativeConfig
 
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
-        if self.speculative_config is not None and self.world_size > 1:
+        spec = self.speculative_config
+        if spec is not None and self.world_size > 1:
             raise ValueError("speculative_config with more than one rank (tensor or pipeline "
                              "parallelism) is not supported yet")
+        if spec is not None and spec.model is not None and self.preemption_mode == "swap":
+            raise ValueError("a draft model (speculative_config) with preemption_mode='swap' "
+                             "is not supported yet; use recompute")
+        if spec is not None and spec.model is not None and self.enable_lora:
+            raise ValueError("a draft model (speculative_config) with enable_lora is not "
+                             "supported yet")
 
     def _check_device_options(self) -> None:
         if not DEVICE_PATTERN.fullmatch(self.device):
@@ -291,3 +298,6 @@ class SchedulerConfig:
     preemption_mode: str = "recompute"
     scheduling_policy: str = "fcfs"
     max_loras: int = 0  # distinct LoRA adapters one step may run; 0: LoRA is off
+    # slots held past a sampling chunk's last token: a draft model writes its proposals' K/V
+    # there (speculative decoding); 0 otherwise
+    num_lookahead_tokens: int = 0

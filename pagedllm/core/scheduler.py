@@ -274,13 +274,19 @@ class Scheduler:
         cached = self.kv.get_computed_blocks(request)
         num_hit = len(cached) * self.kv.block_size
         num_new = self._num_new_tokens(request, budget, num_hit=num_hit)
-        copies = self.kv.allocate_slots(request, num_new, cached)
+        copies = self.kv.allocate_slots(request, self._slots(request, num_new, num_hit), cached)
         if copies is None:
             return None
         self._copies.on_write.extend(copies)
         request.num_computed_tokens += num_hit
         request.num_cached_tokens = num_hit
         return num_new
+
+    def _slots(self, request: Request, num_new: int, num_hit: int = 0) -> int:
+        """Slots to hold for a chunk of `num_new` tokens: with a draft model, a chunk that
+        samples holds num_lookahead_tokens more, where the draft writes its proposals' K/V."""
+        ends = request.num_computed_tokens + num_hit + num_new >= request.num_tokens
+        return num_new + self.config.num_lookahead_tokens if ends else num_new
 
     def _swap_in(self, request: Request, budget: int) -> int | None:
         num_new = self._num_new_tokens(request, budget)
@@ -302,7 +308,7 @@ class Scheduler:
     def _make_room(self, request: Request, num_new: int, preempted: list[str]) -> bool:
         """Allocate slots for `request`, preempting from the end of the running list if needed;
         False if that preempted `request` itself."""
-        while (copies := self.kv.allocate_slots(request, num_new)) is None:
+        while (copies := self.kv.allocate_slots(request, self._slots(request, num_new))) is None:
             victim = self.running.pop(self._last_preemptible())
             self._preempt(victim)
             preempted.append(victim.request_id)

@@ -156,7 +156,9 @@ class EngineCore:
             SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens,
                             self.model_config.max_model_len, args.long_prefill_token_threshold,
                             args.preemption_mode, args.scheduling_policy,
-                            args.max_loras if args.enable_lora else 0),
+                            args.max_loras if args.enable_lora else 0,
+                            args.speculative_config.num_lookahead_tokens
+                            if args.speculative_config else 0),
             self.kv_cache_manager)
         self.structured_output = StructuredOutputManager(
             self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids)

@@ -17,8 +17,9 @@ from pagedllm.spec_decode.proposer import Proposer
 
 
 def make_proposer(config: SpeculativeConfig | None) -> Proposer | None:
-    """The worker's proposer for `config` (None: no speculation)."""
-    if config is None:
+    """The worker's proposer for `config` (None: no speculation, or a draft model, which the
+    worker runs itself: worker/draft_runner.py)."""
+    if config is None or config.model is not None:
         return None
     from pagedllm.spec_decode.ngram import NgramProposer  # numpy, only when asked for
 

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model")
 # every key a speculative_config may hold, vLLM's names
 KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model")
 MAX_SPECULATIVE_TOKENS = 16  # more drafts than this only burn compute: acceptance decays fast
@@ -21,6 +21,7 @@ class SpeculativeConfig:
     num_speculative_tokens: int
     prompt_lookup_max: int  # n-gram: the longest suffix matched first
     prompt_lookup_min: int  # n-gram: the shortest suffix tried before giving up
+    model: str | None = None  # draft_model: the draft (HF folder, .gguf file or hub id)
 
     @classmethod
     def parse(cls, value: dict[str, Any] | str | SpeculativeConfig | None) -> SpeculativeConfig | None:
@@ -42,13 +43,16 @@ class SpeculativeConfig:
 
     @classmethod
     def _from_dict(cls, value: dict[str, Any]) -> SpeculativeConfig:
-        if value.get("model") is not None:
-            raise ValueError("speculative_config: draft models ('model') are not supported yet; "
-                             "use {'method': 'ngram'}")
-        method = value.get("method")
+        model = value.get("model")
+        method = value.get("method") or ("draft_model" if model is not None else None)
         if method not in METHODS:
             raise ValueError(f"speculative_config: unknown method {method!r} (supported: "
                              f"{list(METHODS)})")
+        if (method == "draft_model") != (model is not None):
+            raise ValueError("speculative_config: a draft model needs 'model' (and 'model' "
+                             "needs the draft_model method)")
+        if model is not None and not isinstance(model, str):
+            raise ValueError(f"speculative_config: model must be a path or hub id, got {model!r}")
         k = _int(value, "num_speculative_tokens", None)
         if not 1 <= k <= MAX_SPECULATIVE_TOKENS:
             raise ValueError(f"speculative_config: num_speculative_tokens must be in [1, "
@@ -61,13 +65,20 @@ class SpeculativeConfig:
         if not 1 <= lookup_min <= lookup_max:
             raise ValueError(f"speculative_config: need 1 <= prompt_lookup_min <= "
                              f"prompt_lookup_max, got {lookup_min} and {lookup_max}")
-        return cls(method, k, lookup_max, lookup_min)
+        return cls(method, k, lookup_max, lookup_min, model)
+
+    @property
+    def num_lookahead_tokens(self) -> int:
+        """Slots past a sampling chunk the scheduler holds: a draft model writes the K/V of its
+        k proposal steps there; prompt lookup writes nothing."""
+        return self.num_speculative_tokens if self.model is not None else 0
 
     def describe(self) -> str:
         """The start-up log's line."""
-        return (f"speculative decoding: {self.method}, {self.num_speculative_tokens} tokens per "
-                f"step, prompt lookup of {self.prompt_lookup_max} down to "
-                f"{self.prompt_lookup_min} tokens")
+        how = (f"draft model {self.model}" if self.model is not None else
+               f"ngram, prompt lookup of {self.prompt_lookup_max} down to "
+               f"{self.prompt_lookup_min} tokens")
+        return f"speculative decoding: {how}, {self.num_speculative_tokens} tokens per step"
 
 
 def _int(value: dict[str, Any], name: str, default: int | None) -> int | None:

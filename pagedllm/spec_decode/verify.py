@@ -45,9 +45,12 @@ class VerifyResult:
 
 
 def verify(sampler: Sampler, logits: torch.Tensor, batch: SamplingBatch,
-           drafts: list[list[int]]) -> VerifyResult:
-    """`logits` and `batch` hold len(d) + 1 rows per sequence, in the order of `drafts`."""
+           drafts: list[list[int]],
+           draft_probs: list[torch.Tensor | None] | None = None) -> VerifyResult:
+    """`logits` and `batch` hold len(d) + 1 rows per sequence, in the order of `drafts`;
+    `draft_probs`: each sequence's q, [len(d), vocab], or None where q is one-hot (n-gram)."""
     offsets = _offsets(drafts)
+    draft_probs = draft_probs or [None] * len(drafts)
     if is_plain_greedy(batch):
         target = argmax(logits).tolist()
         accepted = [_greedy_run(d, target[o : o + len(d)]) for o, d in zip(offsets, drafts)]
@@ -57,7 +60,7 @@ def verify(sampler: Sampler, logits: torch.Tensor, batch: SamplingBatch,
     wants_logprobs = any(k is not None for k in batch.num_logprobs)
     raw = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
     logits = apply_logits_processors(logits, batch)
-    accepted, final = _accept(sampler, logits, batch, drafts, offsets)
+    accepted, final = _accept(sampler, logits, batch, drafts, offsets, draft_probs)
     logprobs = (_logprobs(raw, batch, accepted, final, offsets) if raw is not None
                 else [[None] * (len(a) + 1) for a in accepted])
     return VerifyResult(accepted, final, logprobs)
@@ -80,30 +83,32 @@ def _greedy_run(draft: list[int], target: list[int]) -> list[int]:
 
 
 def _accept(sampler: Sampler, logits: torch.Tensor, batch: SamplingBatch,
-            drafts: list[list[int]], offsets: list[int]) -> tuple[list[list[int]], list[int]]:
+            drafts: list[list[int]], offsets: list[int],
+            draft_probs: list[torch.Tensor | None]) -> tuple[list[list[int]], list[int]]:
     greedy = argmax(logits).tolist()
     temperature = batch.temperature.tolist()
     probs = None if batch.all_greedy else sampling_probs(logits, batch)
     accepted: list[list[int]] = []
     final: list[int | None] = []
     weights, uniforms, to_draw = [], [], []
-    for j, (o, d) in enumerate(zip(offsets, drafts)):
+    for j, (o, d, q) in enumerate(zip(offsets, drafts, draft_probs)):
         if temperature[o] == 0:
             run = _greedy_run(d, greedy[o : o + len(d)])
             accepted.append(run)
             final.append(greedy[o + len(run)])
             continue
         u = sampler.uniform(len(d) + 1, batch.generators[o], logits.device)
-        p_draft = probs[torch.arange(o, o + len(d)), torch.tensor(d, dtype=torch.long)] \
-            if d else u[:0]
+        ids = torch.tensor(d, dtype=torch.long)
+        p_draft = probs[torch.arange(o, o + len(d)), ids]
+        # u < p(d) / q(d), as u * q(d) < p(d); q(d) is 1 for a one-hot q
+        q_draft = q[torch.arange(len(d)), ids] if q is not None else torch.ones_like(p_draft)
+        keep = (u[: len(d)] * q_draft < p_draft).tolist()
         count = 0
-        keep = (u[: len(d)] < p_draft).tolist()  # u < p(d) / q(d), with q one-hot
         while count < len(d) and keep[count]:
             count += 1
         row = probs[o + count]
-        if count < len(d):  # the normalised max(0, p - q): p without the rejected draft
-            row = row.clone()
-            row[d[count]] = 0.0
+        if count < len(d):
+            row = _residual(row, q[count] if q is not None else None, d[count])
         accepted.append(d[:count])
         final.append(None)
         weights.append(row)
@@ -114,6 +119,17 @@ def _accept(sampler: Sampler, logits: torch.Tensor, batch: SamplingBatch,
         for j, token in zip(to_draw, drawn):
             final[j] = token
     return accepted, final
+
+
+def _residual(p: torch.Tensor, q: torch.Tensor | None, draft: int) -> torch.Tensor:
+    """max(0, p - q), to be normalised by the draw: for a one-hot q, p without the draft.
+    (It is all zero only where p == q, when no draft can be rejected; p then, for safety.)"""
+    if q is None:
+        row = p.clone()
+        row[draft] = 0.0
+        return row
+    row = (p - q).clamp_(min=0.0)
+    return row if bool(row.sum() > 0) else p
 
 
 def _logprobs(raw: torch.Tensor, batch: SamplingBatch, accepted: list[list[int]],

@@ -24,6 +24,7 @@ from pagedllm.spec_decode.proposer import ProposalInputs, Proposer, may_speculat
 from pagedllm.spec_decode.verify import verify
 from pagedllm.utils import cdiv
 from pagedllm.worker.cuda_graph import DecodeGraphs
+from pagedllm.worker.draft_runner import DraftRunner
 from pagedllm.worker.swap import SwapSpace
 
 
@@ -58,7 +59,7 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_caches, block_size: int, device: str,
                  seed: int, vocab_size: int, swap_space: SwapSpace | None = None,
                  lora: LoRAManager | None = None, samples: bool = True,
-                 proposer: Proposer | None = None) -> None:
+                 proposer: Proposer | None = None, draft: DraftRunner | None = None) -> None:
         """`samples`: False on every rank but the one that samples (the first tensor-parallel
         rank of the last pipeline stage): the others run every forward pass, and on the last
         stage every logits projection, with it but sample nothing."""
@@ -74,11 +75,14 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}  # per seeded request, across steps
         self.decode_graphs: DecodeGraphs | None = None  # set by capture_decode_graphs (CUDA)
         self.proposer = proposer  # speculative decoding: drafts for each sequence's next step
+        self.draft = draft  # speculative decoding with a draft model (instead of `proposer`)
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         for request_id in scheduler_output.finished_request_ids:
             self.generators.pop(request_id, None)
+        if self.draft is not None:
+            self.draft.forget(scheduler_output.finished_request_ids)
         self.swap_blocks(scheduler_output)
         self.copy_blocks(scheduler_output.block_copies)
         if not scheduler_output.scheduled:
@@ -87,6 +91,8 @@ class ModelRunner:
         hidden = self.forward(inputs)
         if hidden is None:  # a pipeline stage before the last: its activations went on
             return ModelRunnerOutput([], [])
+        if self.draft is not None:  # the draft's K/V for every token the target computed
+            self.draft.sync(inputs.input_ids, inputs.positions, inputs.metadata)
         if not self.samples:
             return self._project_logits_only(hidden, inputs)
         prompt_logprobs = {r.request_id: (r.first_position, self._prompt_logprobs(hidden, r))
@@ -126,7 +132,10 @@ class ModelRunner:
         rows = inputs.spec_rows
         expanded = [s for s in rows for _ in range(len(s.spec_token_ids) + 1)]
         batch = self.sampling_batch(expanded)
-        result = verify(self.sampler, logits, batch, [s.spec_token_ids for s in rows])
+        draft_probs = ([self.draft.take_probs(s.request_id, len(s.spec_token_ids))
+                        for s in rows] if self.draft is not None else None)
+        result = verify(self.sampler, logits, batch, [s.spec_token_ids for s in rows],
+                        draft_probs)
         for s, accepted, final, logprobs in zip(rows, result.accepted, result.final,
                                                 result.logprobs):
             output.request_ids.append(s.request_id)
@@ -139,20 +148,28 @@ class ModelRunner:
 
     def _propose(self, inputs: ModelInputs, output: ModelRunnerOutput) -> dict[str, list[int]]:
         """Drafts for the next step of each sequence that got tokens and may speculate."""
-        if self.proposer is None:
+        if self.proposer is None and self.draft is None:
             return {}
         rows = {sample_id: s for s, sample_id in zip(inputs.sampling, inputs.sample_ids)}
         rows |= {s.request_id: s for s in inputs.spec_rows}
-        ids, contexts = [], []
+        ids, contexts, newest = [], [], []
         for sample_id, token_id in zip(output.request_ids, output.sampled_token_ids):
             s = rows[sample_id]
-            new = [*output.accepted_token_ids.get(sample_id, ()), token_id]
+            accepted = output.accepted_token_ids.get(sample_id, [])
+            new = [*accepted, token_id]
             if sample_id in output.failed or not may_speculate(
                     s.sampling_params, len(s.output_token_ids) + len(new)):
                 continue
             ids.append(sample_id)
-            contexts.append(ProposalInputs(s.prompt_token_ids + s.output_token_ids + new,
-                                           MAX_SPECULATIVE_TOKENS))
+            if self.draft is not None:  # the newest token goes at the first position not run
+                position = (s.start_position + len(s.token_ids) - len(s.spec_token_ids)
+                            + len(accepted))
+                newest.append((s, sample_id, token_id, position))
+            else:
+                contexts.append(ProposalInputs(s.prompt_token_ids + s.output_token_ids + new,
+                                               MAX_SPECULATIVE_TOKENS))
+        if self.draft is not None:
+            return self.draft.propose(self, newest) if newest else {}
         drafts = self.proposer.propose(contexts) if contexts else []
         return {sample_id: d for sample_id, d in zip(ids, drafts) if d}
 
@@ -295,7 +312,8 @@ class ModelRunner:
             return
         src = self._tensor([c[0] for c in copies])
         dst = self._tensor([c[1] for c in copies])
-        for key_cache, value_cache in self.kv_caches:
+        draft_caches = self.draft.kv_caches if self.draft is not None else []
+        for key_cache, value_cache in [*self.kv_caches, *draft_caches]:
             key_cache[dst] = key_cache[src]
             value_cache[dst] = value_cache[src]
 

@@ -19,12 +19,13 @@ NGRAM = json.dumps({"method": "ngram", "num_speculative_tokens": 3, "prompt_look
                     "prompt_lookup_min": 1})
 
 
-def save_llama(folder: Path, vocab: int, scale: float) -> Path:
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+def save_llama(folder: Path, vocab: int, scale: float, seed: int = 0, layers: int = 2) -> Path:
+    config = LlamaConfig(hidden_size=64, intermediate_size=128,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                         num_hidden_layers=layers,
                          max_position_embeddings=256, tie_word_embeddings=False,
                          bos_token_id=0, eos_token_id=1)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
         for param in model.parameters():
@@ -46,9 +47,13 @@ def sampling_model(tmp_path_factory) -> Path:
     return save_llama(tmp_path_factory.mktemp("spec-sampling"), vocab=16, scale=2.5)
 
 
-def engines(folder: Path, **settings):
+def engines(folder: Path, speculative_config: str = NGRAM, **settings):
     settings = dict(model=str(folder), skip_tokenizer_init=True, **settings)
-    return make_llm(**settings), make_llm(speculative_config=NGRAM, **settings)
+    return make_llm(**settings), make_llm(speculative_config=speculative_config, **settings)
+
+
+def draft_config(folder: Path, k: int = 3) -> str:
+    return json.dumps({"model": str(folder), "num_speculative_tokens": k})
 
 
 def mixed_prompts(count: int) -> list[TokensPrompt]:
@@ -136,11 +141,29 @@ SAMPLING_CASES = {
 
 @pytest.mark.parametrize("case", SAMPLING_CASES)
 def test_sampled_tokens_follow_the_same_distribution(sampling_model, case):
+    check_sampling(sampling_model, case, NGRAM)
+
+
+@pytest.fixture(scope="module")
+def sampling_draft(tmp_path_factory) -> Path:
+    """Another random model on the same 16 tokens: its q differs from the target's p."""
+    return save_llama(tmp_path_factory.mktemp("spec-sampling-draft"), vocab=16, scale=2.5,
+                      seed=7, layers=1)
+
+
+def test_sampling_with_a_draft_model_follows_the_same_distribution(sampling_model,
+                                                                    sampling_draft):
+    """The same check with q a real distribution (accept with p/q, resample max(0, p - q))."""
+    check_sampling(sampling_model, "top-k", draft_config(sampling_draft))
+
+
+def check_sampling(sampling_model: Path, case: str, speculative_config: str) -> None:
     """800 seeded samples of 6 tokens each, with and without speculation: for every position
     the token histograms pass a chi-square test of homogeneity. Seeded, so deterministic; and
     the same test tells the distribution from its top-6 cut, so it has the power to see a
     wrong rule."""
-    plain, spec = engines(sampling_model, kv_cache_memory_bytes=4 << 20, max_num_seqs=256,
+    plain, spec = engines(sampling_model, speculative_config,
+                          kv_cache_memory_bytes=4 << 20, max_num_seqs=256,
                           max_num_batched_tokens=2048)
     # the model's own greedy continuation of 3 4 5: the lookup proposes tokens it likes
     prompt = TokensPrompt(prompt_token_ids=[3, 4, 5, 0, 0, 0, 0, 5, 0, 5, 0, 5, 0, 0, 5, 0])
@@ -172,3 +195,47 @@ def homogeneity_p(a: torch.Tensor, b: torch.Tensor) -> float:
     counts = torch.stack([torch.bincount(a, minlength=16), torch.bincount(b, minlength=16)])
     counts = counts[:, counts.sum(0) > 0]
     return float(chi2_contingency(counts.numpy()).pvalue)
+
+
+# ---- draft models -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def greedy_draft(tmp_path_factory) -> Path:
+    """A different random model (one layer, another seed) on the same 128 tokens."""
+    return save_llama(tmp_path_factory.mktemp("spec-greedy-draft"), vocab=128, scale=4.0,
+                      seed=5, layers=1)
+
+
+def test_a_draft_equal_to_the_target_has_every_proposal_accepted(greedy_model):
+    plain, spec = engines(greedy_model, draft_config(greedy_model), kv_cache_memory_bytes=1 << 20)
+    prompts = mixed_prompts(6)
+    core = spec.llm_engine.engine_core
+    before = core.stats().spec_decoding.copy()
+    assert greedy_ids(spec, prompts) == greedy_ids(plain, prompts)
+    after = core.stats().spec_decoding
+    drafted = after.num_draft_tokens - before.num_draft_tokens
+    assert drafted > 50 and after.num_accepted_tokens - before.num_accepted_tokens == drafted
+
+
+def test_a_draft_model_gives_the_targets_greedy_tokens_under_preemption(greedy_model,
+                                                                         greedy_draft):
+    """Both models' K/V share block ids: preemption, recompute and prefix-cache hits must keep
+    the draft's cache right as well as the target's (wrong draft K/V would only lower the
+    acceptance, so acceptance is checked too)."""
+    settings = dict(kv_cache_memory_bytes=24 * 4 * (2 + 1) * 2 * 2 * 16 * 4, block_size=4,
+                    max_num_batched_tokens=32, enable_prefix_caching=True)
+    plain, spec = engines(greedy_model, draft_config(greedy_draft), **settings)
+    assert spec.llm_engine.engine_core.cache_config.num_blocks == 24
+    prompts = mixed_prompts(10)
+    expected = greedy_ids(plain, prompts, 16)
+    assert greedy_ids(spec, prompts, 16) == expected
+    assert greedy_ids(spec, prompts, 16) == expected
+    assert any(r.preempted for r in spec.llm_engine.step_records)
+    stats = spec.llm_engine.engine_core.stats().spec_decoding
+    assert stats.num_accepted_tokens > 0
+    assert_cache_holds_only_real_tokens(spec.llm_engine.engine_core, prompts, expected)
+
+
+def test_a_draft_with_another_vocabulary_is_refused(greedy_model, sampling_model):
+    with pytest.raises(ValueError, match="vocabulary .16 tokens. is not the target's .128."):
+        make_llm(model=str(greedy_model), skip_tokenizer_init=True,
+                 speculative_config=draft_config(sampling_model))
