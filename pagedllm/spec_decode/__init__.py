@@ -4,6 +4,7 @@
     proposer.py   the Proposer interface and which requests may speculate (pure Python)
     ngram.py      prompt lookup: propose what followed the last n tokens earlier in the request
     verify.py     exact acceptance of the drafts against the target's logits (torch)
+    (the draft model runs in the worker: worker/draft_runner.py)
 
 The scheduler schedules a speculating request's last token and its drafts as one short chunk;
 the runner scores every position, keeps the longest accepted run plus one token, and proposes

@@ -29,6 +29,18 @@ def test_config_from_dict_and_json_text():
     assert SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 2}') == \
         SpeculativeConfig("ngram", 2, 4, 2)
     assert EngineArgs(speculative_config=NGRAM).speculative_config == config
+    draft = SpeculativeConfig.parse({"model": "/some/draft", "num_speculative_tokens": 3})
+    assert (draft.method, draft.model, draft.num_lookahead_tokens) == ("draft_model",
+                                                                      "/some/draft", 3)
+    assert config.num_lookahead_tokens == 0
+
+
+def test_draft_model_refuses_what_it_cannot_serve_yet():
+    draft = {"model": "/some/draft", "num_speculative_tokens": 3}
+    with pytest.raises(ValueError, match="preemption_mode='swap' is not supported"):
+        EngineArgs(speculative_config=draft, preemption_mode="swap")
+    with pytest.raises(ValueError, match="enable_lora is not supported"):
+        EngineArgs(speculative_config=draft, enable_lora=True)
 
 
 @pytest.mark.parametrize(("value", "message"), [
@@ -42,6 +54,9 @@ def test_config_from_dict_and_json_text():
       "prompt_lookup_max": 2}, "prompt_lookup_min <= prompt_lookup_max"),
     ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 3}, "unknown keys"),
     ("{not json", "not valid JSON"),
+    ({"method": "draft_model", "num_speculative_tokens": 2}, "a draft model needs 'model'"),
+    ({"method": "ngram", "model": "x", "num_speculative_tokens": 2}, "a draft model needs"),
+    ({"model": 3, "num_speculative_tokens": 2}, "model must be a path"),
     ([1, 2], "must be a dict"),
 ])
 def test_bad_configs_name_the_problem(value, message):
