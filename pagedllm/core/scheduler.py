@@ -371,7 +371,7 @@ class Scheduler:
         """The request's row, holding copies only (SchedulerOutput's contract): the request's
         token lists grow, and its block table changes, after this step is handed out."""
         start = request.num_computed_tokens
-        drafts = request.spec_token_ids[: start + num_new - request.num_tokens]
+        drafts = request.spec_token_ids[: max(0, start + num_new - request.num_tokens)]
         request.spec_token_ids = []  # verified now, or (cut by the budget) dropped
         sample = start + num_new - len(drafts) == request.num_tokens
         return ScheduledRequest(

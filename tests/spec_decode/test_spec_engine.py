@@ -136,3 +136,28 @@ def test_metrics_use_vllm_names():
     assert "pagedllm:spec_decode_num_accepted_tokens_total 5.0" in text
     assert 'pagedllm:spec_decode_num_accepted_tokens_per_pos_total{position="2"} 1.0' in text
     assert stats.acceptance_per_position() == [1.0, 1.0, 0.5, 0.0]
+
+
+@pytest.mark.slow
+def test_greedy_identical_under_preemption_on_the_default_model():
+    """A cache of 24 blocks for 16 prompts of 20 to 60 tokens: preemption and recompute, with
+    the prefix cache on, each engine alike."""
+    small = dict(kv_cache_memory_bytes=24 * 737_280, max_num_batched_tokens=128)
+    plain, spec = make_llm(**small), make_llm(speculative_config=NGRAM, **small)
+    params = SamplingParams(temperature=0, max_tokens=24)
+    assert token_ids(spec.generate(MIXED_16, params, use_tqdm=False)) == \
+        token_ids(plain.generate(MIXED_16, params, use_tqdm=False))
+    assert any(r.preempted for r in spec.llm_engine.step_records)
+
+
+@pytest.mark.slow
+def test_the_default_model_as_its_own_draft_accepts_everything(llm):
+    from pagedllm.model.source import default_model_path
+
+    draft = json.dumps({"model": str(default_model_path()), "num_speculative_tokens": 3})
+    spec = make_llm(speculative_config=draft)
+    params = SamplingParams(temperature=0, max_tokens=24)
+    assert token_ids(spec.generate(COPY_PROMPTS[:4], params, use_tqdm=False)) == \
+        token_ids(llm.generate(COPY_PROMPTS[:4], params, use_tqdm=False))
+    stats = spec.llm_engine.engine_core.stats().spec_decoding
+    assert stats.num_draft_tokens > 30 and stats.num_accepted_tokens == stats.num_draft_tokens
