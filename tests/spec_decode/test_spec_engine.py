@@ -61,7 +61,7 @@ def test_greedy_batch_of_16_mixed_lengths_is_identical(llm, spec_llm):
 
 
 def test_one_request_alone_and_its_logprobs(llm, spec_llm):
-    params = SamplingParams(temperature=0, max_tokens=40, logprobs=3)
+    params = SamplingParams(temperature=0, max_tokens=24, logprobs=3)
     (plain,) = llm.generate(COPY_PROMPTS[0], params, use_tqdm=False)
     (spec,) = spec_llm.generate(COPY_PROMPTS[0], params, use_tqdm=False)
     assert spec.outputs[0].token_ids == plain.outputs[0].token_ids
@@ -96,22 +96,22 @@ def test_requests_that_cannot_speculate_share_the_batch(llm, spec_llm):
     """Penalties, min_tokens and a grammar make a request decode one token per step; the
     others in the same steps still speculate, and every output is the plain engine's."""
     prompts = COPY_PROMPTS[:4]
-    params = [SamplingParams(temperature=0, max_tokens=16),
-              SamplingParams(temperature=0, max_tokens=16, repetition_penalty=1.3),
-              SamplingParams(temperature=0, max_tokens=16, min_tokens=12),
-              SamplingParams(temperature=0, max_tokens=16,
+    params = [SamplingParams(temperature=0, max_tokens=12),
+              SamplingParams(temperature=0, max_tokens=12, repetition_penalty=1.3),
+              SamplingParams(temperature=0, max_tokens=12, min_tokens=8),
+              SamplingParams(temperature=0, max_tokens=12,
                              structured_outputs=StructuredOutputsParams(regex="[a-z ]{5,20}"))]
     assert token_ids(spec_llm.generate(prompts, params, use_tqdm=False)) == \
         token_ids(llm.generate(prompts, params, use_tqdm=False))
 
 
 def test_parallel_sampling_is_seeded_and_reproducible(spec_llm):
-    params = SamplingParams(n=3, temperature=0.8, seed=11, max_tokens=16)
+    params = SamplingParams(n=2, temperature=0.8, seed=11, max_tokens=10)
     first = spec_llm.generate(COPY_PROMPTS[2], params, use_tqdm=False)[0]
     again = spec_llm.generate(COPY_PROMPTS[2], params, use_tqdm=False)[0]
-    assert len(first.outputs) == 3
+    assert len(first.outputs) == 2
     assert [c.token_ids for c in first.outputs] == [c.token_ids for c in again.outputs]
-    assert all(len(c.token_ids) == 16 or c.finish_reason == "stop" for c in first.outputs)
+    assert all(len(c.token_ids) == 10 or c.finish_reason == "stop" for c in first.outputs)
 
 
 def test_beam_search_is_refused_with_a_reason(spec_llm):
