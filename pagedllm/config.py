@@ -123,6 +123,9 @@ class EngineArgs:
     max_cpu_loras: int | None = _opt(
         "LoRA adapters kept loaded in host memory, least recently used evicted (enable_lora; "
         "default: max_loras)")
+    speculative_config: Any = _opt(
+        "speculative decoding, as a dict or its JSON text, e.g. '{\"method\": \"ngram\", "
+        "\"num_speculative_tokens\": 4}' (docs/spec_decode.md)", parse=str)
     engine_core_process: bool = _opt(
         "run the engine core (scheduler, step loop, workers) in a process of its own, apart "
         "from HTTP handling, tokenizing and detokenizing (default: on for `serve`, off for "
@@ -165,6 +168,22 @@ class EngineArgs:
         self._check_scheduling()
         self._check_lora()
         self._check_parallelism()
+        self._check_speculative()
+
+    def _check_speculative(self) -> None:
+        from pagedllm.spec_decode.config import SpeculativeConfig
+
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        spec = self.speculative_config
+        if spec is not None and self.world_size > 1:
+            raise ValueError("speculative_config with more than one rank (tensor or pipeline "
+                             "parallelism) is not supported yet")
+        if spec is not None and spec.model is not None and self.preemption_mode == "swap":
+            raise ValueError("a draft model (speculative_config) with preemption_mode='swap' "
+                             "is not supported yet; use recompute")
+        if spec is not None and spec.model is not None and self.enable_lora:
+            raise ValueError("a draft model (speculative_config) with enable_lora is not "
+                             "supported yet")
 
     def _check_device_options(self) -> None:
         if not DEVICE_PATTERN.fullmatch(self.device):
@@ -279,3 +298,6 @@ class SchedulerConfig:
     preemption_mode: str = "recompute"
     scheduling_policy: str = "fcfs"
     max_loras: int = 0  # distinct LoRA adapters one step may run; 0: LoRA is off
+    # slots held past a sampling chunk's last token: a draft model writes its proposals' K/V
+    # there (speculative decoding); 0 otherwise
+    num_lookahead_tokens: int = 0

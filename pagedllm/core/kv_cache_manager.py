@@ -234,6 +234,20 @@ class KVCacheManager:
             self.pool.cache_block(entry.blocks[index], hashes[index])
         entry.num_registered = full
 
+    def trim(self, request: Request) -> None:
+        """Free the blocks past the request's computed tokens (speculative decoding: the blocks
+        allocated only for drafts that were rejected). None of them was offered to the prefix
+        cache: blocks are registered only up to the request's real tokens, all computed."""
+        entry = self._requests.get(request.request_id)
+        if entry is None:
+            return
+        keep = cdiv(request.num_computed_tokens, self.block_size)
+        if len(entry.blocks) <= keep:
+            return
+        assert entry.num_registered <= keep, "a rolled-back block was in the prefix cache"
+        self.pool.free(reversed(entry.blocks[keep:]))
+        del entry.blocks[keep:], entry.block_ids[keep:]
+
     def free(self, request: Request) -> None:
         """Give back everything the request holds, on the device and on the host; a request the
         manager does not know is a no-op."""

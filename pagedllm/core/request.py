@@ -53,6 +53,9 @@ class Request:
     # Structured outputs: True while the request's grammar compiles off the step loop; the
     # scheduler lets such a request wait without holding up the ones behind it.
     waiting_for_grammar: bool = False
+    # Speculative decoding: draft tokens proposed after the last step, verified in the next
+    # one (scheduled after the request's last token); never part of all_token_ids.
+    spec_token_ids: list[int] = field(default_factory=list)
     stop_reason: int | str | None = None
     all_token_ids: list[int] = field(init=False)
 

@@ -31,6 +31,14 @@ Three knobs shape a step:
                                 one preempted first, is the lowest-priority, latest arrival.
   preemption_mode               recompute or swap, as above.
 
+Speculative decoding: a running request at its last token that holds draft tokens (proposed
+by the worker after its last step) computes that token and its drafts as one short chunk,
+within the same budget: 1 + k tokens, fewer drafts when the budget, max_tokens or
+max_model_len is short. The runner verifies them; update_from_output appends the accepted ones
+plus one more token, then rolls the rest back: num_computed_tokens goes back to the accepted
+tokens and the blocks held only for rejected drafts are freed. The drafts never enter the
+request's tokens, so no block hash ever covers one.
+
 Every block copy the KV-cache manager causes while the step is scheduled (swap out, swap in,
 copy-on-write) comes back from the call that caused it and goes into that step's
 SchedulerOutput, which holds only copies of the core's state (see its docstring).
@@ -46,7 +54,7 @@ from pagedllm.config import SchedulerConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.request_queue import make_request_queue, priority_key
-from pagedllm.core.stats import KVCacheStats
+from pagedllm.core.stats import KVCacheStats, SpecDecodingStats
 from pagedllm.core.step_io import (
     BlockCopy,
     EngineCoreOutput,
@@ -85,6 +93,9 @@ class Scheduler:
         # core keeps several steps in flight (engine/core.py); a request in one is not
         # scheduled again (its next token is not known yet) nor preempted until it returns.
         self.in_flight: set[str] = set()
+        self.spec_decoding = SpecDecodingStats()  # drafts verified and accepted, since start-up
+        # (draft tokens, accepted) of each sequence that verified drafts in the last update
+        self.last_step_drafts: list[tuple[int, int]] = []
 
     # ---- intake -------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -238,10 +249,19 @@ class Scheduler:
         tokens), at most long_prefill_token_threshold, and at most the budget less `reserve`
         (one token for each running request still to be served)."""
         num_new = request.num_tokens - request.num_computed_tokens - num_hit
+        if num_new == 1 and request.spec_token_ids:
+            num_new += self._num_drafts(request)
         threshold = self.config.long_prefill_token_threshold
         if threshold:
             num_new = min(num_new, threshold)
         return min(num_new, max(1, budget - reserve))
+
+    def _num_drafts(self, request: Request) -> int:
+        """How many of its drafts a request at its last token may verify: no run past
+        max_model_len, nor past max_tokens (the step adds the accepted drafts plus one)."""
+        room = min(self.config.max_model_len - request.num_tokens,
+                   request.max_tokens - request.num_output_tokens - 1)
+        return max(0, min(len(request.spec_token_ids), room))
 
     def _admit(self, request: Request, budget: int) -> int | None:
         """Give a waiting request its blocks: swap it back in, or take its cached prefix and
@@ -254,13 +274,19 @@ class Scheduler:
         cached = self.kv.get_computed_blocks(request)
         num_hit = len(cached) * self.kv.block_size
         num_new = self._num_new_tokens(request, budget, num_hit=num_hit)
-        copies = self.kv.allocate_slots(request, num_new, cached)
+        copies = self.kv.allocate_slots(request, self._slots(request, num_new, num_hit), cached)
         if copies is None:
             return None
         self._copies.on_write.extend(copies)
         request.num_computed_tokens += num_hit
         request.num_cached_tokens = num_hit
         return num_new
+
+    def _slots(self, request: Request, num_new: int, num_hit: int = 0) -> int:
+        """Slots to hold for a chunk of `num_new` tokens: with a draft model, a chunk that
+        samples holds num_lookahead_tokens more, where the draft writes its proposals' K/V."""
+        ends = request.num_computed_tokens + num_hit + num_new >= request.num_tokens
+        return num_new + self.config.num_lookahead_tokens if ends else num_new
 
     def _swap_in(self, request: Request, budget: int) -> int | None:
         num_new = self._num_new_tokens(request, budget)
@@ -282,7 +308,7 @@ class Scheduler:
     def _make_room(self, request: Request, num_new: int, preempted: list[str]) -> bool:
         """Allocate slots for `request`, preempting from the end of the running list if needed;
         False if that preempted `request` itself."""
-        while (copies := self.kv.allocate_slots(request, num_new)) is None:
+        while (copies := self.kv.allocate_slots(request, self._slots(request, num_new))) is None:
             victim = self.running.pop(self._last_preemptible())
             self._preempt(victim)
             preempted.append(victim.request_id)
@@ -302,6 +328,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
+        request.spec_token_ids = []  # proposed for a cache it no longer has; new ones will come
         self.num_preemptions += 1
         if not self._swap_out(request):
             self.kv.free(request)
@@ -344,10 +371,12 @@ class Scheduler:
         """The request's row, holding copies only (SchedulerOutput's contract): the request's
         token lists grow, and its block table changes, after this step is handed out."""
         start = request.num_computed_tokens
-        sample = start + num_new == request.num_tokens
+        drafts = request.spec_token_ids[: max(0, start + num_new - request.num_tokens)]
+        request.spec_token_ids = []  # verified now, or (cut by the budget) dropped
+        sample = start + num_new - len(drafts) == request.num_tokens
         return ScheduledRequest(
             request_id=request.request_id,
-            token_ids=request.all_token_ids[start : start + num_new],  # a slice is a copy
+            token_ids=request.all_token_ids[start : start + num_new] + drafts,  # copies
             start_position=start,
             block_ids=self.kv.block_ids(request.request_id),  # a copy, by its contract
             sampling_params=request.sampling_params,
@@ -356,17 +385,22 @@ class Scheduler:
             sample=sample,
             sample_ids=[request.request_id, *request.pending_fork_ids] if sample else [],
             lora_request=request.lora_request,
+            spec_token_ids=drafts,
         )
 
     # ---- after the model ran ------------------------------------------------------------------
     def update_from_output(
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
+        self.last_step_drafts = []
         for item in scheduler_output.scheduled:
             self.in_flight.discard(item.request_id)
             request = self.requests.get(item.request_id)
             if request is not None:  # may have been aborted while the model ran
                 request.num_computed_tokens += len(item.token_ids)
+                if item.spec_token_ids:
+                    accepted = runner_output.accepted_token_ids.get(item.request_id, ())
+                    self._roll_back(request, len(item.spec_token_ids), len(accepted))
 
         self._fork_sampled_siblings(runner_output.request_ids)
         outputs = self._error_outputs({**scheduler_output.failed, **runner_output.failed})
@@ -377,17 +411,42 @@ class Scheduler:
             request = self.requests.get(request_id)
             if request is None or request.status.finished:
                 continue
+            accepted = runner_output.accepted_token_ids.get(request_id, [])
+            accepted_logprobs = (runner_output.accepted_logprobs.get(request_id)
+                                 or [None] * len(accepted))
+            output = self._append_tokens(request, [*accepted, token_id],
+                                         [*accepted_logprobs, token_logprobs])
+            if not request.status.finished:
+                request.spec_token_ids = runner_output.draft_token_ids.get(request_id, [])
+            outputs.append(output)
+        return outputs
+
+    def _roll_back(self, request: Request, num_drafts: int, num_accepted: int) -> None:
+        """Forget the K/V of the drafts the runner rejected: their positions count as not
+        computed, and blocks held only for them are freed (their slots get overwritten when
+        the positions are computed for real)."""
+        request.num_computed_tokens -= num_drafts - num_accepted
+        self.kv.trim(request)
+        self.spec_decoding.observe(num_drafts, num_accepted)
+        self.last_step_drafts.append((num_drafts, num_accepted))
+
+    def _append_tokens(self, request: Request, token_ids: list[int],
+                       logprobs: list) -> EngineCoreOutput:
+        """Append a step's tokens (one, or accepted drafts and one) up to the first stop."""
+        count = 0
+        for token_id in token_ids:
             request.append_output_token(token_id)
+            count += 1
             stop = request.check_token_stop(self.config.max_model_len)
             if stop is not None:
                 self.running.remove(request)
                 self._free(request, stop)
-            outputs.append(EngineCoreOutput(
-                request_id, [token_id], [token_logprobs],
-                finish_reason=request.finish_reason, stop_reason=request.stop_reason,
-                num_cached_tokens=request.num_cached_tokens,
-            ))
-        return outputs
+                break
+        return EngineCoreOutput(
+            request.request_id, token_ids[:count], logprobs[:count],
+            finish_reason=request.finish_reason, stop_reason=request.stop_reason,
+            num_cached_tokens=request.num_cached_tokens,
+        )
 
     def _error_outputs(self, failed: dict[str, str]) -> list[EngineCoreOutput]:
         """End (if still running) and report the sequences that failed alone this step."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass(slots=True, frozen=True)
@@ -47,3 +47,47 @@ class KVCacheStats:
     def as_dict(self) -> dict[str, float]:
         return {**asdict(self), "usage": self.usage, "waste_fraction": self.waste_fraction,
                 "prefix_cache_hit_rate": self.prefix_cache_hit_rate}
+
+
+@dataclass(slots=True)
+class SpecDecodingStats:
+    """Speculative decoding since start-up: vLLM's spec_decode_* counters. A draft is one
+    sequence's proposal verified in one step; position i counts its (i+1)-th draft tokens."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_drafts_per_position: list[int] = field(default_factory=list)
+    num_accepted_per_position: list[int] = field(default_factory=list)
+
+    def observe(self, num_draft_tokens: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted
+        count_by_position(self.num_drafts_per_position, self.num_accepted_per_position,
+                          num_draft_tokens, num_accepted)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted draft tokens / draft tokens (0 before any draft)."""
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    def acceptance_per_position(self) -> list[float]:
+        return [a / d for a, d in zip(self.num_accepted_per_position,
+                                      self.num_drafts_per_position)]
+
+    def copy(self) -> SpecDecodingStats:
+        return SpecDecodingStats(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
+                                 list(self.num_drafts_per_position),
+                                 list(self.num_accepted_per_position))
+
+
+def count_by_position(drafted: list[int], accepted: list[int], num_drafts: int,
+                      num_accepted: int) -> None:
+    """Add one verified proposal to per-position counts (index i: proposals with an (i+1)-th
+    draft token, and of those, the ones whose (i+1)-th token was accepted)."""
+    for counts in (drafted, accepted):
+        counts.extend([0] * (num_drafts - len(counts)))
+    for position in range(num_drafts):
+        drafted[position] += 1
+        accepted[position] += position < num_accepted

@@ -27,6 +27,9 @@ class ScheduledRequest:
     # who gets a token from this row's logits: the request, then any sequences forked from it now
     sample_ids: list[str] = field(default_factory=list)
     lora_request: LoRARequest | None = None  # the row's adapter (immutable); None: base model
+    # Speculative decoding: the drafts at the end of token_ids, to verify. The row then samples
+    # from each of its last len(spec_token_ids) + 1 positions (a decode row never has drafts).
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def is_decode(self) -> bool:
@@ -86,6 +89,12 @@ class ModelRunnerOutput:
     # sequence id -> why its row could not be sampled (its own parameters broke the set-up);
     # its token above is a placeholder, and the scheduler ends it with finish_reason "error"
     failed: dict[str, str] = field(default_factory=dict)
+    # Speculative decoding. request id -> the drafts its row accepted, which come before its
+    # sampled token above (absent: it verified none), and their logprobs (None entries where
+    # none were asked for); then sequence id -> drafts proposed for its next step.
+    accepted_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    accepted_logprobs: dict[str, list[TokenLogprobs | None]] = field(default_factory=dict)
+    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

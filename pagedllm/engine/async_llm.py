@@ -41,7 +41,7 @@ from typing import Any
 
 from pagedllm.config import EngineArgs
 from pagedllm.core.snapshot import EngineSnapshot
-from pagedllm.core.stats import KVCacheStats
+from pagedllm.core.stats import KVCacheStats, SpecDecodingStats
 from pagedllm.engine.beam_ranking import BeamSearchParams
 from pagedllm.engine.core import EngineCore, StepRecord
 from pagedllm.engine.errors import EngineDeadError, EngineOverloadedError, EngineStepError
@@ -91,6 +91,7 @@ class EngineStats:
     max_loras: int = 0
     running_loras: tuple[str, ...] = ()
     waiting_loras: tuple[str, ...] = ()
+    spec_decoding: SpecDecodingStats | None = None  # drafts and acceptance (speculative_config)
     published_at: float = 0.0  # wall-clock time of this snapshot (time.time())
 
     @property
@@ -496,6 +497,7 @@ class AsyncLLM:
             max_loras=self.engine.args.max_loras if self.engine.args.enable_lora else 0,
             running_loras=core.running_loras,
             waiting_loras=core.waiting_loras,
+            spec_decoding=core.spec_decoding,
             published_at=time.time(),
         )
 

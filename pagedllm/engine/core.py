@@ -34,7 +34,7 @@ from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.core.snapshot import EngineSnapshot, take_snapshot
-from pagedllm.core.stats import KVCacheStats
+from pagedllm.core.stats import KVCacheStats, SpecDecodingStats, count_by_position
 from pagedllm.core.step_io import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
 from pagedllm.engine.beam_ranking import BeamSearchParams
 from pagedllm.engine.beam_search import BeamSearchManager
@@ -84,6 +84,15 @@ class StepRecord:
     num_swapped_out_blocks: int = 0
     num_swapped_in_blocks: int = 0
     loras: list[str] = field(default_factory=list)  # the distinct LoRA adapters it ran
+    # speculative decoding: sequences that verified drafts, their draft tokens per position
+    # (index i: sequences with an (i+1)-th draft) and of those, the accepted ones
+    spec_drafts_per_position: list[int] = field(default_factory=list)
+    spec_accepted_per_position: list[int] = field(default_factory=list)
+
+    @property
+    def spec_acceptance_per_position(self) -> list[float]:
+        return [a / d for a, d in zip(self.spec_accepted_per_position,
+                                      self.spec_drafts_per_position)]
 
     @property
     def num_free_blocks(self) -> int:
@@ -113,6 +122,7 @@ class CoreStats:
     # the LoRA adapters (names) of the running and of the waiting requests (enable_lora)
     running_loras: tuple[str, ...] = ()
     waiting_loras: tuple[str, ...] = ()
+    spec_decoding: SpecDecodingStats | None = None  # a copy; None when speculation is off
 
 
 @dataclass(slots=True)
@@ -147,7 +157,9 @@ class EngineCore:
             SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens,
                             self.model_config.max_model_len, args.long_prefill_token_threshold,
                             args.preemption_mode, args.scheduling_policy,
-                            args.max_loras if args.enable_lora else 0),
+                            args.max_loras if args.enable_lora else 0,
+                            args.speculative_config.num_lookahead_tokens
+                            if args.speculative_config else 0),
             self.kv_cache_manager)
         self.structured_output = StructuredOutputManager(
             self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids)
@@ -163,6 +175,8 @@ class EngineCore:
         self.pipeline_depth = args.pipeline_parallel_size
         self.in_flight: collections.deque[InFlightStep] = collections.deque()
         self.startup_seconds = time.perf_counter() - started
+        if args.speculative_config is not None:
+            logger.info(args.speculative_config.describe())
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -176,6 +190,9 @@ class EngineCore:
                         params: BeamSearchParams) -> None:
         """Start a beam search whose first beam is `first` (engine/beam_search.py); its one
         RequestOutput comes in EngineCoreOutputs.finished_searches when it ends."""
+        if self.args.speculative_config is not None:
+            raise ValueError("beam search is not supported with speculative decoding "
+                             "(speculative_config): each beam must advance one token per step")
         self._check_new_id(request_id)
         self._check_new_id(first.request_id)
         self.beam_search.start(request_id, prompt, first.prompt_token_ids, params,
@@ -215,8 +232,9 @@ class EngineCore:
     def stats(self) -> CoreStats:
         running, waiting = (self.scheduler.lora_adapters() if self.args.enable_lora
                             else ((), ()))
+        spec = self.scheduler.spec_decoding.copy() if self.args.speculative_config else None
         return CoreStats(self.scheduler.num_running, self.scheduler.num_waiting, self.num_steps,
-                         self.kv_cache_stats(), tuple(running), tuple(waiting))
+                         self.kv_cache_stats(), tuple(running), tuple(waiting), spec)
 
     def snapshot(self) -> EngineSnapshot:
         """Every block's state and every unfinished request, for the dashboard (core/snapshot.py);
@@ -302,6 +320,9 @@ class EngineCore:
             loras=sorted({s.lora_request.lora_name for s in scheduler_output.scheduled
                           if s.lora_request is not None}),
         )
+        for num_drafts, num_accepted in self.scheduler.last_step_drafts:
+            count_by_position(record.spec_drafts_per_position,
+                              record.spec_accepted_per_position, num_drafts, num_accepted)
         return record
 
     @property

@@ -15,8 +15,10 @@
 A feature changes the scheduler only through its public calls (finish_requests, fork,
 replace_last_token, set_waiting_for_grammar); it never sets attributes on the runner. Whatever the
 worker must know travels in the SchedulerOutput. Structured outputs and beam search use this
-seam (structured_output/step.py, engine/beam_search.py); speculative decoding and LoRA
-will too.
+seam (structured_output/step.py, engine/beam_search.py). Speculative decoding needs no hook:
+its drafts are proposed in the worker and travel through the scheduler's own records
+(Request.spec_token_ids, ScheduledRequest.spec_token_ids, ModelRunnerOutput.draft_token_ids),
+and a verify is one more chunk under the scheduler's one rule (see core/scheduler.py).
 """
 
 from __future__ import annotations

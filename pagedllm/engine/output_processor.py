@@ -73,16 +73,29 @@ class SequenceState:
 
     def update(self, output: EngineCoreOutput) -> bool:
         """Take the new tokens; returns True if a stop string ended the sequence here."""
-        self.token_ids.extend(output.new_token_ids)
-        self._add_logprobs(output.new_logprobs)
-        stopped_by_string = False
-        if self.detokenizer is not None:
-            new_text = "".join(self.detokenizer.add(t) for t in output.new_token_ids)
-            self.text += new_text
-            stopped_by_string = self._check_stop_strings(len(new_text))
+        if self.detokenizer is None or not self.params.stop:
+            self.token_ids.extend(output.new_token_ids)
+            self._add_logprobs(output.new_logprobs)
+            if self.detokenizer is not None:
+                self.text += "".join(self.detokenizer.add(t) for t in output.new_token_ids)
+            stopped_by_string = False
+        else:
+            stopped_by_string = self._take_until_stop(output)
         if output.finish_reason is not None and not stopped_by_string:
             self.finish_reason, self.stop_reason = output.finish_reason, output.stop_reason
         return stopped_by_string
+
+    def _take_until_stop(self, output: EngineCoreOutput) -> bool:
+        """One token at a time, up to the one that completes a stop string: a step may bring
+        several (speculative decoding), and the tokens after a stop are not the output's."""
+        for token_id, entry in zip(output.new_token_ids, output.new_logprobs):
+            self.token_ids.append(token_id)
+            self._add_logprobs([entry])
+            new_text = self.detokenizer.add(token_id)
+            self.text += new_text
+            if self._check_stop_strings(len(new_text)):
+                return True
+        return False
 
     def _check_stop_strings(self, new_chars: int) -> bool:
         stops = self.params.stop

@@ -19,8 +19,12 @@ from pagedllm.distributed.parallel_state import pp_group
 from pagedllm.lora.manager import LoRAManager, LoRARow
 from pagedllm.model.layers.sampler import Penalties, Sampler, SamplingBatch
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.spec_decode.config import MAX_SPECULATIVE_TOKENS
+from pagedllm.spec_decode.proposer import ProposalInputs, Proposer, may_speculate
+from pagedllm.spec_decode.verify import verify
 from pagedllm.utils import cdiv
 from pagedllm.worker.cuda_graph import DecodeGraphs
+from pagedllm.worker.draft_runner import DraftRunner
 from pagedllm.worker.swap import SwapSpace
 
 
@@ -46,12 +50,16 @@ class ModelInputs:
     prompt_logprob_rows: list[PromptLogprobRows]
     # request id -> why its LoRA adapter could not run (its rows ran on the base model)
     lora_failed: dict[str, str] = dataclasses.field(default_factory=dict)
+    # speculative decoding: rows with drafts to verify; their len(drafts) + 1 logits rows each
+    # follow the sampling rows' in logits_indices
+    spec_rows: list[ScheduledRequest] = dataclasses.field(default_factory=list)
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_caches, block_size: int, device: str,
                  seed: int, vocab_size: int, swap_space: SwapSpace | None = None,
-                 lora: LoRAManager | None = None, samples: bool = True) -> None:
+                 lora: LoRAManager | None = None, samples: bool = True,
+                 proposer: Proposer | None = None, draft: DraftRunner | None = None) -> None:
         """`samples`: False on every rank but the one that samples (the first tensor-parallel
         rank of the last pipeline stage): the others run every forward pass, and on the last
         stage every logits projection, with it but sample nothing."""
@@ -66,11 +74,15 @@ class ModelRunner:
         self.sampler = Sampler(seed, self.device)
         self.generators: dict[str, torch.Generator] = {}  # per seeded request, across steps
         self.decode_graphs: DecodeGraphs | None = None  # set by capture_decode_graphs (CUDA)
+        self.proposer = proposer  # speculative decoding: drafts for each sequence's next step
+        self.draft = draft  # speculative decoding with a draft model (instead of `proposer`)
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         for request_id in scheduler_output.finished_request_ids:
             self.generators.pop(request_id, None)
+        if self.draft is not None:
+            self.draft.forget(scheduler_output.finished_request_ids)
         self.swap_blocks(scheduler_output)
         self.copy_blocks(scheduler_output.block_copies)
         if not scheduler_output.scheduled:
@@ -79,13 +91,28 @@ class ModelRunner:
         hidden = self.forward(inputs)
         if hidden is None:  # a pipeline stage before the last: its activations went on
             return ModelRunnerOutput([], [])
+        if self.draft is not None:  # the draft's K/V for every token the target computed
+            self.draft.sync(inputs.input_ids, inputs.positions, inputs.metadata)
         if not self.samples:
             return self._project_logits_only(hidden, inputs)
         prompt_logprobs = {r.request_id: (r.first_position, self._prompt_logprobs(hidden, r))
                            for r in inputs.prompt_logprob_rows}
-        if not inputs.sampling:
+        if not inputs.sampling and not inputs.spec_rows:
             return ModelRunnerOutput([], [], prompt_logprobs=prompt_logprobs)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        num_plain = len(inputs.sample_ids)
+        output = self._sample(logits[:num_plain], inputs, scheduler_output)
+        output.prompt_logprobs = prompt_logprobs
+        if inputs.spec_rows:
+            self._verify(logits[num_plain:], inputs, output)
+        output.draft_token_ids = self._propose(inputs, output)
+        return output
+
+    def _sample(self, logits: torch.Tensor, inputs: ModelInputs,
+                scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """One token for each sampling row (every row but those verifying drafts)."""
+        if not inputs.sampling:
+            return ModelRunnerOutput([], [], [])
         if scheduler_output.grammar is not None:  # structured outputs: mask in place
             scheduler_output.grammar.apply(logits, inputs.sample_ids, self.vocab_size)
         failed, banned = self._isolate_bad_rows(inputs)
@@ -94,8 +121,57 @@ class ModelRunner:
                    if s.request_id in inputs.lora_failed}
         batch = self.sampling_batch(inputs.sampling, inputs.sample_ids, banned)
         token_ids, logprobs = self.sampler(logits, batch)
-        return ModelRunnerOutput(inputs.sample_ids, token_ids, logprobs, prompt_logprobs,
-                                 failed)
+        return ModelRunnerOutput(list(inputs.sample_ids), token_ids,
+                                 logprobs or [None] * len(token_ids), failed=failed)
+
+    def _verify(self, logits: torch.Tensor, inputs: ModelInputs,
+                output: ModelRunnerOutput) -> None:
+        """Accept each row's longest valid run of drafts plus one token (spec_decode/verify.py)
+        and add them to `output`: the last token as the row's sampled one, the run before it
+        as its accepted drafts."""
+        rows = inputs.spec_rows
+        expanded = [s for s in rows for _ in range(len(s.spec_token_ids) + 1)]
+        batch = self.sampling_batch(expanded)
+        draft_probs = ([self.draft.take_probs(s.request_id, len(s.spec_token_ids))
+                        for s in rows] if self.draft is not None else None)
+        result = verify(self.sampler, logits, batch, [s.spec_token_ids for s in rows],
+                        draft_probs)
+        for s, accepted, final, logprobs in zip(rows, result.accepted, result.final,
+                                                result.logprobs):
+            output.request_ids.append(s.request_id)
+            output.sampled_token_ids.append(final)
+            output.logprobs.append(logprobs[-1])
+            output.accepted_token_ids[s.request_id] = accepted
+            output.accepted_logprobs[s.request_id] = logprobs[:-1]
+            if s.request_id in inputs.lora_failed:  # its adapter did not run: fail it too
+                output.failed[s.request_id] = inputs.lora_failed[s.request_id]
+
+    def _propose(self, inputs: ModelInputs, output: ModelRunnerOutput) -> dict[str, list[int]]:
+        """Drafts for the next step of each sequence that got tokens and may speculate."""
+        if self.proposer is None and self.draft is None:
+            return {}
+        rows = {sample_id: s for s, sample_id in zip(inputs.sampling, inputs.sample_ids)}
+        rows |= {s.request_id: s for s in inputs.spec_rows}
+        ids, contexts, newest = [], [], []
+        for sample_id, token_id in zip(output.request_ids, output.sampled_token_ids):
+            s = rows[sample_id]
+            accepted = output.accepted_token_ids.get(sample_id, [])
+            new = [*accepted, token_id]
+            if sample_id in output.failed or not may_speculate(
+                    s.sampling_params, len(s.output_token_ids) + len(new)):
+                continue
+            ids.append(sample_id)
+            if self.draft is not None:  # the newest token goes at the first position not run
+                position = (s.start_position + len(s.token_ids) - len(s.spec_token_ids)
+                            + len(accepted))
+                newest.append((s, sample_id, token_id, position))
+            else:
+                contexts.append(ProposalInputs(s.prompt_token_ids + s.output_token_ids + new,
+                                               MAX_SPECULATIVE_TOKENS))
+        if self.draft is not None:
+            return self.draft.propose(self, newest) if newest else {}
+        drafts = self.proposer.propose(contexts) if contexts else []
+        return {sample_id: d for sample_id, d in zip(ids, drafts) if d}
 
     def _isolate_bad_rows(self, inputs: ModelInputs) -> tuple[dict[str, str], list[list[int]]]:
         """Set up each row's sampling on its own first (seeded generator, banned tokens, the
@@ -178,6 +254,7 @@ class ModelRunner:
         chunks: list[PrefillChunk] = []
         prompt_rows: list[PromptLogprobRows] = []
         bs = self.block_size
+        spec_indices: list[int] = []
         for s in decodes + prefills:
             start, count = s.start_position, len(s.token_ids)
             if count > 1:
@@ -193,7 +270,11 @@ class ModelRunner:
             span = range(start, start + count)
             positions.extend(span)
             slots.extend(s.block_ids[p // bs] * bs + p % bs for p in span)
-            logits_indices.extend([len(input_ids) - 1] * len(s.sample_ids))
+            if s.spec_token_ids:  # every position from the last real token on samples
+                spec_indices.extend(range(len(input_ids) - len(s.spec_token_ids) - 1,
+                                          len(input_ids)))
+            else:
+                logits_indices.extend([len(input_ids) - 1] * len(s.sample_ids))
         metadata = AttentionMetadata(
             slot_mapping=self._tensor(slots),
             num_decodes=len(decodes),
@@ -202,12 +283,14 @@ class ModelRunner:
             prefills=chunks,
             block_size=bs,
         )
-        sampling = [s for s in decodes + prefills for _ in s.sample_ids]
-        sample_ids = [sample_id for s in decodes + prefills for sample_id in s.sample_ids]
+        plain = [s for s in decodes + prefills if not s.spec_token_ids]
+        sampling = [s for s in plain for _ in s.sample_ids]
+        sample_ids = [sample_id for s in plain for sample_id in s.sample_ids]
         lora_failed = self._set_lora_batch(decodes + prefills)
         return ModelInputs(self._tensor(input_ids), self._tensor(positions), metadata,
-                           self._tensor(logits_indices), sampling, sample_ids, prompt_rows,
-                           lora_failed)
+                           self._tensor(logits_indices + spec_indices), sampling, sample_ids,
+                           prompt_rows, lora_failed,
+                           [s for s in decodes + prefills if s.spec_token_ids])
 
     def _set_lora_batch(self, rows: list[ScheduledRequest]) -> dict[str, str]:
         """The LoRA layers' slot for every row, in batch order (enable_lora)."""
@@ -229,7 +312,8 @@ class ModelRunner:
             return
         src = self._tensor([c[0] for c in copies])
         dst = self._tensor([c[1] for c in copies])
-        for key_cache, value_cache in self.kv_caches:
+        draft_caches = self.draft.kv_caches if self.draft is not None else []
+        for key_cache, value_cache in [*self.kv_caches, *draft_caches]:
             key_cache[dst] = key_cache[src]
             value_cache[dst] = value_cache[src]
 

@@ -28,8 +28,10 @@ from pagedllm.lora.manager import LoRAManager
 from pagedllm.lora.model import wrap_model
 from pagedllm.model.loader import ModelConfig, load_model, load_model_config
 from pagedllm.model.pipeline import this_stage
+from pagedllm.spec_decode import make_proposer
 from pagedllm.utils import GiB
 from pagedllm.worker.cuda_graph import capture_sizes
+from pagedllm.worker.draft_runner import DraftRunner
 from pagedllm.worker.kv_cache import (
     KVCacheShape,
     allocate_kv_caches,
@@ -85,6 +87,7 @@ class Worker:
             cache_dtype(args.kv_cache_dtype, self.model_config.dtype), args.tensor_parallel_size,
             this_stage(self.model_config.hf_config.num_hidden_layers).num_layers)
         self._prepare_kv_scales()
+        self.draft_model, self.draft_kv_shape = self._load_draft()
         self.memory_plan: GpuMemoryPlan | None = None
         self.runner: ModelRunner | None = None  # built by initialize_cache
         self.cuda_graph_capture_s = 0.0
@@ -114,6 +117,33 @@ class Worker:
                            self.args.load_format)
         after = torch.cuda.memory_allocated(self.device) if on_cuda else 0
         return model, after - before
+
+    def _load_draft(self) -> tuple[torch.nn.Module | None, KVCacheShape | None]:
+        """speculative_config's draft model and the shape of its KV pool (None, None
+        without one). It must share the target's vocabulary: its token ids are verified
+        against the target's distribution."""
+        spec = self.args.speculative_config
+        if spec is None or spec.model is None:
+            return None, None
+        config = load_model_config(spec.model, self.args.dtype, self.model_config.max_model_len,
+                                   None, self.device)
+        if config.vocab_size != self.model_config.vocab_size:
+            raise ValueError(f"speculative_config: the draft model's vocabulary "
+                             f"({config.vocab_size} tokens) is not the target's "
+                             f"({self.model_config.vocab_size}); they must share one")
+        model = load_model(config, get_attention_backend(self.device), self.device,
+                           self.args.load_format)
+        shape = KVCacheShape.from_config(config.hf_config, self.args.block_size,
+                                         cache_dtype(self.args.kv_cache_dtype, config.dtype))
+        logger.info("draft model %s: %d layers, weights %.1f MiB", spec.model,
+                    shape.num_layers, weight_bytes(model) / 2**20)
+        return model, shape
+
+    @property
+    def bytes_per_block(self) -> int:
+        """One block id's bytes: the target's K/V, and the draft's (same block tables)."""
+        draft = self.draft_kv_shape.bytes_per_block if self.draft_kv_shape else 0
+        return self.kv_shape.bytes_per_block + draft
 
     def _wrap_lora(self) -> LoRAManager:
         """Rewrite the projections as LoRA layers; the front-end checks adapters against the
@@ -155,7 +185,7 @@ class Worker:
             budget = self.memory_plan.kv_cache
         else:
             budget = kv_cache_budget(args.kv_cache_memory_bytes)
-        per_block = self.kv_shape.bytes_per_block
+        per_block = self.bytes_per_block
         num_blocks = budget // per_block
         if num_blocks < 1:
             hint = (" (raise gpu_memory_utilization, or lower max_num_batched_tokens or "
@@ -182,10 +212,19 @@ class Worker:
     def initialize_cache(self, plan: KVCachePlan) -> None:
         kv_caches = allocate_kv_caches(self.kv_shape, plan.num_blocks, self.device)
         swap_space = SwapSpace(kv_caches, plan.num_host_blocks) if plan.num_host_blocks else None
+        draft = None
+        if self.draft_model is not None:
+            draft = DraftRunner(self.draft_model,
+                                allocate_kv_caches(self.draft_kv_shape, plan.num_blocks,
+                                                   self.device),
+                                self.args.speculative_config.num_speculative_tokens,
+                                self.model_config.max_model_len)
         self.runner = ModelRunner(self.model, kv_caches, plan.block_size, self.device,
                                   self.args.seed, self.model_config.vocab_size, swap_space,
                                   self.lora_manager,
-                                  samples=tp_group().is_first and pp_group().is_last)
+                                  samples=tp_group().is_first and pp_group().is_last,
+                                  proposer=make_proposer(self.args.speculative_config),
+                                  draft=draft)
         if self.cuda_graph_sizes:
             self.cuda_graph_capture_s = self._capture_cuda_graphs()
 

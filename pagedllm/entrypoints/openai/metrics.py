@@ -19,6 +19,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from pagedllm.core.stats import SpecDecodingStats
 from pagedllm.engine.async_llm import AsyncLLM, RequestStats
 
 PREFIX = "pagedllm:"
@@ -96,6 +97,26 @@ class EngineStateCollector(Collector):
             yield CounterMetricFamily(PREFIX + name, doc, value=value)
         if stats.max_loras:
             yield lora_requests_info(stats)
+        if stats.spec_decoding is not None:
+            yield from spec_decode_counters(stats.spec_decoding)
+
+
+def spec_decode_counters(spec: SpecDecodingStats) -> Iterator[Metric]:
+    """vLLM's spec_decode_* counters: acceptance rate = accepted / draft tokens, and per
+    position (the label) accepted / drafts."""
+    for name, doc, value in (
+        ("spec_decode_num_drafts", "Proposals verified (one per sequence and step)",
+         spec.num_drafts),
+        ("spec_decode_num_draft_tokens", "Draft tokens verified", spec.num_draft_tokens),
+        ("spec_decode_num_accepted_tokens", "Draft tokens accepted", spec.num_accepted_tokens),
+    ):
+        yield CounterMetricFamily(PREFIX + name, doc, value=value)
+    per_position = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                       "Draft tokens accepted, by position in the proposal",
+                                       labels=["position"])
+    for position, count in enumerate(spec.num_accepted_per_position):
+        per_position.add_metric([str(position)], count)
+    yield per_position
 
 
 def lora_requests_info(stats) -> GaugeMetricFamily:

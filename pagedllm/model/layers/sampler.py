@@ -76,28 +76,20 @@ class Sampler:
         greedy = argmax(logits)
         if batch.all_greedy:
             return greedy
-        is_greedy = batch.temperature == 0
-        logits = logits / torch.where(is_greedy, 1.0, batch.temperature).unsqueeze(1)
-        if batch.needs_top_k_or_p:
-            logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
-        probs = torch.softmax(logits, dim=-1)
-        if batch.needs_min_p:
-            threshold = probs.amax(dim=-1, keepdim=True) * batch.min_p.unsqueeze(1)
-            probs = probs.masked_fill(probs < threshold, 0.0)
-        sampled = self._inverse_cdf(probs, batch.generators)
-        return torch.where(is_greedy, greedy, sampled)
+        sampled = self._inverse_cdf(sampling_probs(logits, batch), batch.generators)
+        return torch.where(batch.temperature == 0, greedy, sampled)
 
     def _inverse_cdf(self, probs: torch.Tensor, generators) -> torch.Tensor:
         uniform = torch.rand(probs.shape[0], generator=self.generator, device=probs.device)
         for row, generator in enumerate(generators):
             if generator is not None:
                 uniform[row] = torch.rand(1, generator=generator, device=probs.device)[0]
-        cdf = probs.cumsum(dim=-1)
-        target = (uniform * cdf[:, -1]).unsqueeze(1)
-        # the first token whose cumulative probability exceeds the target; zero-probability
-        # tokens add nothing to the sum and so can never be the first to exceed it
-        picked = torch.searchsorted(cdf, target, right=True).squeeze(1)
-        return picked.clamp_(max=probs.shape[-1] - 1)
+        return pick(probs, uniform)
+
+    def uniform(self, count: int, generator: torch.Generator | None,
+                device: torch.device) -> torch.Tensor:
+        """`count` uniform draws from a row's own generator, else from the shared one."""
+        return torch.rand(count, generator=generator or self.generator, device=device)
 
     @staticmethod
     def gather_logprobs(logprobs: torch.Tensor, sampled: torch.Tensor,
@@ -115,6 +107,31 @@ class Sampler:
             values = [float(chosen[row])] + (top_values[row, :k].tolist() if k else [])
             result.append(TokenLogprobs(ids, values, int(ranks[row])))
         return result
+
+
+def sampling_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The distribution each row samples from: temperature, top-k and top-p, then min-p (rows
+    whose temperature is 0 get their softmax at temperature 1; they take the argmax)."""
+    is_greedy = batch.temperature == 0
+    logits = logits / torch.where(is_greedy, 1.0, batch.temperature).unsqueeze(1)
+    if batch.needs_top_k_or_p:
+        logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    if batch.needs_min_p:
+        threshold = probs.amax(dim=-1, keepdim=True) * batch.min_p.unsqueeze(1)
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    return probs
+
+
+def pick(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF: for each row the token whose cumulative weight interval holds uniform *
+    total (the weights need not sum to 1)."""
+    cdf = weights.cumsum(dim=-1)
+    target = (uniform * cdf[:, -1]).unsqueeze(1)
+    # the first token whose cumulative probability exceeds the target; zero-probability
+    # tokens add nothing to the sum and so can never be the first to exceed it
+    picked = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    return picked.clamp_(max=weights.shape[-1] - 1)
 
 
 def is_plain_greedy(batch: SamplingBatch) -> bool:
