@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pagedllm.pooling_params import RUNNERS, parse_pooler_config
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PREEMPTION_MODES = ("recompute", "swap")
 SCHEDULING_POLICIES = ("fcfs", "priority")
@@ -123,6 +125,14 @@ class EngineArgs:
     max_cpu_loras: int | None = _opt(
         "LoRA adapters kept loaded in host memory, least recently used evicted (enable_lora; "
         "default: max_loras)")
+    runner: str = _opt(
+        "what requests the model serves: generate (text), pooling (embeddings, scores, "
+        "classes: docs/pooling.md) or auto (pooling for BERT, *ForSequenceClassification and "
+        "sentence-transformers checkpoints)", "auto", choices=RUNNERS)
+    pooler_config: str | None = _opt(
+        "runner pooling: how the model pools, as JSON over what the checkpoint says, e.g. "
+        "'{\"pooling_type\": \"MEAN\", \"normalize\": true, "
+        "\"matryoshka_dimensions\": [256, 512]}'")
     engine_core_process: bool = _opt(
         "run the engine core (scheduler, step loop, workers) in a process of its own, apart "
         "from HTTP handling, tokenizing and detokenizing (default: on for `serve`, off for "
@@ -165,6 +175,16 @@ class EngineArgs:
         self._check_scheduling()
         self._check_lora()
         self._check_parallelism()
+        self._check_pooling()
+
+    def _check_pooling(self) -> None:
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {RUNNERS}, got {self.runner!r}")
+        parse_pooler_config(self.pooler_config)  # a bad JSON object fails here, by name
+
+    @property
+    def pooler_overrides(self) -> dict:
+        return parse_pooler_config(self.pooler_config)
 
     def _check_device_options(self) -> None:
         if not DEVICE_PATTERN.fullmatch(self.device):

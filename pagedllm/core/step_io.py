@@ -7,6 +7,7 @@ from typing import Any
 
 from pagedllm.logprobs import TokenLogprobs
 from pagedllm.lora.request import LoRARequest
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
 
 BlockCopy = tuple[int, int]  # (source block id, destination block id)
@@ -27,6 +28,7 @@ class ScheduledRequest:
     # who gets a token from this row's logits: the request, then any sequences forked from it now
     sample_ids: list[str] = field(default_factory=list)
     lora_request: LoRARequest | None = None  # the row's adapter (immutable); None: base model
+    pooling_params: PoolingParams | None = None  # a pooling row: the whole prompt, pooled
 
     @property
     def is_decode(self) -> bool:
@@ -86,6 +88,9 @@ class ModelRunnerOutput:
     # sequence id -> why its row could not be sampled (its own parameters broke the set-up);
     # its token above is a placeholder, and the scheduler ends it with finish_reason "error"
     failed: dict[str, str] = field(default_factory=dict)
+    # pooling requests: request id -> its pooled result as plain lists (a vector, a matrix for
+    # ALL pooling, or the class probabilities / score), for every row that ended its prompt
+    pooled: dict[str, list] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -96,3 +101,4 @@ class EngineCoreOutput:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    pooled: list | None = None  # a pooling request's result (it ends with it)

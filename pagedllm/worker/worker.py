@@ -26,6 +26,7 @@ from pagedllm.distributed.parallel_state import init_distributed, pp_group, tp_g
 from pagedllm.logger import init_logger
 from pagedllm.lora.manager import LoRAManager
 from pagedllm.lora.model import wrap_model
+from pagedllm.model.layers.pooler import Pooler
 from pagedllm.model.loader import ModelConfig, load_model, load_model_config
 from pagedllm.model.pipeline import this_stage
 from pagedllm.utils import GiB
@@ -39,6 +40,7 @@ from pagedllm.worker.kv_cache import (
 )
 from pagedllm.worker.memory_plan import GpuMemoryPlan, plan_gpu_memory
 from pagedllm.worker.model_runner import ModelRunner
+from pagedllm.worker.pooling_runner import PoolingRunner
 from pagedllm.worker.swap import SwapSpace
 
 logger = init_logger(__name__)
@@ -68,8 +70,9 @@ class Worker:
                              init_method, self.device, args.distributed_timeout)
         self.model_config: ModelConfig = load_model_config(
             args.model, args.dtype, args.max_model_len, args.revision, self.device,
-            args.quantization)
+            args.quantization, args.runner, args.pooler_overrides)
         self._check_quantization_splits()
+        self._check_pooling()
         self.model, self._weights_bytes = self._load_model()
         self.lora_manager = self._wrap_lora() if args.enable_lora else None
         on_cuda = self.device.startswith("cuda")
@@ -88,6 +91,12 @@ class Worker:
         self.memory_plan: GpuMemoryPlan | None = None
         self.runner: ModelRunner | None = None  # built by initialize_cache
         self.cuda_graph_capture_s = 0.0
+
+    def _check_pooling(self) -> None:
+        """A pooling model runs on one rank (its encoders and heads do not split)."""
+        if self.model_config.runner == "pooling" and self.args.world_size > 1:
+            raise ValueError("a pooling model (runner 'pooling') runs on one rank: tensor and "
+                             "pipeline parallelism are not supported for it yet")
 
     def _check_quantization_splits(self) -> None:
         """Quantized layers do not split across tensor-parallel ranks yet: a GGUF file served
@@ -182,10 +191,14 @@ class Worker:
     def initialize_cache(self, plan: KVCachePlan) -> None:
         kv_caches = allocate_kv_caches(self.kv_shape, plan.num_blocks, self.device)
         swap_space = SwapSpace(kv_caches, plan.num_host_blocks) if plan.num_host_blocks else None
-        self.runner = ModelRunner(self.model, kv_caches, plan.block_size, self.device,
-                                  self.args.seed, self.model_config.vocab_size, swap_space,
-                                  self.lora_manager,
-                                  samples=tp_group().is_first and pp_group().is_last)
+        runner_class, extra = ModelRunner, {}
+        if self.model_config.runner == "pooling":
+            runner_class = PoolingRunner
+            extra = {"pooler": Pooler(self.model, self.model_config.pooler_config)}
+        self.runner = runner_class(self.model, kv_caches, plan.block_size, self.device,
+                                   self.args.seed, self.model_config.vocab_size, swap_space,
+                                   self.lora_manager,
+                                   samples=tp_group().is_first and pp_group().is_last, **extra)
         if self.cuda_graph_sizes:
             self.cuda_graph_capture_s = self._capture_cuda_graphs()
 

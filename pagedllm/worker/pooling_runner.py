@@ -1,0 +1,63 @@
+"""The runner of a pooling model: one forward pass per request over its whole prompt, then a
+pooled result instead of a sampled token.
+
+The scheduler batches pooling requests under the same token budget as generation, with one
+difference: a pooling prompt is never split across steps (core/scheduler.py), so each row of a
+step is a whole sequence. Then:
+
+    encoder (BERT)   model.encode(ids, positions, token types, sequence lengths):
+                     bidirectional attention, no KV cache read or written
+    decoder          the ordinary paged forward pass (causal), its last hidden states
+
+and the Pooler (model/layers/pooler.py) turns each sequence's rows into its result. The request
+ends in the same step, and the scheduler frees its blocks at once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pagedllm.core.step_io import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from pagedllm.model.layers.pooler import Pooler, PoolingRow
+from pagedllm.worker.model_runner import ModelRunner, batch_order
+
+
+class PoolingRunner(ModelRunner):
+    def __init__(self, *args, pooler: Pooler, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pooler = pooler
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        if not scheduler_output.scheduled:
+            return ModelRunnerOutput([], [])
+        rows = batch_order(scheduler_output.scheduled)
+        hidden = self._hidden_states(scheduler_output.scheduled, rows)
+        pooled = self.pooler(hidden, pooling_rows(rows))
+        return ModelRunnerOutput([], [], pooled={s.request_id: result
+                                                 for s, result in zip(rows, pooled)})
+
+    def _hidden_states(self, scheduled: list[ScheduledRequest],
+                       rows: list[ScheduledRequest]) -> torch.Tensor:
+        if not getattr(self.model, "is_encoder", False):
+            return self.forward(self.prepare_inputs(scheduled))
+        ids = [t for s in rows for t in s.token_ids]
+        positions = [p for s in rows for p in range(len(s.token_ids))]
+        token_types = [t for s in rows for t in token_type_ids(s)]
+        return self.model.encode(self._tensor(ids), self._tensor(positions),
+                                 self._tensor(token_types),
+                                 self._tensor([len(s.token_ids) for s in rows]))
+
+
+def token_type_ids(row: ScheduledRequest) -> list[int]:
+    """BERT's segment of each token: 1 for a pair's second text, else 0."""
+    types = row.pooling_params.token_type_ids
+    return types if types is not None else [0] * len(row.token_ids)
+
+
+def pooling_rows(rows: list[ScheduledRequest]) -> list[PoolingRow]:
+    result, start = [], 0
+    for s in rows:
+        result.append(PoolingRow(start, len(s.token_ids), s.pooling_params))
+        start += len(s.token_ids)
+    return result
