@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Sequence
@@ -170,16 +171,13 @@ class LLM:
 
     def encode(self, prompts: PromptType | Sequence[PromptType],
                pooling_params: PoolingParams | None = None, use_tqdm: bool = False,
-               pooling_task: str | None = None) -> list[PoolingRequestOutput]:
-        """Pooling requests, one per prompt, batched by the engine like any others. The task
-        is `pooling_task`, else the params' (default "encode": the pooled hidden states as
-        they are)."""
+               pooling_task: str = "encode") -> list[PoolingRequestOutput]:
+        """Pooling requests, one per prompt, batched by the engine like any others, for
+        `pooling_task` (default "encode": the pooled hidden states as they are; embed, classify
+        and score are the methods of those names)."""
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
-        params = (pooling_params or PoolingParams(task=pooling_task or "encode")).clone()
-        if pooling_task is not None:
-            params.task = pooling_task
-        outputs = self._run_pooling([(p, params) for p in prompts], use_tqdm)
-        return outputs
+        params = dataclasses.replace(pooling_params or PoolingParams(), task=pooling_task)
+        return self._run_pooling([(p, params) for p in prompts], use_tqdm)
 
     def score(self, data_1: ScoreInput, data_2: ScoreInput,
               use_tqdm: bool = False) -> list[PoolingRequestOutput]:
