@@ -139,16 +139,15 @@ class DecoderEmbedder(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         super().load_weights(self._own_names(weights))
 
+    head_prefixes: tuple[str, ...] = ()  # checkpoint names of a head of our own
+
     def _own_names(self, weights):
         for name, tensor in weights:
             if name.startswith("lm_head."):
                 continue
-            if self.take_head_weight(name, tensor):
-                continue
-            yield (name if name.startswith("model.") else "model." + name), tensor
-
-    def take_head_weight(self, name: str, tensor: torch.Tensor) -> bool:
-        return False
+            if not name.startswith(("model.", *self.head_prefixes)):
+                name = "model." + name
+            yield name, tensor
 
 
 class DecoderClassifier(DecoderEmbedder):
@@ -160,15 +159,7 @@ class DecoderClassifier(DecoderEmbedder):
         self.num_labels = config.num_labels
         self.score = Linear(config.hidden_size, config.num_labels, bias=False)
 
+    head_prefixes = ("score.",)
+
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.score(pooled)
-
-    def take_head_weight(self, name: str, tensor: torch.Tensor) -> bool:
-        if name != "score.weight":
-            return False
-        with torch.no_grad():
-            if self.score.weight.shape != tensor.shape:
-                raise ValueError(f"weight 'score.weight' has shape {tuple(tensor.shape)}, "
-                                 f"expected {tuple(self.score.weight.shape)}")
-            self.score.weight.copy_(tensor)
-        return True
