@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from pagedllm.attention.encoder import bidirectional_attention
+from pagedllm.attention.encoder import EncoderBatch, bidirectional_attention
 from pagedllm.model.layers.activation import Gelu
 from pagedllm.model.layers.linear import Linear
 from pagedllm.model.weights import copy_checked
@@ -66,9 +66,9 @@ class BertLayer(nn.Module):
         self.output = Linear(config.intermediate_size, size)
         self.output_norm = nn.LayerNorm(size, eps=eps)
 
-    def forward(self, hidden: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv(hidden).view(-1, 3, self.num_heads, self.head_dim).unbind(1)
-        attended = bidirectional_attention(q, k, v, seq_lens, self.scale)
+    def forward(self, hidden: torch.Tensor, batch: EncoderBatch) -> torch.Tensor:
+        qkv = self.qkv(hidden).view(-1, 3, self.num_heads, self.head_dim)
+        attended = bidirectional_attention(qkv, batch, self.scale)
         hidden = self.attn_norm(self.attn_out(attended.reshape(hidden.shape)) + hidden)
         return self.output_norm(self.output(self.act(self.intermediate(hidden))) + hidden)
 
@@ -93,12 +93,13 @@ class BertModel(nn.Module):
         self.hidden_size = config.hidden_size
 
     def encode(self, input_ids: torch.Tensor, positions: torch.Tensor,
-               token_type_ids: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-        """[num_tokens] flat batch of whole sequences -> [num_tokens, hidden] last hidden
-        states."""
+               token_type_ids: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
+        """[num_tokens] flat batch of whole sequences, `seq_lens` tokens each ->
+        [num_tokens, hidden] last hidden states."""
+        batch = EncoderBatch.build(seq_lens, input_ids.device)
         hidden = self.embeddings(input_ids, positions, token_type_ids)
         for layer in self.layers:
-            hidden = layer(hidden, seq_lens)
+            hidden = layer(hidden, batch)
         return hidden
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

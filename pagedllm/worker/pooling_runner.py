@@ -45,8 +45,7 @@ class PoolingRunner(ModelRunner):
         positions = [p for s in rows for p in range(len(s.token_ids))]
         token_types = [t for s in rows for t in token_type_ids(s)]
         return self.model.encode(self._tensor(ids), self._tensor(positions),
-                                 self._tensor(token_types),
-                                 self._tensor([len(s.token_ids) for s in rows]))
+                                 self._tensor(token_types), [len(s.token_ids) for s in rows])
 
 
 def token_type_ids(row: ScheduledRequest) -> list[int]:

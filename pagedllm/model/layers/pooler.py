@@ -55,10 +55,8 @@ def pool_hidden(hidden: torch.Tensor, rows: list[PoolingRow],
 
 
 def segment_means(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """[num_seqs, hidden] mean of each consecutive run of `lengths` rows (one scatter-add)."""
-    owner = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths)
-    sums = hidden.new_zeros(len(lengths), hidden.shape[1]).index_add_(0, owner, hidden)
-    return sums / lengths[:, None].to(hidden.dtype)
+    """[num_seqs, hidden] mean of each consecutive run of `lengths` rows."""
+    return torch.segment_reduce(hidden, "mean", lengths=lengths)
 
 
 class Pooler:
