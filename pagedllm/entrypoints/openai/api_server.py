@@ -75,6 +75,7 @@ from pagedllm.entrypoints.openai.serving_models import ServedModels
 from pagedllm.entrypoints.openai.serving_pooling import (
     POOLING_PATHS,
     OpenAIServingPooling,
+    generative_server_error,
     is_pooling_model,
 )
 from pagedllm.entrypoints.openai.serving_tokens import OpenAIServingTokens
@@ -215,10 +216,9 @@ async def create_rerank(body: RerankRequest, request: Request) -> RerankResponse
     return await _state(request).pooling.rerank(body)
 
 
-async def not_a_pooling_model(request: Request) -> Response:
+async def not_a_pooling_model() -> Response:
     """A generative server's answer on the pooling routes (kept out of its document)."""
-    _state(request).pooling.require_task("embed")
-    return Response(status_code=500)  # not reached: require_task raised
+    raise generative_server_error()
 
 
 def _add_pooling_routes(app: FastAPI, model_config: Any) -> None:

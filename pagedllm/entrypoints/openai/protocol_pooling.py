@@ -19,6 +19,16 @@ class PoolingUsage(OpenAIBaseModel):
     total_tokens: int = 0
 
 
+class PoolingListResponse(OpenAIBaseModel):
+    """What every list-shaped pooling answer carries besides its `data`."""
+
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    usage: PoolingUsage
+
+
 class EmbeddingRequest(RequestBody):
     model: str | None = None
     input: PoolingInput
@@ -34,13 +44,8 @@ class EmbeddingData(OpenAIBaseModel):
     embedding: list[float] | str  # str: base64 of little-endian float32
 
 
-class EmbeddingResponse(OpenAIBaseModel):
-    id: str
-    object: Literal["list"] = "list"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
+class EmbeddingResponse(PoolingListResponse):
     data: list[EmbeddingData]
-    usage: PoolingUsage
 
 
 class PoolingRequest(RequestBody):
@@ -56,13 +61,8 @@ class PoolingData(OpenAIBaseModel):
     data: list[float] | list[list[float]] | str
 
 
-class PoolingResponse(OpenAIBaseModel):
-    id: str
-    object: Literal["list"] = "list"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
+class PoolingResponse(PoolingListResponse):
     data: list[PoolingData]
-    usage: PoolingUsage
 
 
 class ClassificationRequest(RequestBody):
@@ -77,13 +77,8 @@ class ClassificationData(OpenAIBaseModel):
     num_classes: int
 
 
-class ClassificationResponse(OpenAIBaseModel):
-    id: str
-    object: Literal["list"] = "list"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
+class ClassificationResponse(PoolingListResponse):
     data: list[ClassificationData]
-    usage: PoolingUsage
 
 
 class ScoreRequest(RequestBody):
@@ -98,13 +93,8 @@ class ScoreData(OpenAIBaseModel):
     score: float
 
 
-class ScoreResponse(OpenAIBaseModel):
-    id: str
-    object: Literal["list"] = "list"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
+class ScoreResponse(PoolingListResponse):
     data: list[ScoreData]
-    usage: PoolingUsage
 
 
 class RerankRequest(RequestBody):

@@ -77,14 +77,24 @@ def encode_base64(values: list[float]) -> str:
     return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
 
 
-def flatten(data: list) -> list[float]:
-    return [x for row in data for x in row] if data and isinstance(data[0], list) else data
+def encoded(data: list, encoding_format: str) -> list | str:
+    """A result as the request asked: as it is, or base64 (a matrix row after row)."""
+    if encoding_format != "base64":
+        return data
+    return encode_base64([x for row in data for x in row] if data and isinstance(data[0], list)
+                         else data)
 
 
 def is_pooling_model(model_config) -> bool:
     """Does the engine serve pooling requests (runner "pooling")? A config without the
     field (a stand-in engine's) generates."""
     return getattr(model_config, "runner", "generate") == "pooling"
+
+
+def generative_server_error(task: str = "pooling") -> OpenAIError:
+    return OpenAIError.bad_request(
+        f"this server's model generates text; {task} requests need a pooling model: start "
+        f"the server with --runner pooling (an embedding or cross-encoder model)")
 
 
 class OpenAIServingPooling(OpenAIServing):
@@ -94,9 +104,7 @@ class OpenAIServingPooling(OpenAIServing):
 
     def require_task(self, task: str) -> None:
         if not is_pooling_model(self.engine.model_config):
-            raise OpenAIError.bad_request(
-                f"this server's model generates text; {task} requests need a pooling model: "
-                f"start the server with --runner pooling (an embedding or cross-encoder model)")
+            raise generative_server_error(task)
         if task not in self.tasks:
             raise OpenAIError.bad_request(f"this model does not support the {task!r} task (it "
                                           f"supports {', '.join(self.tasks)})")
@@ -126,32 +134,35 @@ class OpenAIServingPooling(OpenAIServing):
     # ---- routes ---------------------------------------------------------------------------------
     async def embeddings(self, request: EmbeddingRequest) -> EmbeddingResponse:
         model = self.models.resolve(request.model)
-        self.require_task("embed")
-        params = self._params(task="embed", dimensions=request.dimensions,
-                              normalize=request.normalize)
-        outputs = await self.run([(p, params) for p in prompts_of(request.input)])
-        as_text = request.encoding_format == "base64"
-        data = [EmbeddingData(index=i, embedding=encode_base64(o.outputs.embedding) if as_text
-                              else o.outputs.embedding) for i, o in enumerate(outputs)]
+        outputs = await self.run_task(request.input, task="embed", dimensions=request.dimensions,
+                                      normalize=request.normalize)
+        data = [EmbeddingData(index=i, embedding=encoded(o.outputs.embedding,
+                                                         request.encoding_format))
+                for i, o in enumerate(outputs)]
         return EmbeddingResponse(id=random_id("embd"), model=model, data=data,
                                  usage=usage(outputs))
 
     async def pooling(self, request: PoolingRequest) -> PoolingResponse:
         model = self.models.resolve(request.model)
-        self.require_task("encode")
-        params = self._params(task="encode", pooling_type=request.pooling_type)
-        outputs = await self.run([(p, params) for p in prompts_of(request.input)])
-        as_text = request.encoding_format == "base64"
-        data = [PoolingData(index=i, data=encode_base64(flatten(o.outputs.data)) if as_text
-                            else o.outputs.data) for i, o in enumerate(outputs)]
+        outputs = await self.run_task(request.input, task="encode",
+                                      pooling_type=request.pooling_type)
+        data = [PoolingData(index=i, data=encoded(o.outputs.data, request.encoding_format))
+                for i, o in enumerate(outputs)]
         return PoolingResponse(id=random_id("pool"), model=model, data=data,
                                usage=usage(outputs))
 
+    async def run_task(self, value: PoolingInput, **fields) -> list[PoolingRequestOutput]:
+        """One pooling request per input of `value` with PoolingParams(**fields)."""
+        self.require_task(fields["task"])
+        try:
+            params = PoolingParams(**fields)
+        except ValueError as exc:
+            raise OpenAIError.bad_request(str(exc)) from exc
+        return await self.run([(p, params) for p in prompts_of(value)])
+
     async def classify(self, request: ClassificationRequest) -> ClassificationResponse:
         model = self.models.resolve(request.model)
-        self.require_task("classify")
-        params = PoolingParams(task="classify")
-        outputs = await self.run([(p, params) for p in prompts_of(request.input)])
+        outputs = await self.run_task(request.input, task="classify")
         labels = getattr(self.engine.model_config.hf_config, "id2label", None) or {}
         data = []
         for i, output in enumerate(outputs):
@@ -207,13 +218,6 @@ class OpenAIServingPooling(OpenAIServing):
         outputs = await self.run([(t, PoolingParams(task="embed")) for t in texts])
         vectors = {t: o.outputs.embedding for t, o in zip(texts, outputs)}
         return [cosine(vectors[q], vectors[d]) for q, d in pairs], usage(outputs).prompt_tokens
-
-    @staticmethod
-    def _params(**fields) -> PoolingParams:
-        try:
-            return PoolingParams(**fields)
-        except ValueError as exc:
-            raise OpenAIError.bad_request(str(exc)) from exc
 
 
 def usage(outputs: list[PoolingRequestOutput]) -> PoolingUsage:

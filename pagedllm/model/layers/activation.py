@@ -27,14 +27,11 @@ class GeluAndMul(nn.Module):
 
     def __init__(self, activation: str = "gelu_pytorch_tanh") -> None:
         super().__init__()
-        if activation not in GELU_APPROXIMATIONS:
-            raise ValueError(f"unsupported gated activation {activation!r}; "
-                             f"supported: {', '.join(GELU_APPROXIMATIONS)}")
-        self.approximate = GELU_APPROXIMATIONS[activation]
+        self.gelu = Gelu(activation)
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
-        return F.gelu(gate, approximate=self.approximate) * up
+        return self.gelu(gate) * up
 
 
 class Gelu(nn.Module):
