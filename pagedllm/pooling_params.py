@@ -32,6 +32,9 @@ class PoolingParams:
     use_activation: bool = True  # classify/score: softmax or sigmoid (False: raw logits)
     # set by the input processor for a (query, document) pair: BERT's segment of each token
     token_type_ids: list[int] | None = None
+    # set by the input processor: must the prompt run in one step (bidirectional attention, or
+    # a pooling over all of its tokens)? A causal model's last-token pooling may run in chunks.
+    whole_prompt: bool = True
 
     def __post_init__(self) -> None:
         if self.task not in POOLING_TASKS:

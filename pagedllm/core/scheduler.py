@@ -254,8 +254,9 @@ class Scheduler:
         cached = self.kv.get_computed_blocks(request)
         num_hit = len(cached) * self.kv.block_size
         num_new = self._num_new_tokens(request, budget, num_hit=num_hit)
-        if request.pooling_params is not None and num_new < request.num_tokens - num_hit:
-            return None  # a pooling prompt runs whole (bidirectional attention): next step
+        whole = request.pooling_params is not None and request.pooling_params.whole_prompt
+        if whole and num_new < request.num_tokens - num_hit:
+            return None  # this pooling prompt runs whole (bidirectional attention): next step
         copies = self.kv.allocate_slots(request, num_new, cached)
         if copies is None:
             return None

@@ -25,17 +25,21 @@ class PoolingSetup:
     tasks: tuple[str, ...]
     hidden_size: int
     max_model_len: int
-    max_num_batched_tokens: int  # a pooling prompt runs whole, in one step
+    max_num_batched_tokens: int  # a prompt that runs whole must fit in one step
+    causal: bool  # a decoder: its prompt may be computed in chunks over several steps
 
-    @property
-    def max_input_tokens(self) -> int:
-        return min(self.max_model_len, self.max_num_batched_tokens)
+    def chunkable(self, params: PoolingParams) -> bool:
+        """May the prompt run in chunks? Only where the pooled rows are all in the last chunk
+        and attention is causal: a decoder's last-token pooling."""
+        pooling_type = params.pooling_type or self.config.pooling_type
+        if params.task in ("classify", "score"):
+            pooling_type = self.config.pooling_type
+        return self.causal and pooling_type == "LAST"
 
-    @property
-    def limit_by(self) -> str:
-        if self.max_model_len <= self.max_num_batched_tokens:
-            return "max_model_len"
-        return "max_num_batched_tokens, the step's budget, since it runs in one step"
+    def max_input_tokens(self, whole_prompt: bool) -> int:
+        if whole_prompt:
+            return min(self.max_model_len, self.max_num_batched_tokens)
+        return self.max_model_len
 
 
 class Processor:
@@ -108,12 +112,13 @@ class Processor:
                              f"supports {', '.join(setup.tasks)})")
         setup.config.check_dimensions(params.dimensions, setup.hidden_size)
         text, token_ids = self.tokenize(prompt)
-        self._check_token_ids(token_ids, limit=setup.max_input_tokens)
+        params = params.clone()
+        params.whole_prompt = not setup.chunkable(params)
+        self._check_token_ids(token_ids, limit=setup.max_input_tokens(params.whole_prompt))
         if params.token_type_ids is not None and len(params.token_type_ids) != len(token_ids):
             raise ValueError(f"token_type_ids has {len(params.token_type_ids)} entries for "
                              f"{len(token_ids)} tokens")
-        request = Request(request_id, token_ids, POOLING_SAMPLING, 1,
-                          pooling_params=params.clone())
+        request = Request(request_id, token_ids, POOLING_SAMPLING, 1, pooling_params=params)
         if arrival_time is not None:
             request.arrival_time = arrival_time
         return request, text
@@ -183,8 +188,11 @@ class Processor:
                              f"got {bad[:5]}")
         if limit is not None:
             if len(token_ids) > limit:
+                limit_by = ("max_model_len" if limit == self.max_model_len else
+                            "max_num_batched_tokens, the step's budget, since it runs in one "
+                            "step")
                 raise ValueError(f"the input is {len(token_ids)} tokens long, more than this "
-                                 f"pooling model takes ({limit} tokens: {self.pooling.limit_by})")
+                                 f"pooling model takes ({limit} tokens: {limit_by})")
             return
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"the prompt is {len(token_ids)} tokens long, but max_model_len is "

@@ -233,7 +233,8 @@ def pooling_setup(model_config: Any, args: EngineArgs) -> PoolingSetup | None:
         return None
     return PoolingSetup(model_config.pooler_config, model_config.pooling_tasks,
                         model_config.hf_config.hidden_size, model_config.max_model_len,
-                        args.max_num_batched_tokens)
+                        args.max_num_batched_tokens,
+                        causal=model_config.causal)
 
 
 def _check_priority(priority: Any) -> None:

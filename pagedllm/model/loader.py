@@ -53,6 +53,7 @@ class ModelConfig:
     runner: str = "generate"  # or "pooling": requests are pooled, not generated
     pooler_config: PoolerConfig | None = None  # runner "pooling": how the model pools
     pooling_tasks: tuple[str, ...] = ()  # runner "pooling": embed, encode, classify, score
+    causal: bool = True  # False for an encoder (BERT): bidirectional attention, no KV
 
     @property
     def vocab_size(self) -> int:
@@ -95,6 +96,7 @@ def load_model_config(model: str | None, dtype: str = "auto", max_model_len: int
         pooler_config=(resolve_pooler_config(hf_config, folder, pooler_overrides or {})
                        if runner == "pooling" else None),
         pooling_tasks=pooling_tasks(hf_config) if runner == "pooling" else (),
+        causal=hf_config.model_type not in ENCODER_TYPES,
     )
 
 

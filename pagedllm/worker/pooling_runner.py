@@ -2,8 +2,8 @@
 pooled result instead of a sampled token.
 
 The scheduler batches pooling requests under the same token budget as generation, with one
-difference: a pooling prompt is never split across steps (core/scheduler.py), so each row of a
-step is a whole sequence. Then:
+difference: a pooling prompt is not split across steps (core/scheduler.py), except a causal
+decoder's under last-token pooling, whose earlier chunks only fill the paged KV cache. Then:
 
     encoder (BERT)   model.encode(ids, positions, token types, sequence lengths):
                      bidirectional attention, no KV cache read or written
@@ -33,9 +33,10 @@ class PoolingRunner(ModelRunner):
             return ModelRunnerOutput([], [])
         rows = batch_order(scheduler_output.scheduled)
         hidden = self._hidden_states(scheduler_output.scheduled, rows)
-        pooled = self.pooler(hidden, pooling_rows(rows))
-        return ModelRunnerOutput([], [], pooled={s.request_id: result
-                                                 for s, result in zip(rows, pooled)})
+        ending = pooling_rows(rows)  # a chunk before a prompt's last is only computed
+        pooled = self.pooler(hidden, [row for _, row in ending]) if ending else []
+        return ModelRunnerOutput([], [], pooled={s.request_id: result for (s, _), result
+                                                 in zip(ending, pooled)})
 
     def _hidden_states(self, scheduled: list[ScheduledRequest],
                        rows: list[ScheduledRequest]) -> torch.Tensor:
@@ -54,9 +55,11 @@ def token_type_ids(row: ScheduledRequest) -> list[int]:
     return types if types is not None else [0] * len(row.token_ids)
 
 
-def pooling_rows(rows: list[ScheduledRequest]) -> list[PoolingRow]:
+def pooling_rows(rows: list[ScheduledRequest]) -> list[tuple[ScheduledRequest, PoolingRow]]:
+    """The rows that end their prompt this step, with where they are in the flat batch."""
     result, start = [], 0
     for s in rows:
-        result.append(PoolingRow(start, len(s.token_ids), s.pooling_params))
+        if s.sample:
+            result.append((s, PoolingRow(start, len(s.token_ids), s.pooling_params)))
         start += len(s.token_ids)
     return result

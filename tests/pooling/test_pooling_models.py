@@ -10,7 +10,7 @@ import torch
 from conftest import make_llm
 from pooling_helpers import assert_cosine_close, tiny_bert_classifier, tiny_llama_config
 
-from pagedllm import TokensPrompt
+from pagedllm import PoolingParams, TokensPrompt
 
 PAIRS = [("what is a cat", "a cat is a small domesticated feline"),
          ("what is a cat", "stock markets fell sharply on tuesday"),
@@ -67,19 +67,39 @@ def test_decoder_as_last_token_embedder_equals_transformers(tmp_path):
     torch.manual_seed(0)
     model = LlamaModel(tiny_llama_config()).eval()
     model.save_pretrained(tmp_path)  # bare decoder names, as Qwen3-Embedding ships them
+    # a 16-token step budget: the longer prompts run in chunks (last-token pooling of a causal
+    # model allows it), their earlier chunks only filling the paged KV cache
     llm = make_llm(model=str(tmp_path), runner="pooling", skip_tokenizer_init=True,
-                   kv_cache_memory_bytes=8 << 20, max_num_batched_tokens=64)
+                   kv_cache_memory_bytes=8 << 20, max_num_batched_tokens=16)
     config = llm.llm_engine.model_config
     assert (config.pooler_config.pooling_type, config.pooling_tasks) == ("LAST",
                                                                           ("embed", "encode",
                                                                            "score"))
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 256, size=n).tolist() for n in (1, 5, 17, 40, 3, 60)]
+    engine = llm.llm_engine
+    steps_before = engine.num_steps
     outputs = llm.embed([TokensPrompt(prompt_token_ids=p) for p in prompts])
     with torch.inference_mode():
         expected = [model(torch.tensor([p])).last_hidden_state[0, -1].numpy() for p in prompts]
     assert_cosine_close([o.outputs.embedding for o in outputs], expected)
     assert all(abs(np.linalg.norm(o.outputs.embedding) - 1) < 1e-5 for o in outputs)
+    steps_of = {}
+    for record in engine.step_records:
+        if record.step >= steps_before:
+            for request_id in record.scheduled:
+                steps_of[request_id] = steps_of.get(request_id, 0) + 1
+    assert steps_of[outputs[5].request_id] >= 4  # 60 tokens in chunks of at most 16
+    stats = engine.kv_cache_stats()
+    assert stats.num_free_blocks == stats.num_blocks
+    # mean pooling needs every token's row in one step: over the budget it is refused
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        llm.encode(TokensPrompt(prompt_token_ids=prompts[5]), PoolingParams(pooling_type="MEAN"))
+    (short,) = llm.encode(TokensPrompt(prompt_token_ids=prompts[1]),
+                          PoolingParams(pooling_type="MEAN"))
+    with torch.inference_mode():
+        hidden = model(torch.tensor([prompts[1]])).last_hidden_state[0]
+    assert np.allclose(short.outputs.data, hidden.mean(0).numpy(), atol=1e-4)
 
 
 def test_decoder_sequence_classifier_equals_transformers(tmp_path):
