@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from pagedllm.attention import AttentionMetadata
 from pagedllm.attention.encoder import EncoderBatch, bidirectional_attention
 from pagedllm.model.layers.activation import Gelu
 from pagedllm.model.layers.linear import Linear
@@ -101,6 +102,16 @@ class BertModel(nn.Module):
         for layer in self.layers:
             hidden = layer(hidden, batch)
         return hidden
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: object,
+                metadata: AttentionMetadata, intermediate: object = None) -> torch.Tensor:
+        """The decoders' call (the GPU memory plan profiles a step with it): each decode row
+        and prefill chunk a whole sequence of token type 0; no KV cache is read or written."""
+        seq_lens = [1] * metadata.num_decodes + [c.query_len for c in metadata.prefills]
+        return self.encode(input_ids, positions, torch.zeros_like(input_ids), seq_lens)
+
+    def compute_logits(self, hidden: torch.Tensor) -> None:
+        return None  # no language-model head
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.named_parameters())

@@ -136,6 +136,9 @@ class DecoderEmbedder(nn.Module):
         self.tie_word_embeddings = False
         self.lm_head = MissingModule()
 
+    def compute_logits(self, hidden: torch.Tensor) -> None:
+        return None  # no language-model head (the GPU memory plan asks)
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         super().load_weights(self._own_names(weights))
 

@@ -80,7 +80,9 @@ class Worker:
         # Nor with LoRA: each step's adapter slots are chosen in Python, which a graph would
         # replay as captured.
         # Nor under pipeline parallelism: a stage's step sends and receives activations.
-        eager = args.enforce_eager or args.enable_lora or args.pipeline_parallel_size > 1
+        # Nor for a pooling model, whose steps are whole prompts, never decodes.
+        eager = (args.enforce_eager or args.enable_lora or args.pipeline_parallel_size > 1
+                 or self.model_config.runner == "pooling")
         self.cuda_graph_sizes = ([] if not on_cuda or eager else
                                  capture_sizes(args.max_num_seqs, args.max_num_batched_tokens))
         self.kv_shape = KVCacheShape.from_config(

@@ -118,3 +118,26 @@ def test_decoder_sequence_classifier_equals_transformers(tmp_path):
         expected = [torch.softmax(model(torch.tensor([p])).logits[0], -1).numpy()
                     for p in prompts]
     assert np.allclose([o.outputs.probs for o in outputs], expected, atol=1e-5)
+
+
+def test_encoder_answers_the_decoders_call_as_whole_sequences(cross_encoder):
+    """The GPU memory plan profiles a step through model(ids, positions, caches, metadata):
+    an encoder runs it as whole sequences (decodes alone, each prefill chunk whole)."""
+    from conftest import worker_of
+
+    from pagedllm.attention import AttentionMetadata, PrefillChunk
+
+    _, llm = cross_encoder
+    model = worker_of(llm).model
+    ids = torch.tensor([101, 101, 2054, 2003, 1037, 102, 101, 7592, 102])
+    positions = torch.tensor([0, 0, 1, 2, 3, 4, 0, 1, 2])
+    empty = torch.zeros(0, dtype=torch.long)
+    metadata = AttentionMetadata(empty, 1, empty.view(1, 0), torch.tensor([1]),
+                                 [PrefillChunk(1, 5, 5, empty), PrefillChunk(6, 3, 3, empty)], 16)
+    with torch.inference_mode():
+        hidden = model(ids, positions, None, metadata)
+        encoded = model.encode(ids, positions, torch.zeros_like(ids), [1, 5, 3])
+        alone = model.encode(ids[1:6], positions[1:6], torch.zeros(5, dtype=torch.long), [5])
+    torch.testing.assert_close(hidden, encoded)
+    torch.testing.assert_close(hidden[1:6], alone, atol=1e-5, rtol=1e-5)
+    assert model.compute_logits(hidden) is None
