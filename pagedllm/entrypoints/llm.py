@@ -35,6 +35,14 @@ ChatMessage = dict[str, Any]
 LoRARequests = LoRARequest | Sequence[LoRARequest | None] | None  # one for all, or one per prompt
 
 
+def _prompt_size(prompt: PromptType) -> int:
+    """A prompt's length for ordering: its token count, or for text its characters."""
+    if isinstance(prompt, dict):
+        ids = prompt.get("prompt_token_ids")
+        return len(ids) if ids is not None else len(prompt.get("prompt", ""))
+    return len(prompt) if isinstance(prompt, str) else 0
+
+
 class LLM:
     """An engine for offline batches. Keyword arguments are EngineArgs (dtype, max_model_len,
     kv_cache_memory_bytes, max_num_seqs, max_num_batched_tokens, block_size, seed, ...)."""
@@ -203,17 +211,23 @@ class LLM:
 
     def _run_pooling(self, inputs: list[tuple[PromptType, PoolingParams]],
                      use_tqdm: bool) -> list[PoolingRequestOutput]:
+        """Queue the inputs longest first, as sentence-transformers sorts its batches: each step
+        then holds sequences of similar lengths, whose attention pads little (a pooling
+        request's result does not depend on what it is batched with). Outputs come back in
+        the inputs' order."""
         engine = self.llm_engine
-        request_ids: list[str] = []
+        order = sorted(range(len(inputs)), key=lambda i: -_prompt_size(inputs[i][0]))
+        request_ids: dict[int, str] = {}
         try:
-            for prompt, params in inputs:
+            for i in order:
+                prompt, params = inputs[i]
                 request_id = str(next(self._counter))
                 engine.add_request(request_id, prompt, params)
-                request_ids.append(request_id)
+                request_ids[i] = request_id
         except Exception:
-            engine.abort_request(request_ids)  # all or none, as in generate
+            engine.abort_request(list(request_ids.values()))  # all or none, as in generate
             raise
-        outputs = self._run(request_ids, use_tqdm)
+        outputs = self._run([request_ids[i] for i in range(len(inputs))], use_tqdm)
         failed = [o for o in outputs if o.finish_reason != "stop"]
         if failed:
             raise RuntimeError(f"{len(failed)} pooling request(s) ended with "
