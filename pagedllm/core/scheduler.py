@@ -274,6 +274,9 @@ class Scheduler:
         cached = self.kv.get_computed_blocks(request)
         num_hit = len(cached) * self.kv.block_size
         num_new = self._num_new_tokens(request, budget, num_hit=num_hit)
+        whole = request.pooling_params is not None and request.pooling_params.whole_prompt
+        if whole and num_new < request.num_tokens - num_hit:
+            return None  # this pooling prompt runs whole (bidirectional attention): next step
         copies = self.kv.allocate_slots(request, self._slots(request, num_new, num_hit), cached)
         if copies is None:
             return None
@@ -386,6 +389,7 @@ class Scheduler:
             sample_ids=[request.request_id, *request.pending_fork_ids] if sample else [],
             lora_request=request.lora_request,
             spec_token_ids=drafts,
+            pooling_params=request.pooling_params,
         )
 
     # ---- after the model ran ------------------------------------------------------------------
@@ -404,6 +408,7 @@ class Scheduler:
 
         self._fork_sampled_siblings(runner_output.request_ids)
         outputs = self._error_outputs({**scheduler_output.failed, **runner_output.failed})
+        outputs += self._finish_pooled(runner_output.pooled)
         logprobs = runner_output.logprobs or [None] * len(runner_output.request_ids)
         for request_id, token_id, token_logprobs in zip(
             runner_output.request_ids, runner_output.sampled_token_ids, logprobs
@@ -447,6 +452,20 @@ class Scheduler:
             finish_reason=request.finish_reason, stop_reason=request.stop_reason,
             num_cached_tokens=request.num_cached_tokens,
         )
+
+    def _finish_pooled(self, pooled: dict[str, list]) -> list[EngineCoreOutput]:
+        """Pooling requests end with their result, and their blocks are freed at once: no KV
+        is kept after a pooling request."""
+        outputs = []
+        for request_id, result in pooled.items():
+            request = self.requests.get(request_id)
+            if request is None or request.status.finished:
+                continue
+            self.running.remove(request)
+            self._free(request, RequestStatus.FINISHED_STOPPED)
+            outputs.append(EngineCoreOutput(request_id, [], [], finish_reason="stop",
+                                            pooled=result))
+        return outputs
 
     def _error_outputs(self, failed: dict[str, str]) -> list[EngineCoreOutput]:
         """End (if still running) and report the sequences that failed alone this step."""

@@ -7,6 +7,7 @@ from typing import Any
 
 from pagedllm.logprobs import TokenLogprobs
 from pagedllm.lora.request import LoRARequest
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
 
 BlockCopy = tuple[int, int]  # (source block id, destination block id)
@@ -30,6 +31,7 @@ class ScheduledRequest:
     # Speculative decoding: the drafts at the end of token_ids, to verify. The row then samples
     # from each of its last len(spec_token_ids) + 1 positions (a decode row never has drafts).
     spec_token_ids: list[int] = field(default_factory=list)
+    pooling_params: PoolingParams | None = None  # a pooling row: the whole prompt, pooled
 
     @property
     def is_decode(self) -> bool:
@@ -95,6 +97,9 @@ class ModelRunnerOutput:
     accepted_token_ids: dict[str, list[int]] = field(default_factory=dict)
     accepted_logprobs: dict[str, list[TokenLogprobs | None]] = field(default_factory=dict)
     draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # pooling requests: request id -> its pooled result as plain lists (a vector, a matrix for
+    # ALL pooling, or the class probabilities / score), for every row that ended its prompt
+    pooled: dict[str, list] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -105,3 +110,4 @@ class EngineCoreOutput:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    pooled: list | None = None  # a pooling request's result (it ends with it)

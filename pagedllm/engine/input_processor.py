@@ -2,19 +2,52 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pagedllm.core.request import Request
 from pagedllm.inputs import PromptType
 from pagedllm.lora.registry import LoRARegistry
 from pagedllm.lora.request import LoRARequest
+from pagedllm.pooling_params import PoolerConfig, PoolingParams
 from pagedllm.sampling_params import SamplingParams, check_text
 from pagedllm.structured_output.grammar import grammar_key, parse_grammar
 from pagedllm.tokenizer import max_chars_per_token
 
+# what a pooling request carries as its (unused) sampling parameters: one step, nothing sampled
+POOLING_SAMPLING = SamplingParams(max_tokens=1, detokenize=False)
+
+
+@dataclass(slots=True)
+class PoolingSetup:
+    """What the input processor checks pooling requests against (runner "pooling")."""
+
+    config: PoolerConfig
+    tasks: tuple[str, ...]
+    hidden_size: int
+    max_model_len: int
+    max_num_batched_tokens: int  # a prompt that runs whole must fit in one step
+    causal: bool  # a decoder: its prompt may be computed in chunks over several steps
+
+    def chunkable(self, params: PoolingParams) -> bool:
+        """May the prompt run in chunks? Only where the pooled rows are all in the last chunk
+        and attention is causal: a decoder's last-token pooling."""
+        pooling_type = params.pooling_type or self.config.pooling_type
+        if params.task in ("classify", "score"):
+            pooling_type = self.config.pooling_type
+        return self.causal and pooling_type == "LAST"
+
+    def max_input_tokens(self, whole_prompt: bool) -> int:
+        if whole_prompt:
+            return min(self.max_model_len, self.max_num_batched_tokens)
+        return self.max_model_len
+
 
 class Processor:
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int, cache_tokens: int,
-                 eos_token_ids: list[int], loras: LoRARegistry | None = None) -> None:
+                 eos_token_ids: list[int], loras: LoRARegistry | None = None,
+                 pooling: PoolingSetup | None = None) -> None:
         self.tokenizer = tokenizer
+        self.pooling = pooling  # None: the model generates (runner "generate")
         # the adapters requests may name; the default one refuses every adapter (LoRA off)
         self.loras = loras or LoRARegistry(enabled=False, max_lora_rank=0, modules={})
         self.vocab_size = vocab_size
@@ -31,6 +64,9 @@ class Processor:
                 lora_request: LoRARequest | None = None) -> tuple[Request, str | None]:
         """Returns the engine request and the prompt text (None for a token-id prompt).
         Without max_tokens a request may fill the context, or `default_max_tokens` if less."""
+        if self.pooling is not None:
+            raise ValueError(f"this model runs as a pooling model (runner 'pooling'): it serves "
+                             f"{', '.join(self.pooling.tasks)} requests, not text generation")
         self.loras.check(lora_request)
         text, token_ids = self.tokenize(prompt)
         self._check_token_ids(token_ids)
@@ -59,6 +95,30 @@ class Processor:
                                  f"({self.vocab_size}), got {value}")
         request = Request(request_id, token_ids, params, max_tokens, cache_salt=salt,
                           lora_request=lora_request)
+        if arrival_time is not None:
+            request.arrival_time = arrival_time
+        return request, text
+
+    def process_pooling(self, request_id: str, prompt: PromptType, params: PoolingParams,
+                        arrival_time: float | None = None) -> tuple[Request, str | None]:
+        """A pooling request (embed, encode, classify, score): its whole prompt must fit in
+        max_model_len and in one step's token budget, since it runs in one forward pass."""
+        setup = self.pooling
+        if setup is None:
+            raise ValueError(f"this model generates text; {params.task} requests need a pooling "
+                             f"model: start the engine with runner='pooling' (--runner pooling)")
+        if params.task not in setup.tasks:
+            raise ValueError(f"this model does not support the {params.task!r} task (it "
+                             f"supports {', '.join(setup.tasks)})")
+        setup.config.check_dimensions(params.dimensions, setup.hidden_size)
+        text, token_ids = self.tokenize(prompt)
+        params = params.clone()
+        params.whole_prompt = not setup.chunkable(params)
+        self._check_token_ids(token_ids, limit=setup.max_input_tokens(params.whole_prompt))
+        if params.token_type_ids is not None and len(params.token_type_ids) != len(token_ids):
+            raise ValueError(f"token_type_ids has {len(params.token_type_ids)} entries for "
+                             f"{len(token_ids)} tokens")
+        request = Request(request_id, token_ids, POOLING_SAMPLING, 1, pooling_params=params)
         if arrival_time is not None:
             request.arrival_time = arrival_time
         return request, text
@@ -118,13 +178,22 @@ class Processor:
                     sequences.setdefault(tuple(ids))
         return [list(ids) for ids in sequences]
 
-    def _check_token_ids(self, token_ids: list[int]) -> None:
+    def _check_token_ids(self, token_ids: list[int], limit: int | None = None) -> None:
+        """`limit`: a pooling input's most tokens (it needs no room to generate)."""
         if not token_ids:
             raise ValueError("the prompt is empty")
         bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size}); "
                              f"got {bad[:5]}")
+        if limit is not None:
+            if len(token_ids) > limit:
+                limit_by = ("max_model_len" if limit == self.max_model_len else
+                            "max_num_batched_tokens, the step's budget, since it runs in one "
+                            "step")
+                raise ValueError(f"the input is {len(token_ids)} tokens long, more than this "
+                                 f"pooling model takes ({limit} tokens: {limit_by})")
+            return
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"the prompt is {len(token_ids)} tokens long, but max_model_len is "
                              f"{self.max_model_len} (the prompt must leave room for one token)")

@@ -22,13 +22,14 @@ from pagedllm.core.stats import KVCacheStats
 from pagedllm.engine.beam_ranking import BeamSearchParams
 from pagedllm.engine.beam_search import step_params as beam_step_params
 from pagedllm.engine.core import EngineCore, EngineCoreOutputs, StepRecord
-from pagedllm.engine.input_processor import Processor
+from pagedllm.engine.input_processor import PoolingSetup, Processor
 from pagedllm.engine.output_processor import OutputProcessor, sequence_id
 from pagedllm.inputs import PromptType
 from pagedllm.logger import init_logger
 from pagedllm.lora.registry import LoRARegistry
 from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import RequestOutput
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
 
 logger = init_logger(__name__)
@@ -63,7 +64,8 @@ class LLMEngine:
                                   self.model_config.lora_modules)
         self.input_processor = Processor(self.tokenizer, self.model_config.vocab_size, max_len,
                                          self.cache_config.num_blocks * args.block_size,
-                                         self.model_config.eos_token_ids, self.loras)
+                                         self.model_config.eos_token_ids, self.loras,
+                                         pooling_setup(self.model_config, args))
         self.output_processor = OutputProcessor(self.tokenizer)
         self.searches: set[str] = set()  # beam searches in flight (their results come whole)
         # For /debug/step_stats and benchmarks, which read them as they go. Each record names
@@ -109,7 +111,7 @@ class LLMEngine:
                                               lora_request=lora_request))
 
     def process_input(self, request_id: str, prompt: PromptType,
-                      params: SamplingParams | BeamSearchParams | None = None,
+                      params: SamplingParams | BeamSearchParams | PoolingParams | None = None,
                       arrival_time: float | None = None, priority: int = 0,
                       default_max_tokens: int | None = None,
                       lora_request: LoRARequest | None = None) -> ProcessedInput:
@@ -118,6 +120,13 @@ class LLMEngine:
         thread; `add_processed` queues the result. A request without max_tokens gets at most
         `default_max_tokens`."""
         _check_priority(priority)
+        if isinstance(params, PoolingParams):
+            if lora_request is not None:
+                raise ValueError("LoRA adapters are not supported for pooling requests")
+            request, text = self.input_processor.process_pooling(request_id, prompt, params,
+                                                                 arrival_time)
+            request.priority = priority
+            return ProcessedInput(request_id, request, text)
         if isinstance(params, BeamSearchParams):
             first, text = self.input_processor.process(f"{request_id}#beam0", prompt,
                                                        beam_step_params(params), arrival_time,
@@ -141,6 +150,10 @@ class LLMEngine:
             self.searches.add(request_id)
             return
         self.engine_core.add_request(request)
+        if request.pooling_params is not None:
+            self.output_processor.add_pooling_request(request_id, processed.text,
+                                                      request.prompt_token_ids)
+            return
         self.output_processor.add_request(request_id, processed.text, request.prompt_token_ids,
                                           request.sampling_params, request.arrival_time)
 
@@ -212,6 +225,16 @@ def _start_core(args: EngineArgs) -> Any:
 
         return CoreProcessClient(args)
     return EngineCore(args)
+
+
+def pooling_setup(model_config: Any, args: EngineArgs) -> PoolingSetup | None:
+    """What pooling requests are checked against; None for a generating model."""
+    if model_config.runner != "pooling":
+        return None
+    return PoolingSetup(model_config.pooler_config, model_config.pooling_tasks,
+                        model_config.hf_config.hidden_size, model_config.max_model_len,
+                        args.max_num_batched_tokens,
+                        causal=model_config.causal)
 
 
 def _check_priority(priority: Any) -> None:

@@ -5,10 +5,18 @@ from __future__ import annotations
 
 import time
 import weakref
+from dataclasses import dataclass
 
 from pagedllm.core.step_io import EngineCoreOutput, TokenLogprobs
 from pagedllm.logger import init_logger
-from pagedllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from pagedllm.outputs import (
+    CompletionOutput,
+    Logprob,
+    PoolingOutput,
+    PoolingRequestOutput,
+    RequestMetrics,
+    RequestOutput,
+)
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = init_logger(__name__)
@@ -228,11 +236,30 @@ class RequestState:
         return [seq.completion(kind, i) for i, seq in enumerate(ranked[: self.params.n])]
 
 
+@dataclass(slots=True)
+class PoolingState:
+    """A pooling request in flight: what its one output repeats of its input."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+
+    def output(self, output: EngineCoreOutput) -> PoolingRequestOutput:
+        return PoolingRequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
+                                    PoolingOutput(output.pooled or []),
+                                    finish_reason=output.finish_reason or "stop")
+
+
 class OutputProcessor:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.states: dict[str, RequestState] = {}
         self._sequences: dict[str, tuple[RequestState, int]] = {}  # sequence id -> its request
+
+    def add_pooling_request(self, request_id: str, prompt: str | None,
+                            prompt_token_ids: list[int]) -> None:
+        """Register a pooling request: it answers once, with its pooled result."""
+        self.states[request_id] = PoolingState(request_id, prompt, prompt_token_ids)
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams, arrival_time: float) -> list[str]:
@@ -250,7 +277,7 @@ class OutputProcessor:
         sequence_ids = []
         for request_id in request_ids:
             state = self.states.pop(request_id, None)
-            if state is not None:
+            if isinstance(state, RequestState):
                 sequence_ids += self._forget(state)
         return sequence_ids
 
@@ -270,6 +297,11 @@ class OutputProcessor:
         """Returns the outputs to deliver and the sequences that stop strings ended."""
         results, stopped = [], []
         for output in outputs:
+            state = self.states.get(output.request_id)
+            if isinstance(state, PoolingState):
+                del self.states[output.request_id]
+                results.append(state.output(output))
+                continue
             entry = self._sequences.get(output.request_id)
             if entry is None:
                 continue

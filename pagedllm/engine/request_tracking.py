@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pagedllm.engine.beam_ranking import BeamSearchParams
-from pagedllm.outputs import CompletionOutput, RequestOutput
+from pagedllm.outputs import CompletionOutput, PoolingRequestOutput, RequestOutput
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 if TYPE_CHECKING:
@@ -31,8 +32,12 @@ class RequestStats:
     finished_time: float
 
 
-def tracking_params(params: SamplingParams | BeamSearchParams) -> SamplingParams:
-    """A beam search answers once, at the end, with beam_width choices: track it as that."""
+def tracking_params(params: SamplingParams | BeamSearchParams | PoolingParams
+                    ) -> SamplingParams:
+    """A beam search answers once, at the end, with beam_width choices: track it as that (and
+    a pooling request as one choice, answered once)."""
+    if isinstance(params, PoolingParams):
+        return SamplingParams(n=1, output_kind=RequestOutputKind.FINAL_ONLY)
     if isinstance(params, BeamSearchParams):
         return SamplingParams(n=params.beam_width, temperature=1.0,
                               output_kind=RequestOutputKind.FINAL_ONLY)
@@ -57,6 +62,10 @@ class TrackedRequest:
 
     def observe(self, output: RequestOutput) -> None:
         delta = self.params.output_kind == RequestOutputKind.DELTA
+        if isinstance(output, PoolingRequestOutput):  # one answer, no tokens
+            self.finished_choices.add(0)
+            self.last = output
+            return
         for completion in output.outputs:
             count = len(completion.token_ids)
             self.num_tokens[completion.index] = count + (
@@ -71,7 +80,8 @@ class TrackedRequest:
         reason 'abort'. A CUMULATIVE caller keeps the text it had; a DELTA caller gets empty
         deltas (at most some held-back text is lost); a FINAL_ONLY caller never had any."""
         cumulative = self.params.output_kind == RequestOutputKind.CUMULATIVE
-        had = {c.index: c for c in self.last.outputs} if cumulative and self.last else {}
+        had = ({c.index: c for c in self.last.outputs}
+               if cumulative and isinstance(self.last, RequestOutput) else {})
         completions = []
         for index in range(self.params.n):
             if index not in self.finished_choices:
@@ -94,7 +104,8 @@ class TrackedRequest:
 
     def request_stats(self, output: RequestOutput) -> RequestStats:
         metrics = output.metrics
-        reasons = [c.finish_reason for c in output.outputs if c.finish_reason]
+        reasons = ([output.finish_reason] if isinstance(output, PoolingRequestOutput) else
+                   [c.finish_reason for c in output.outputs if c.finish_reason])
         return RequestStats(
             request_id=output.request_id,
             finish_reason=request_finish_reason(reasons),

@@ -18,10 +18,18 @@ from pagedllm.engine.beam_ranking import (
     beam_score,
 )
 from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.entrypoints.pooling import (
+    ScoreInput,
+    cosine,
+    cross_encoder_input,
+    is_cross_encoder,
+    score_pairs,
+)
 from pagedllm.inputs import PromptType
 from pagedllm.logger import init_logger
 from pagedllm.lora.request import LoRARequest
-from pagedllm.outputs import RequestOutput
+from pagedllm.outputs import PoolingOutput, PoolingRequestOutput, RequestOutput
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 from pagedllm.tokenizer import reserved_template_kwargs
 
@@ -44,6 +52,12 @@ def engine_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"LLM() got {', '.join(map(repr, unknown))}, which pagedllm does not "
                          f"support; its options are: {', '.join(sorted(known))}")
     return kwargs
+def _prompt_size(prompt: PromptType) -> int:
+    """A prompt's length for ordering: its token count, or for text its characters."""
+    if isinstance(prompt, dict):
+        ids = prompt.get("prompt_token_ids")
+        return len(ids) if ids is not None else len(prompt.get("prompt", ""))
+    return len(prompt) if isinstance(prompt, str) else 0
 
 
 class LLM:
@@ -175,6 +189,76 @@ class LLM:
             raise
         return added
 
+    # ---- pooling models (runner="pooling"; docs/pooling.md) ---------------------------------
+    def embed(self, prompts: PromptType | Sequence[PromptType],
+              pooling_params: PoolingParams | None = None,
+              use_tqdm: bool = False) -> list[PoolingRequestOutput]:
+        """One embedding per prompt: outputs[i].outputs.embedding."""
+        return self.encode(prompts, pooling_params, use_tqdm, pooling_task="embed")
+
+    def classify(self, prompts: PromptType | Sequence[PromptType],
+                 use_tqdm: bool = False) -> list[PoolingRequestOutput]:
+        """Class probabilities per prompt (a *ForSequenceClassification model):
+        outputs[i].outputs.probs."""
+        return self.encode(prompts, None, use_tqdm, pooling_task="classify")
+
+    def encode(self, prompts: PromptType | Sequence[PromptType],
+               pooling_params: PoolingParams | None = None, use_tqdm: bool = False,
+               pooling_task: str = "encode") -> list[PoolingRequestOutput]:
+        """Pooling requests, one per prompt, batched by the engine like any others, for
+        `pooling_task` (default "encode": the pooled hidden states as they are; embed, classify
+        and score are the methods of those names)."""
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        params = dataclasses.replace(pooling_params or PoolingParams(), task=pooling_task)
+        return self._run_pooling([(p, params) for p in prompts], use_tqdm)
+
+    def score(self, data_1: ScoreInput, data_2: ScoreInput,
+              use_tqdm: bool = False) -> list[PoolingRequestOutput]:
+        """One score per pair (one text against each of several, or two lists by position):
+        outputs[i].outputs.score, a cross-encoder's relevance or the cosine similarity of two
+        embeddings."""
+        pairs = score_pairs(data_1, data_2)
+        tasks = self.llm_engine.model_config.pooling_tasks
+        if "score" not in tasks:
+            supported = ", ".join(tasks) or "none: it generates text"
+            raise ValueError(f"this model cannot score (its tasks: {supported})")
+        if is_cross_encoder(tasks):
+            inputs = [cross_encoder_input(self.get_tokenizer(), q, d) for q, d in pairs]
+            return self._run_pooling([(i.prompt, i.params) for i in inputs], use_tqdm)
+        texts = list(dict.fromkeys(t for pair in pairs for t in pair))
+        embedded = dict(zip(texts, self.embed(texts, use_tqdm=use_tqdm)))
+        return [PoolingRequestOutput(
+            f"score-{i}", None,
+            embedded[q].prompt_token_ids + embedded[d].prompt_token_ids,
+            PoolingOutput([cosine(embedded[q].outputs.embedding,
+                                  embedded[d].outputs.embedding)]))
+            for i, (q, d) in enumerate(pairs)]
+
+    def _run_pooling(self, inputs: list[tuple[PromptType, PoolingParams]],
+                     use_tqdm: bool) -> list[PoolingRequestOutput]:
+        """Queue the inputs longest first, as sentence-transformers sorts its batches: each step
+        then holds sequences of similar lengths, whose attention pads little (a pooling
+        request's result does not depend on what it is batched with). Outputs come back in
+        the inputs' order."""
+        engine = self.llm_engine
+        order = sorted(range(len(inputs)), key=lambda i: -_prompt_size(inputs[i][0]))
+        request_ids: dict[int, str] = {}
+        try:
+            for i in order:
+                prompt, params = inputs[i]
+                request_id = str(next(self._counter))
+                engine.add_request(request_id, prompt, params)
+                request_ids[i] = request_id
+        except Exception:
+            engine.abort_request(list(request_ids.values()))  # all or none, as in generate
+            raise
+        outputs = self._run([request_ids[i] for i in range(len(inputs))], use_tqdm)
+        failed = [o for o in outputs if o.finish_reason != "stop"]
+        if failed:
+            raise RuntimeError(f"{len(failed)} pooling request(s) ended with "
+                               f"{failed[0].finish_reason!r}")
+        return outputs
+
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
         finished: dict[str, RequestOutput] = {}
@@ -186,7 +270,8 @@ class LLM:
                 for output in engine.step():
                     if output.finished:
                         finished[output.request_id] = output
-                        output_tokens += len(output.outputs[0].token_ids)
+                        if isinstance(output, RequestOutput):
+                            output_tokens += len(output.outputs[0].token_ids)
                         bar.update(1)
                         rate = output_tokens / max(time.perf_counter() - started, 1e-9)
                         bar.set_postfix_str(f"output {rate:.1f} tok/s", refresh=False)

@@ -20,9 +20,18 @@ from pagedllm.model.layers.linear import attach_shards, prepare_for_inference
 from pagedllm.model.layers.quantization import QuantizationMethod, resolve_quantization
 from pagedllm.model.layers.rotary import RotaryEmbedding
 from pagedllm.model.pipeline import MissingModule
+from pagedllm.model.pooling_models import (
+    ENCODER_TYPES,
+    pooling_model_class,
+    pooling_tasks,
+    resolve_pooler_config,
+    resolve_runner,
+    sentence_transformers_max_len,
+)
 from pagedllm.model.registry import resolve_model_class
 from pagedllm.model.source import ModelSource, resolve_model_source
 from pagedllm.platform.cpu import cpu_info
+from pagedllm.pooling_params import PoolerConfig
 
 
 @dataclass
@@ -41,6 +50,10 @@ class ModelConfig:
     # the worker once it has wrapped the model (lora/model.py); the front-end checks adapters
     # against it without torch
     lora_modules: dict[str, tuple[int, int]] = field(default_factory=dict)
+    runner: str = "generate"  # or "pooling": requests are pooled, not generated
+    pooler_config: PoolerConfig | None = None  # runner "pooling": how the model pools
+    pooling_tasks: tuple[str, ...] = ()  # runner "pooling": embed, encode, classify, score
+    causal: bool = True  # False for an encoder (BERT): bidirectional attention, no KV
 
     @property
     def vocab_size(self) -> int:
@@ -50,15 +63,24 @@ class ModelConfig:
 # ---- configuration ---------------------------------------------------------------------------
 def load_model_config(model: str | None, dtype: str = "auto", max_model_len: int | None = None,
                       revision: str | None = None, device: str = "cpu",
-                      quantization: str | None = None) -> ModelConfig:
+                      quantization: str | None = None, runner: str = "auto",
+                      pooler_overrides: dict | None = None) -> ModelConfig:
     source = resolve_model_source(model, revision)
     if source.is_gguf:
         with GGUFFile(source.path) as gguf_file:
             hf_config = gguf_file.hf_config()
     else:
         hf_config = text_model_config(AutoConfig.from_pretrained(source.path))
-    resolve_model_class(hf_config.model_type)  # fail early on an unsupported family
+    folder = None if source.is_gguf else source.path
+    runner = resolve_runner(runner, hf_config, folder)
+    if hf_config.model_type not in ENCODER_TYPES:
+        resolve_model_class(hf_config.model_type)  # fail early on an unsupported family
+    if pooler_overrides and runner != "pooling":
+        raise ValueError("pooler_config is set, but the model runs as a generator: pass "
+                         "runner='pooling' (--runner pooling)")
     limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+    if runner == "pooling":  # the length a sentence-transformers model was trained to embed
+        limit = min(limit, sentence_transformers_max_len(folder) or limit)
     generation = _generation_config(source)
     if max_model_len is not None and max_model_len > limit:
         raise ValueError(f"max_model_len {max_model_len} exceeds the model's limit of {limit}")
@@ -70,6 +92,11 @@ def load_model_config(model: str | None, dtype: str = "auto", max_model_len: int
         eos_token_ids=_eos_token_ids(hf_config, generation),
         default_max_tokens=getattr(generation, "max_new_tokens", None),
         quantization=resolve_quantization(quantization, hf_config, source),
+        runner=runner,
+        pooler_config=(resolve_pooler_config(hf_config, folder, pooler_overrides or {})
+                       if runner == "pooling" else None),
+        pooling_tasks=pooling_tasks(hf_config) if runner == "pooling" else (),
+        causal=hf_config.model_type not in ENCODER_TYPES,
     )
 
 
@@ -137,7 +164,7 @@ def _as_list(value) -> list[int]:
 def load_model(config: ModelConfig, backend: AttentionBackend, device: str,
                load_format: str = "auto") -> torch.nn.Module:
     """load_format "dummy" fills random weights instead of reading any (model/dummy.py)."""
-    model_class, implied = resolve_model_class(config.hf_config.model_type)
+    model_class, implied = model_class_of(config)
     for key, value in implied.items():
         setattr(config.hf_config, key, value)
     with torch.device("meta"):  # no memory and no random init for weights about to be replaced
@@ -163,6 +190,17 @@ def load_model(config: ModelConfig, backend: AttentionBackend, device: str,
     prepare_for_inference(model)
     model.activation_dtype = config.dtype  # what flows between layers (and pipeline stages)
     return model.eval()
+
+
+def model_class_of(config: ModelConfig) -> tuple[type[torch.nn.Module], dict]:
+    """The class the checkpoint loads as (a pooling model's own, under runner "pooling"), and
+    the config attributes its family implies."""
+    if config.hf_config.model_type in ENCODER_TYPES:
+        return pooling_model_class(config.hf_config, None), {}
+    model_class, implied = resolve_model_class(config.hf_config.model_type)
+    if config.runner == "pooling":
+        model_class = pooling_model_class(config.hf_config, model_class)
+    return model_class, implied
 
 
 def hf_folder_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -246,7 +246,7 @@ class ModelRunner:
 
     def prepare_inputs(self, scheduled: list[ScheduledRequest]) -> ModelInputs:
         decodes = [s for s in scheduled if s.is_decode]
-        prefills = [s for s in scheduled if not s.is_decode]
+        prefills = [s for s in scheduled if not s.is_decode]  # batch_order: decodes + prefills
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -381,6 +381,13 @@ class ModelRunner:
             generator.manual_seed(_wrap_seed(seed + sibling))
             self.generators[sample_id] = generator
         return generator
+
+
+def batch_order(scheduled: list[ScheduledRequest]) -> list[ScheduledRequest]:
+    """The rows in the flat batch's order (prepare_inputs): every decode, then every prefill
+    chunk."""
+    return ([s for s in scheduled if s.is_decode]
+            + [s for s in scheduled if not s.is_decode])
 
 
 INT64 = (-(2**63), 2**63 - 1)

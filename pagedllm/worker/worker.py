@@ -26,6 +26,7 @@ from pagedllm.distributed.parallel_state import init_distributed, pp_group, tp_g
 from pagedllm.logger import init_logger
 from pagedllm.lora.manager import LoRAManager
 from pagedllm.lora.model import wrap_model
+from pagedllm.model.layers.pooler import Pooler
 from pagedllm.model.loader import ModelConfig, load_model, load_model_config
 from pagedllm.model.pipeline import this_stage
 from pagedllm.spec_decode import make_proposer
@@ -41,6 +42,7 @@ from pagedllm.worker.kv_cache import (
 )
 from pagedllm.worker.memory_plan import GpuMemoryPlan, plan_gpu_memory
 from pagedllm.worker.model_runner import ModelRunner
+from pagedllm.worker.pooling_runner import PoolingRunner
 from pagedllm.worker.swap import SwapSpace
 
 logger = init_logger(__name__)
@@ -70,8 +72,9 @@ class Worker:
                              init_method, self.device, args.distributed_timeout)
         self.model_config: ModelConfig = load_model_config(
             args.model, args.dtype, args.max_model_len, args.revision, self.device,
-            args.quantization)
+            args.quantization, args.runner, args.pooler_overrides)
         self._check_quantization_splits()
+        self._check_pooling()
         self.model, self._weights_bytes = self._load_model()
         self.lora_manager = self._wrap_lora() if args.enable_lora else None
         on_cuda = self.device.startswith("cuda")
@@ -79,7 +82,9 @@ class Worker:
         # Nor with LoRA: each step's adapter slots are chosen in Python, which a graph would
         # replay as captured.
         # Nor under pipeline parallelism: a stage's step sends and receives activations.
-        eager = args.enforce_eager or args.enable_lora or args.pipeline_parallel_size > 1
+        # Nor for a pooling model, whose steps are whole prompts, never decodes.
+        eager = (args.enforce_eager or args.enable_lora or args.pipeline_parallel_size > 1
+                 or self.model_config.runner == "pooling")
         self.cuda_graph_sizes = ([] if not on_cuda or eager else
                                  capture_sizes(args.max_num_seqs, args.max_num_batched_tokens))
         self.kv_shape = KVCacheShape.from_config(
@@ -91,6 +96,12 @@ class Worker:
         self.memory_plan: GpuMemoryPlan | None = None
         self.runner: ModelRunner | None = None  # built by initialize_cache
         self.cuda_graph_capture_s = 0.0
+
+    def _check_pooling(self) -> None:
+        """A pooling model runs on one rank (its encoders and heads do not split)."""
+        if self.model_config.runner == "pooling" and self.args.world_size > 1:
+            raise ValueError("a pooling model (runner 'pooling') runs on one rank: tensor and "
+                             "pipeline parallelism are not supported for it yet")
 
     def _check_quantization_splits(self) -> None:
         """Quantized layers do not split across tensor-parallel ranks yet: a GGUF file served
@@ -144,6 +155,15 @@ class Worker:
         """One block id's bytes: the target's K/V, and the draft's (same block tables)."""
         draft = self.draft_kv_shape.bytes_per_block if self.draft_kv_shape else 0
         return self.kv_shape.bytes_per_block + draft
+
+    def _draft_runner(self, num_blocks: int) -> DraftRunner | None:
+        """The draft model's runner, its KV pool addressed by the target's block tables."""
+        if self.draft_model is None:
+            return None
+        return DraftRunner(self.draft_model,
+                           allocate_kv_caches(self.draft_kv_shape, num_blocks, self.device),
+                           self.args.speculative_config.num_speculative_tokens,
+                           self.model_config.max_model_len)
 
     def _wrap_lora(self) -> LoRAManager:
         """Rewrite the projections as LoRA layers; the front-end checks adapters against the
@@ -212,19 +232,17 @@ class Worker:
     def initialize_cache(self, plan: KVCachePlan) -> None:
         kv_caches = allocate_kv_caches(self.kv_shape, plan.num_blocks, self.device)
         swap_space = SwapSpace(kv_caches, plan.num_host_blocks) if plan.num_host_blocks else None
-        draft = None
-        if self.draft_model is not None:
-            draft = DraftRunner(self.draft_model,
-                                allocate_kv_caches(self.draft_kv_shape, plan.num_blocks,
-                                                   self.device),
-                                self.args.speculative_config.num_speculative_tokens,
-                                self.model_config.max_model_len)
-        self.runner = ModelRunner(self.model, kv_caches, plan.block_size, self.device,
-                                  self.args.seed, self.model_config.vocab_size, swap_space,
-                                  self.lora_manager,
-                                  samples=tp_group().is_first and pp_group().is_last,
-                                  proposer=make_proposer(self.args.speculative_config),
-                                  draft=draft)
+        if self.model_config.runner == "pooling":
+            runner_class = PoolingRunner
+            extra = {"pooler": Pooler(self.model, self.model_config.pooler_config)}
+        else:
+            runner_class = ModelRunner
+            extra = {"proposer": make_proposer(self.args.speculative_config),
+                     "draft": self._draft_runner(plan.num_blocks)}
+        self.runner = runner_class(self.model, kv_caches, plan.block_size, self.device,
+                                   self.args.seed, self.model_config.vocab_size, swap_space,
+                                   self.lora_manager,
+                                   samples=tp_group().is_first and pp_group().is_last, **extra)
         if self.cuda_graph_sizes:
             self.cuda_graph_capture_s = self._capture_cuda_graphs()
 

@@ -3,6 +3,9 @@
 Routes:
     GET  /health /version /metrics /v1/models /v1/models/{id}
     POST /v1/completions /v1/chat/completions /v1/responses /tokenize /detokenize
+         (a generative model)
+    POST /v1/embeddings /pooling /classify /score /rerank /v1/rerank   (a pooling model:
+         serving_pooling.py; each side answers the other's routes with a 400 saying so)
     POST /v1/load_lora_adapter /v1/unload_lora_adapter   only with --allow-runtime-lora-updating
     GET  /debug/step_stats   what the engine's steps batched (tests and benchmarks read it)
     GET  /dashboard (/dashboard/stream)   the live dashboard (dashboard.py)
@@ -39,6 +42,7 @@ from pagedllm.entrypoints.openai.cli_args import (
 from pagedllm.entrypoints.openai.dashboard import install_dashboard
 from pagedllm.entrypoints.openai.errors import (
     DOCUMENTED_ERRORS,
+    OpenAIError,
     error_response,
     install_error_handlers,
 )
@@ -65,12 +69,30 @@ from pagedllm.entrypoints.openai.protocol import (
     TokenizeResponse,
     UnloadLoRAAdapterRequest,
 )
+from pagedllm.entrypoints.openai.protocol_pooling import (
+    ClassificationRequest,
+    ClassificationResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    PoolingRequest,
+    PoolingResponse,
+    RerankRequest,
+    RerankResponse,
+    ScoreRequest,
+    ScoreResponse,
+)
 from pagedllm.entrypoints.openai.protocol_responses import ResponseObject, ResponsesRequest
 from pagedllm.entrypoints.openai.reasoning_parsers import get_reasoning_parser
 from pagedllm.entrypoints.openai.server_logging import RequestLogger, StatsLogger
 from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagedllm.entrypoints.openai.serving_models import ServedModels
+from pagedllm.entrypoints.openai.serving_pooling import (
+    POOLING_PATHS,
+    OpenAIServingPooling,
+    generative_server_error,
+    is_pooling_model,
+)
 from pagedllm.entrypoints.openai.serving_responses import OpenAIServingResponses
 from pagedllm.entrypoints.openai.serving_tokens import OpenAIServingTokens
 from pagedllm.entrypoints.openai.tool_parsers import get_tool_parser
@@ -87,6 +109,7 @@ EXIT_ENGINE_DIED = 1  # the process's status when it stopped because its engine 
 
 router = APIRouter(responses=DOCUMENTED_ERRORS)
 lora_router = APIRouter(responses=DOCUMENTED_ERRORS)  # --allow-runtime-lora-updating only
+pooling_router = APIRouter(responses=DOCUMENTED_ERRORS)  # a pooling model's (--runner pooling)
 
 
 @dataclass
@@ -97,6 +120,7 @@ class ServerState:
     chat: OpenAIServingChat
     responses: OpenAIServingResponses
     tokens: OpenAIServingTokens
+    pooling: OpenAIServingPooling
     metrics: ServerMetrics
     options: ServerOptions
 
@@ -181,19 +205,72 @@ async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) 
 
 @router.post("/v1/completions", responses=generated(CompletionResponse, CompletionResponse))
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
+    _require_generator(request)
     return await _state(request).completion.create_completion(body, request)
 
 
 @router.post("/v1/chat/completions",
              responses=generated(ChatCompletionResponse, ChatCompletionChunk))
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    _require_generator(request)
     return await _state(request).chat.create_chat_completion(body, request)
 
 
 @router.post("/v1/responses", responses=response_events())
 async def create_response(body: ResponsesRequest, request: Request) -> Response:
     """OpenAI's Responses API, made by the chat path (serving_responses.py)."""
+    _require_generator(request)
     return await _state(request).responses.create_response(body, request)
+
+
+def _require_generator(request: Request) -> None:
+    config = _state(request).engine.model_config
+    if is_pooling_model(config):
+        raise OpenAIError.bad_request(
+            f"this server's model is a pooling model (--runner pooling): it serves "
+            f"{', '.join(config.pooling_tasks)} requests (/v1/embeddings, /score, /rerank, "
+            f"/classify, /pooling), not text generation")
+
+
+# ---- pooling models -----------------------------------------------------------------------------
+@pooling_router.post("/v1/embeddings")
+async def create_embedding(body: EmbeddingRequest, request: Request) -> EmbeddingResponse:
+    return await _state(request).pooling.embeddings(body)
+
+
+@pooling_router.post("/pooling")
+async def create_pooling(body: PoolingRequest, request: Request) -> PoolingResponse:
+    return await _state(request).pooling.pooling(body)
+
+
+@pooling_router.post("/classify")
+async def create_classify(body: ClassificationRequest,
+                          request: Request) -> ClassificationResponse:
+    return await _state(request).pooling.classify(body)
+
+
+@pooling_router.post("/score")
+async def create_score(body: ScoreRequest, request: Request) -> ScoreResponse:
+    return await _state(request).pooling.score(body)
+
+
+@pooling_router.post("/rerank")
+@pooling_router.post("/v1/rerank")
+async def create_rerank(body: RerankRequest, request: Request) -> RerankResponse:
+    return await _state(request).pooling.rerank(body)
+
+
+async def not_a_pooling_model() -> Response:
+    """A generative server's answer on the pooling routes (kept out of its document)."""
+    raise generative_server_error()
+
+
+def _add_pooling_routes(app: FastAPI, model_config: Any) -> None:
+    if is_pooling_model(model_config):
+        app.include_router(pooling_router)
+        return
+    for path in POOLING_PATHS:
+        app.add_api_route(path, not_a_pooling_model, methods=["POST"], include_in_schema=False)
 
 
 @router.post("/tokenize")
@@ -242,10 +319,12 @@ def build_app(engine: AsyncLLM, served_model_names: list[str], api_key: str | No
         completion=OpenAIServingCompletion(engine, models, options.limits, **shared),
         chat=chat, responses=OpenAIServingResponses(chat),
         tokens=OpenAIServingTokens(engine, models, options.limits, options.chat_template),
+        pooling=OpenAIServingPooling(engine, models, options.limits),
         metrics=ServerMetrics(engine, models.default),
         options=options,
     )
     app.include_router(router)
+    _add_pooling_routes(app, config)
     if options.allow_runtime_lora_updating:
         app.include_router(lora_router)
     page_paths = install_dashboard(app, engine)

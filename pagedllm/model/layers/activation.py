@@ -27,11 +27,22 @@ class GeluAndMul(nn.Module):
 
     def __init__(self, activation: str = "gelu_pytorch_tanh") -> None:
         super().__init__()
-        if activation not in GELU_APPROXIMATIONS:
-            raise ValueError(f"unsupported gated activation {activation!r}; "
-                             f"supported: {', '.join(GELU_APPROXIMATIONS)}")
-        self.approximate = GELU_APPROXIMATIONS[activation]
+        self.gelu = Gelu(activation)
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
-        return F.gelu(gate, approximate=self.approximate) * up
+        return self.gelu(gate) * up
+
+
+class Gelu(nn.Module):
+    """GELU as transformers names it (an encoder's MLP: BERT)."""
+
+    def __init__(self, activation: str = "gelu") -> None:
+        super().__init__()
+        if activation not in GELU_APPROXIMATIONS:
+            raise ValueError(f"unsupported activation {activation!r}; "
+                             f"supported: {', '.join(GELU_APPROXIMATIONS)}")
+        self.approximate = GELU_APPROXIMATIONS[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate=self.approximate)
