@@ -47,8 +47,14 @@ class StructuredOutputsParams:
     # False (the default here, unlike vLLM): JSON comes in one compact layout, `{"a": 1, "b":
     # [2, 3]}`. A small model sampled hot otherwise spends its tokens on runs of whitespace.
     any_whitespace: bool = False
+    # The constraint holds only after this text first appears in the output (a reasoning
+    # model's `</think>`; the server's --reasoning-parser sets it): the thinking is free.
+    start_after: str | None = None
 
     def __post_init__(self) -> None:
+        if self.start_after is not None and (not isinstance(self.start_after, str)
+                                             or not self.start_after):
+            raise ValueError("structured_outputs.start_after must be a non-empty string")
         if isinstance(self.json, type) and hasattr(self.json, "model_json_schema"):
             self.json = self.json.model_json_schema()  # a pydantic model class
         given = [name for name in ("json", "regex", "choice", "grammar", "json_object")

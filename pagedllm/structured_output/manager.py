@@ -11,6 +11,9 @@
     accept_tokens after sampling: advance the matchers; report the sequences whose grammar has
                   terminated (or, if the other constraints left no legal token, rejected one)
 
+A constraint with `start_after` (a reasoning model's `</think>`) gets its matcher at once but
+stays dormant, neither masked nor advanced, until that marker's tokens have been sampled.
+
 Filling a bitmask takes microseconds in most states but milliseconds per sequence in some
 (inside a length-bounded JSON string, for one), which is why it overlaps the forward pass:
 xgrammar releases the GIL while it fills. Compiles run on a pool of their own, so a long
@@ -55,6 +58,27 @@ class PendingGrammar:
     key: GrammarKey
     compiled: concurrent.futures.Future
     sequence_ids: list[str]
+    start_after: str | None  # the marker the grammar waits for, if any
+
+
+@dataclass(slots=True)
+class Dormant:
+    """A sequence whose grammar waits for a marker in its output (structured_outputs
+    .start_after, e.g. the end of its reasoning): the marker's token ids, and as many of the
+    latest output tokens, to find the marker even when it arrives across steps."""
+
+    marker: tuple[int, ...]
+    tail: list[int] = field(default_factory=list)
+
+    def feed(self, token_ids: list[int]) -> list[int] | None:
+        """None while the marker has not appeared; once it has, the tokens after it (the first
+        ones the grammar must accept)."""
+        for i, token_id in enumerate(token_ids):
+            self.tail.append(token_id)
+            del self.tail[: -len(self.marker)]
+            if tuple(self.tail) == self.marker:
+                return token_ids[i + 1:]
+        return None
 
 
 @dataclass(slots=True)
@@ -86,6 +110,7 @@ class StructuredOutputManager:
         self._grammars: OrderedDict[GrammarKey, concurrent.futures.Future] = OrderedDict()
         self._pending: dict[str, PendingGrammar] = {}  # request id -> its compiling grammar
         self._matchers: dict[str, xgrammar.GrammarMatcher] = {}  # sequence id -> its matcher
+        self._dormant: dict[str, Dormant] = {}  # sequences whose grammar waits for a marker
         self._fill_buffer: torch.Tensor | None = None  # rows in sequence order, kept across steps
         self.num_compiles = 0  # grammars compiled (cache misses), for tests and stats
 
@@ -104,7 +129,8 @@ class StructuredOutputManager:
             if len(self._grammars) > MAX_CACHED_GRAMMARS:
                 self._grammars.popitem(last=False)
         self._grammars.move_to_end(key)
-        self._pending[request_id] = PendingGrammar(key, compiled, list(sequence_ids))
+        self._pending[request_id] = PendingGrammar(key, compiled, list(sequence_ids),
+                                                   params.start_after)
         if not compiled.done():
             return False
         error = self._start(request_id)
@@ -120,6 +146,7 @@ class StructuredOutputManager:
         self._settle()
         for sequence_id in sequence_ids:
             self._matchers.pop(sequence_id, None)
+            self._dormant.pop(sequence_id, None)
             self._pending.pop(sequence_id, None)
 
     @property
@@ -179,7 +206,14 @@ class StructuredOutputManager:
         matcher = load_xgrammar().GrammarMatcher
         for sequence_id in pending.sequence_ids:
             self._matchers[sequence_id] = matcher(pending.compiled.result())
+            if pending.start_after is not None:
+                self._dormant[sequence_id] = Dormant(self._marker_ids(pending.start_after))
         return None
+
+    def _marker_ids(self, marker: str) -> tuple[int, ...]:
+        """The marker as the model writes it: one token for a special token such as Qwen3's
+        and DeepSeek-R1's `</think>`, else the tokenizer's own split of the text."""
+        return tuple(self.tokenizer.encode(marker, add_special_tokens=False))
 
     def wait_for_compile(self, timeout: float) -> None:
         """Block until a pending grammar compiles (or `timeout`): for a step that had nothing
@@ -196,7 +230,7 @@ class StructuredOutputManager:
             return None
         self._settle()
         sequence_ids = [sample_id for s in scheduled if s.sample for sample_id in s.sample_ids
-                        if sample_id in self._matchers]
+                        if sample_id in self._matchers and sample_id not in self._dormant]
         if not sequence_ids:
             return None
         self._fill_buffer = self._grown(self._fill_buffer, len(sequence_ids))
@@ -235,10 +269,23 @@ class StructuredOutputManager:
             matcher = self._matchers.get(output.request_id)
             if matcher is None:
                 continue
-            if not all(matcher.accept_token(t) for t in output.new_token_ids):
+            token_ids = self._awake_tokens(output.request_id, output.new_token_ids)
+            if not all(matcher.accept_token(t) for t in token_ids):
                 logger.warning("request %s sampled a token its grammar does not allow (its "
                                "other constraints left none); ending it", output.request_id)
                 verdicts.append(GrammarVerdict(output.request_id, rejected=True))
             elif matcher.is_terminated():
                 verdicts.append(GrammarVerdict(output.request_id, rejected=False))
         return verdicts
+
+    def _awake_tokens(self, sequence_id: str, token_ids: list[int]) -> list[int]:
+        """The new tokens the sequence's grammar must accept: all of them, except while it
+        waits for its marker (then those after the marker, if it came in this step)."""
+        dormant = self._dormant.get(sequence_id)
+        if dormant is None:
+            return token_ids
+        after = dormant.feed(token_ids)
+        if after is None:
+            return []
+        del self._dormant[sequence_id]
+        return after

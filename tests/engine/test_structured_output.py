@@ -364,3 +364,38 @@ def test_engine_without_tokenizer_refuses_constraints(llm):
                             structured_outputs=StructuredOutputsParams(regex="a"))
     with pytest.raises(ValueError, match="structured_outputs needs a tokenizer"):
         bare.generate({"prompt_token_ids": [1, 2, 3]}, params, use_tqdm=False)
+
+
+def marker_in(tokenizer, token_ids: list[int]) -> tuple[int, str]:
+    """(end, text): the first two-token run of the output whose text the tokenizer splits back
+    into those two tokens, so it is a marker the model writes on its own; end is where it ends."""
+    for start in range(1, len(token_ids) - 1):
+        text = tokenizer.decode(token_ids[start:start + 2])
+        if tokenizer.encode(text, add_special_tokens=False) == list(token_ids[start:start + 2]):
+            return start + 2, text
+    raise AssertionError(f"no round-tripping marker in {token_ids}")
+
+
+def test_start_after_leaves_the_output_free_until_its_marker(llm):
+    """The reasoning-model case (start_after="</think>"): free text up to the marker, then the
+    grammar. Decoding one token a step, the marker's two tokens arrive in different steps."""
+    prompt = chat_prompt(llm, "Describe the sea in one sentence.")
+    free = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12),
+                        use_tqdm=False)[0].outputs[0]
+    tokenizer = llm.get_tokenizer()
+    end, marker = marker_in(tokenizer, list(free.token_ids))
+    params = constrained(max_tokens=end + 8, temperature=0, choice=["yes", "no"],
+                         start_after=marker)
+    out = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    assert list(out.token_ids[:end]) == list(free.token_ids[:end])  # unconstrained until then
+    head = tokenizer.decode(free.token_ids[:end])
+    assert out.text.startswith(head) and out.text[len(head):] in ("yes", "no"), out.text
+    assert out.finish_reason == "stop"
+    from_start = llm.generate([prompt], constrained(temperature=0, choice=["yes", "no"]),
+                              use_tqdm=False)[0].outputs[0]
+    assert from_start.text in ("yes", "no")  # without start_after: constrained from token one
+
+
+def test_start_after_must_be_text():
+    with pytest.raises(ValueError, match="start_after"):
+        StructuredOutputsParams(choice=["a"], start_after="")

@@ -156,3 +156,13 @@ def test_forced_calls_stream_argument_fragments():
     assert stream(required, text, random.Random(2))["calls"] == [WEATHER, TIME]
     single = ChatOutputSplitter(forced="required", parallel_tool_calls=False)
     assert as_pairs(single.split(text).calls) == [WEATHER]
+
+
+@pytest.mark.parametrize("parser", ["deepseek_r1", "qwen3"])
+def test_a_constraint_starts_after_the_thinking_unless_the_prompt_closed_it(parser):
+    reasoning = get_reasoning_parser(parser)
+    # DeepSeek-R1's template opens the block; Qwen3's (thinking on) leaves it to the model
+    assert reasoning.constraint_start("<|User|>hi<|Assistant|><think>\n") == "</think>"
+    assert reasoning.constraint_start("<|im_start|>assistant\n") == "</think>"
+    # Qwen3 with enable_thinking=False writes an empty block: constrained from the first token
+    assert reasoning.constraint_start("<|im_start|>assistant\n<think>\n\n</think>\n\n") is None

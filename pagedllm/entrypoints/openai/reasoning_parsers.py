@@ -47,6 +47,13 @@ class ReasoningParser:
             head = head[:len(head) - held_back(head, (END_THINK,))]
         return ReasoningSplit(head, "", False)
 
+    @staticmethod
+    def constraint_start(prompt: str) -> str | None:
+        """The text after which a structured-output constraint holds: the end of the thinking,
+        or None (from the first token) when the prompt has closed the thinking itself, as
+        Qwen3's template does for enable_thinking=False with an empty think block."""
+        return None if prompt.rstrip().endswith(END_THINK) else END_THINK
+
 
 class Qwen3ReasoningParser(ReasoningParser):
     name = "qwen3"

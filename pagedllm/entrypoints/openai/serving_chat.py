@@ -164,18 +164,15 @@ class OpenAIServingChat(OpenAIServing):
         if splitter is None and always_split:
             splitter = ChatOutputSplitter()
         params = self.sampling_params(request)
-        if self.reasoning_parser is not None and params.structured_outputs is not None:
-            raise OpenAIError.bad_request(
-                "structured outputs (response_format, structured_outputs, guided_*, or "
-                "tool_choice 'required' or a named function) cannot be combined with the "
-                "server's --reasoning-parser yet: the constraint would hold from the first "
-                "token, before the reasoning ends", "tool_choice" if request.tools else
-                "response_format")
         if splitter is not None and splitter.tool_parser is not None and \
                 splitter.tool_parser.keeps_special_tokens:
             params.skip_special_tokens = False  # its call marker is a special token
         self.require_tokenizer()
         prompt = await render_chat(self.engine, request.messages, self.template_options(request))
+        if self.reasoning_parser is not None and params.structured_outputs is not None:
+            # the thinking is free; the format (or the forced call) holds after it
+            params.structured_outputs.start_after = self.reasoning_parser.constraint_start(
+                prompt["prompt"])
         if request.cache_salt is not None:
             prompt["cache_salt"] = request.cache_salt
         job = _Job(request, random_id(id_prefix), model, splitter, self.echo_text(request))
