@@ -200,6 +200,9 @@ class EngineArgs:
         if self.runner not in RUNNERS:
             raise ValueError(f"runner must be one of {RUNNERS}, got {self.runner!r}")
         parse_pooler_config(self.pooler_config)  # a bad JSON object fails here, by name
+        if self.runner == "pooling" and self.speculative_config is not None:
+            raise ValueError("speculative_config is for generation; runner='pooling' makes no "
+                             "tokens to speculate on")
 
     @property
     def pooler_overrides(self) -> dict:

@@ -69,6 +69,11 @@ def test_parallel_ranks_are_refused():
         EngineArgs(speculative_config=NGRAM, tensor_parallel_size=2)
 
 
+def test_pooling_runner_refuses_speculation():
+    with pytest.raises(ValueError, match="runner='pooling' makes no tokens"):
+        EngineArgs(speculative_config=NGRAM, runner="pooling")
+
+
 def test_cli_flag_parses_json():
     import argparse
 
