@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 
@@ -14,6 +15,7 @@ from pagedllm.entrypoints.openai.tool_calls import (
     ChatOutputSplitter,
     StreamedChoice,
     visible_content,
+    whole_calls,
 )
 from pagedllm.entrypoints.openai.tool_parsers import TOOL_PARSERS, get_tool_parser
 
@@ -105,6 +107,20 @@ def test_parser_reads_recorded_output(parser, text, content, calls):
         streamed = stream(splitter, text, random.Random(seed))
         assert streamed["content"] == content
         assert streamed["calls"] == as_pairs(whole.calls)
+
+
+@pytest.mark.parametrize(("parser", "pattern"), [("mistral", r"[A-Za-z0-9]{9}"),
+                                                  ("hermes", r"chatcmpl-tool-[0-9a-f]{32}")])
+def test_call_ids_take_the_form_the_model_s_template_accepts(parser, pattern):
+    """Mistral's templates refuse a tool_call_id that is not nine letters or digits."""
+    splitter = ChatOutputSplitter(tool_parser=get_tool_parser(parser))
+    text = next(t for p, t, _, calls in CASES if p == parser and len(calls) > 1)
+    whole = whole_calls(splitter.split(text).calls, splitter)
+    streamed = [call.id for delta in StreamedChoice(splitter).feed(text, final=True)
+                for call in delta.tool_calls or [] if call.id is not None]
+    ids = [call.id for call in whole] + streamed
+    assert ids and all(re.fullmatch(pattern, i) for i in ids), ids
+    assert len(set(ids)) == len(ids)
 
 
 def test_unknown_parser_names_the_choices():

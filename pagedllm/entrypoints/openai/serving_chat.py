@@ -92,7 +92,7 @@ class _Job:
             parts = self.splitter.split(message.content or "")
             message.content = visible_content(parts.content, self.splitter)
             message.reasoning_content = parts.reasoning or None
-            message.tool_calls = whole_calls(parts.calls)
+            message.tool_calls = whole_calls(parts.calls, self.splitter)
             choice.finish_reason = finish_reason(choice.finish_reason, parts)
         if self.echo:
             message.content = self.echo + (message.content or "")

@@ -17,7 +17,6 @@ and what a stream sends adds up to what the whole response holds.
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +28,12 @@ from pagedllm.entrypoints.openai.protocol import (
     NamedToolChoice,
     ToolCall,
 )
-from pagedllm.entrypoints.openai.tool_parsers.base import ToolCallText, json_end, load_json
+from pagedllm.entrypoints.openai.tool_parsers.base import (
+    ToolCallText,
+    json_end,
+    load_json,
+    tool_call_id,
+)
 from pagedllm.sampling_params import StructuredOutputsParams
 
 if TYPE_CHECKING:
@@ -38,10 +42,6 @@ if TYPE_CHECKING:
     from pagedllm.entrypoints.openai.tool_parsers import ToolParser
 
 NO_ARGUMENTS = {"type": "object", "properties": {}}
-
-
-def tool_call_id() -> str:
-    return f"chatcmpl-tool-{uuid.uuid4().hex}"
 
 
 def parameters_schema(tool: ChatTool) -> dict[str, Any]:
@@ -119,6 +119,9 @@ class ChatOutputSplitter:
             parts.calls = parts.calls[:1]
         return parts
 
+    def new_call_id(self) -> str:
+        return self.tool_parser.new_call_id() if self.tool_parser else tool_call_id()
+
     @property
     def reads_calls(self) -> bool:
         return self.forced is not None or self.tool_parser is not None
@@ -129,9 +132,9 @@ def finish_reason(reason: str | None, parts: ChatParts) -> str | None:
     return "tool_calls" if reason == "stop" and parts.calls else reason
 
 
-def whole_calls(calls: list[ToolCallText]) -> list[ToolCall]:
-    return [ToolCall(id=tool_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
-            for c in calls]
+def whole_calls(calls: list[ToolCallText], splitter: ChatOutputSplitter) -> list[ToolCall]:
+    return [ToolCall(id=splitter.new_call_id(),
+                     function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
 
 
 def visible_content(content: str, splitter: ChatOutputSplitter) -> str | None:
@@ -178,7 +181,7 @@ class StreamedChoice:
         heads, fragments = [], []
         for index, call in enumerate(calls):
             if index == len(self.sent_arguments):
-                heads.append(DeltaToolCall(index=index, id=tool_call_id(), type="function",
+                heads.append(DeltaToolCall(index=index, id=self.splitter.new_call_id(), type="function",
                                            function=DeltaFunctionCall(name=call.name,
                                                                       arguments="")))
                 self.sent_arguments.append(0)

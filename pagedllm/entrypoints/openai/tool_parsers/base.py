@@ -10,6 +10,7 @@ sends what is new sends, in the end, exactly what a whole response holds.
 from __future__ import annotations
 
 import json
+import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -39,6 +40,10 @@ class CallRegion:
     end: int
 
 
+def tool_call_id() -> str:
+    return f"chatcmpl-tool-{uuid.uuid4().hex}"
+
+
 class ToolParser(ABC):
     """Turns one model family's tool-call format into calls and the remaining content."""
 
@@ -48,6 +53,12 @@ class ToolParser(ABC):
     markers: ClassVar[tuple[str, ...]]
     # Whether the markers are special tokens, which detokenizing would otherwise drop.
     keeps_special_tokens: ClassVar[bool] = False
+
+    @staticmethod
+    def new_call_id() -> str:
+        """The id of a call this parser read (a model's template may check the ids it is sent
+        back in the history)."""
+        return tool_call_id()
 
     def next_call(self, text: str, pos: int) -> int | None:
         """Where the next call region starts at or after `pos` (None: nowhere yet); by

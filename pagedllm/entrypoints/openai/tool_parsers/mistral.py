@@ -4,6 +4,8 @@ objects, or (newer tokenizers) `[TOOL_CALLS]name[ARGS]{...}` per call."""
 from __future__ import annotations
 
 import re
+import secrets
+import string
 
 from pagedllm.entrypoints.openai.tool_parsers.base import (
     CallRegion,
@@ -16,6 +18,7 @@ from pagedllm.entrypoints.openai.tool_parsers.base import (
 )
 
 MARKER, ARGS = "[TOOL_CALLS]", "[ARGS]"
+ID_ALPHABET = string.ascii_letters + string.digits
 NAMED = re.compile(r"\s*([A-Za-z0-9_.\-]+)(?:\[ARGS\])?\s*")
 
 
@@ -23,6 +26,12 @@ class MistralToolParser(ToolParser):
     name = "mistral"
     markers = (MARKER,)
     keeps_special_tokens = True
+
+    @staticmethod
+    def new_call_id() -> str:
+        """Nine letters or digits: Mistral's chat templates refuse any other tool_call_id
+        when the call comes back in the history."""
+        return "".join(secrets.choice(ID_ALPHABET) for _ in range(9))
 
     def read_region(self, text: str, start: int, final: bool) -> CallRegion | None:
         body = start + len(MARKER)
