@@ -103,7 +103,7 @@ def test_swap_and_copy_on_write_move_fp8_blocks_byte_for_byte(cache_type):
         for cache in layer:
             cache.view(torch.uint8)[[1, 4]] = 0
     swap.swap_in([(0, 2), (3, 5)])
-    runner = SimpleNamespace(kv_caches=pools, _tensor=lambda ids: torch.tensor(ids))
+    runner = SimpleNamespace(kv_caches=pools, draft=None, _tensor=lambda ids: torch.tensor(ids))
     ModelRunner.copy_blocks(runner, [(5, 0)])  # copy-on-write of a shared block
     for layer, old in zip(pools, before):
         for cache, original in zip(layer, old):

@@ -582,7 +582,7 @@ def test_malformed_requests_and_unknown_routes(server, http):
     not_object = httpx.post(server.url + "/v1/chat/completions", content=b"[1, 2]", **raw)
     assert_openai_error(not_object, 400)
     assert_openai_error(http.post("/v1/completions", content=b"prompt=x"), 400)
-    assert_openai_error(http.post("/v1/embeddings", json={"input": "x"}), 404)
+    assert_openai_error(http.post("/v1/images/generations", json={"prompt": "x"}), 404)
     assert_openai_error(http.get("/no/such/route"), 404)
     assert_openai_error(http.get("/v1/completions"), 405)
     # None of that hurt the server.

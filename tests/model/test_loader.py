@@ -96,7 +96,7 @@ def test_missing_weights_are_reported(reference_dir, tmp_path):
 
 
 def test_unsupported_architecture_lists_the_supported(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
     with pytest.raises(ValueError, match="not supported; supported types: .*llama"):
         load_model_config(str(tmp_path))
 
