@@ -76,7 +76,7 @@ def streamed_calls(stream) -> tuple[list[dict], str | None]:
 
 
 # ---- tool calling ------------------------------------------------------------------------------
-@pytest.mark.parametrize("parallel", [True, pytest.param(False, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("parallel", [True, False])
 def test_required_tool_choice_validates(client, parallel):
     completion = client.chat.completions.create(
         model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=120,
@@ -101,7 +101,6 @@ def test_named_tool_choice_streamed_and_not(client):
                       "arguments": whole.choices[0].message.tool_calls[0].function.arguments}]
 
 
-@pytest.mark.slow
 def test_required_streamed_matches_whole(client):
     args = {"model": MODEL, "messages": ASK, "tools": TOOLS, "tool_choice": "required",
             "max_tokens": 120, "temperature": 0.0}
@@ -130,7 +129,6 @@ def test_two_turn_exchange_renders_the_tool_result(client, http):
     assert second.choices[0].message.content and not second.choices[0].message.tool_calls
 
 
-@pytest.mark.slow
 def test_auto_reads_hermes_calls_streamed_and_not(client):
     """The model is steered (by a regex) to write a hermes call; the parser reads it."""
     steer = {"structured_outputs": {"regex": '<tool_call>\n\\{"name": "get_weather", '
@@ -166,7 +164,6 @@ def test_bad_tool_requests_are_400s(http, body, param):
     assert response.json()["error"]["param"] == param
 
 
-@pytest.mark.slow
 def test_langchain_bind_tools_and_agent_loop(server):
     langchain_openai = pytest.importorskip("langchain_openai")
     from langchain_core.messages import HumanMessage, ToolMessage
@@ -218,7 +215,6 @@ RESPONSES_TOOL = {"type": "function", **{k: WEATHER["function"][k]
                                          for k in ("name", "description", "parameters")}}
 
 
-@pytest.mark.slow
 def test_responses_function_tool_streamed_and_not(client):
     whole = client.responses.create(model=MODEL, input="What is the weather in Paris?",
                                     instructions="Use the tools.", tools=[RESPONSES_TOOL],
@@ -247,7 +243,6 @@ def test_responses_function_tool_streamed_and_not(client):
     assert follow.output_text and follow.previous_response_id == whole.id
 
 
-@pytest.mark.slow
 def test_responses_text_format_json_schema(client):
     schema = {"type": "object", "additionalProperties": False, "required": ["city"],
               "properties": {"city": {"type": "string", "maxLength": 16}}}
