@@ -15,8 +15,9 @@ Plain data, no torch: the records cross from the front-end to the worker.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
+
+from pagedllm.utils import json_object_option
 
 POOLING_TYPES = ("CLS", "MEAN", "LAST", "ALL")
 POOLING_TASKS = ("embed", "encode", "classify", "score")
@@ -100,13 +101,4 @@ class PoolerConfig:
 
 def parse_pooler_config(value: str | dict | None) -> dict:
     """--pooler-config: a JSON object (or a dict from Python), e.g. {"pooling_type": "MEAN"}."""
-    if value is None:
-        return {}
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--pooler-config must be a JSON object: {exc}") from exc
-    if not isinstance(value, dict):
-        raise ValueError(f"pooler_config must be a JSON object, got {type(value).__name__}")
-    return dict(value)
+    return {} if value is None else json_object_option(value, "pooler_config")

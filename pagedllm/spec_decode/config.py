@@ -5,9 +5,10 @@ Pure Python (EngineArgs and the scheduler read it; neither may import torch).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
+
+from pagedllm.utils import json_object_option
 
 METHODS = ("ngram", "draft_model")
 # every key a speculative_config may hold, vLLM's names
@@ -29,13 +30,7 @@ class SpeculativeConfig:
         ValueError naming the problem for anything it cannot serve."""
         if value is None or isinstance(value, SpeculativeConfig):
             return value
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"speculative_config is not valid JSON: {exc}") from exc
-        if not isinstance(value, dict):
-            raise ValueError(f"speculative_config must be a dict, got {type(value).__name__}")
+        value = json_object_option(value, "speculative_config")
         unknown = sorted(set(value) - set(KEYS))
         if unknown:
             raise ValueError(f"speculative_config: unknown keys {unknown} (known: {list(KEYS)})")

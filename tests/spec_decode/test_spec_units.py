@@ -57,7 +57,7 @@ def test_draft_model_refuses_what_it_cannot_serve_yet():
     ({"method": "draft_model", "num_speculative_tokens": 2}, "a draft model needs 'model'"),
     ({"method": "ngram", "model": "x", "num_speculative_tokens": 2}, "a draft model needs"),
     ({"model": 3, "num_speculative_tokens": 2}, "model must be a path"),
-    ([1, 2], "must be a dict"),
+    ([1, 2], "must be a JSON object"),
 ])
 def test_bad_configs_name_the_problem(value, message):
     with pytest.raises(ValueError, match=message):
